@@ -199,20 +199,26 @@ def _damage(path: Path) -> str | None:
     """What is wrong with a regular file of kvtrace's part name that Parquet cannot read for its bytes (not
     for a permission or a link): "empty (0 bytes)", or Parquet's reason. None for any other file. A full
     disk, a killed copy or a crash before the rename reached the disk leaves such a part."""
+    return _read_footer(path)[0]
+
+
+def _read_footer(path: Path) -> tuple[str | None, pa.Schema | None]:
+    """`_damage`'s reason, and the schema whose footer it read, if it read one: a part is checked with one
+    read of its footer, not one for its damage and another for its table. No schema where none was read (a
+    link, a file not readable)."""
     try:
         info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode):
-            return None
+            return None, None
         if info.st_size == 0:
-            return "empty (0 bytes)"
-        pq.read_schema(path)
+            return "empty (0 bytes)", None
+        return None, pq.read_schema(path)
     except pa.ArrowInvalid as exc:
-        return f"not readable as Parquet ({exc})"
+        return f"not readable as Parquet ({exc})", None
     except PermissionError:
-        return None
+        return None, None
     except OSError as exc:  # a footer whose bytes are damaged ("Couldn't deserialize thrift") in a file read
-        return f"not readable as Parquet ({exc})" if os.access(path, os.R_OK) else None
-    return None
+        return (f"not readable as Parquet ({exc})" if os.access(path, os.R_OK) else None), None
 
 
 def _check_part(path: Path) -> tuple[int, str | None]:
@@ -224,19 +230,17 @@ def _check_part(path: Path) -> tuple[int, str | None]:
     table = path.parent.name
     m = _PART.match(path.name)
     if m is not None and path.name == f"part-{int(m.group(1)):05d}.parquet":
-        damage = _damage(path)
+        damage, schema = _read_footer(path)
         if damage is not None:
             return int(m.group(1)), damage
-    if (
-        m is None
-        or path.name != f"part-{int(m.group(1)):05d}.parquet"
-        or _footer_table(path) != table.encode()
-    ):
-        raise KvtraceError(
-            f"{path}: not a kvtrace {table} part, left as it is; export into a folder of kvtrace's own "
-            "(a new -o DIR)"
-        )
-    return int(m.group(1)), None
+        # a link or an unreadable file: read (and refused) as before, by `_footer_table`
+        named = (schema.metadata or {}).get(TABLE_KEY) if schema is not None else _footer_table(path)
+        if named == table.encode():
+            return int(m.group(1)), None
+    raise KvtraceError(
+        f"{path}: not a kvtrace {table} part, left as it is; export into a folder of kvtrace's own "
+        "(a new -o DIR)"
+    )
 
 
 def _damaged_part(out_dir: Path, path: Path, damage: str, number: int, files: list[Path]) -> KvtraceError:

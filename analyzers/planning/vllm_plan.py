@@ -231,6 +231,9 @@ class VllmPlanRequest:
     # Requests running at once (what vLLM's max_num_seqs lets run), each of max_model_len tokens: whether
     # the pool holds that many together (`VllmPlan.batch_fits`); None: not asked
     batch: int | None = None
+    # The flags the plan took at their default, neither typed nor a --from-run run's ("max_model_len",
+    # "gpu_memory", ...): the JSON names them, as the transformers plan's `PlanRequest.defaults` does
+    defaults: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for label, value in (

@@ -22,7 +22,7 @@ from analyzers.engine import (
     EngineSteps,
     RequestEvent,
 )
-from kvtrace.errors import KvtraceError, refuse_special_file, too_long_integer
+from kvtrace.errors import KvtraceError, refuse_special_file, shown_integer, too_long_integer
 from kvtrace.format import MAX_LAYERS
 from kvtrace.json_reads import read_json_file
 from kvtrace.run_checks import MAX_BYTES
@@ -73,7 +73,7 @@ def _log_int(value: Any, where: str, name: str) -> int:
     demand, its blocks from the totals."""
     checked = _int(value, where, name, default=0)
     if not (-_I64 if name == "step" else 0) <= checked <= _I64:
-        raise KvtraceError(f"{where}: field {name!r} out of range: {checked}")
+        raise KvtraceError(f"{where}: field {name!r} out of range: {shown_integer(checked)}")
     return checked
 
 
@@ -173,7 +173,8 @@ def _in_range(value: Any, where: str, name: str, low: int, high: int) -> None:
     `export` and `query` alone."""
     checked = _opt_int(value, where, name)
     if checked is not None and not low <= checked <= high:
-        raise KvtraceError(f"{where}: field {name!r} out of range: {checked}, expected {low} to {high}")
+        said = shown_integer(checked)
+        raise KvtraceError(f"{where}: field {name!r} out of range: {said}, expected {low} to {high}")
 
 
 # engine.json's own integers, when present: (name, lowest, highest)

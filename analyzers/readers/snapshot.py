@@ -49,7 +49,11 @@ from analyzers.readers.snapshot_entries import (
 )
 from analyzers.readers.snapshot_replay import PlainDevice, replay_device
 from analyzers.readers.sources import ProgressFn
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, shown_integer
+
+# c10::DeviceIndex is an int16 (int8 before torch 2.3): no dump names a device past it, and a damaged one's
+# 10**30 would print whole in every note and heading that names its device ("cuda:1000...").
+_MAX_DEVICE_INDEX = 2**15 - 1
 
 __all__ = [
     "PLAIN_MAX_ENTRIES",
@@ -146,8 +150,9 @@ def snapshot_source(
         segments_by_device: dict[int, list[dict[str, Any]]] = {}
         for segment in data["segments"]:
             device = int(segment.get("device", 0))
-            if device < 0:  # a negative index would pick another device's trace
-                raise KvtraceError(f"{name}: malformed snapshot (a segment on device {device})")
+            if not 0 <= device <= _MAX_DEVICE_INDEX:  # a negative index would pick another device's trace
+                said = shown_integer(device)
+                raise KvtraceError(f"{name}: malformed snapshot (a segment on device {said})")
             segments_by_device.setdefault(device, []).append(segment)
         device_indices = sorted(set(segments_by_device) | {i for i, trace in enumerate(traces) if trace})
         has_history = any("history" in b for s in data["segments"] for b in s.get("blocks", []))

@@ -4,11 +4,11 @@ step): `analyzers.compare` makes the figures, this only formats them, the same c
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 from analyzers.compare import Comparison, RunFigures
 from analyzers.render.event_axis import LEVEL_LINE, event_axis
+from analyzers.render.html_text import html_text
 from analyzers.render.plotly_div import figure_div
 from analyzers.timeline import PAGE_POINTS, downsample_indices
 from analyzers.units import binary_unit, hover_bytes, human_bytes, times
@@ -163,16 +163,16 @@ def _page(title: str, body: str) -> str:
     from plotly.offline import get_plotlyjs
 
     return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html_text(title)}</title>'
         f'<style>{_STYLE}</style><script type="text/javascript">{get_plotlyjs()}</script></head>'
-        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+        f"<body><h1>{html_text(title)}</h1>{body}</body></html>\n"
     )
 
 
 def comparison_to_html(comparison: Comparison) -> str:
     """One self-contained page: the table, the runs' KV timelines overlaid on a shared step axis, and, where
     an input has no KV steps (a trace, a snapshot), every input's allocated memory over time."""
-    esc = html.escape
+    esc = html_text
     head = "".join(f"<th>{esc(r.label)}</th>" for r in comparison.runs)
     body = "".join(
         f"<tr><th>{esc(name)}</th>" + "".join(f"<td>{esc(cell(r))}</td>" for r in comparison.runs) + "</tr>"
@@ -228,7 +228,7 @@ def _allocated_chart(comparison: Comparison) -> str:
     that cannot be drawn so."""
     import plotly.graph_objects as go
 
-    esc = html.escape
+    esc = html_text
     drawn = [r for r in comparison.runs if r.timeline is not None and r.timed]
     left_out = [
         f"{r.label} ({'its snapshot records no times' if r.timeline is not None else 'no allocator events'})"

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import html
 from dataclasses import asdict
 from typing import Any
 
 from analyzers.model import MemorySource, request_at_most
 from analyzers.planning.diagnose import Diagnosis, Remedy, StackShare, diagnose
 from analyzers.planning.diagnosis import KV_REMEDIES
+from analyzers.render.html_text import html_text
 from analyzers.run_stop import SIGTERM_SENDERS
 from analyzers.summary import Report
 from analyzers.units import a_or_an, human_bytes
@@ -291,7 +291,7 @@ def diagnosis_to_text(d: Diagnosis) -> str:
 
 def diagnosis_to_html(d: Diagnosis) -> str:
     """An HTML <section> for the report page (no script: it must not depend on plotly's)."""
-    esc = html.escape
+    esc = html_text
     figures = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _figure_rows(d))
     stacks = "".join(
         f"<tr><td>{esc(human_bytes(s.bytes))}</td><td>{s.allocations or ''}</td>"

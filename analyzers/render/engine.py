@@ -3,12 +3,12 @@ the figures come from `analyzers.engine.engine_figures`."""
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import numpy as np
 
 from analyzers.engine import COMPLETED_REASONS, EngineFigures, EngineRun
+from analyzers.render.html_text import html_text
 from analyzers.render.plotly_div import figure_div
 from analyzers.units import human_bytes
 
@@ -191,8 +191,8 @@ def engine_html_section(run: EngineRun, fig: EngineFigures) -> str:
     if fig_plot is None and (fig.status == "refused_start" or not fig.num_blocks):
         return ""
     div = figure_div(fig_plot, "kvtrace-engine-pool") if fig_plot is not None else ""
-    title = html.escape(engine_pool_title(fig))
-    table = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in engine_pool_rows(fig))
+    title = html_text(engine_pool_title(fig))
+    table = "".join(f"<tr><th>{k}</th><td>{html_text(v)}</td></tr>" for k, v in engine_pool_rows(fig))
     return f"<h2>{title}</h2><table class='summary'>{table}</table>{div}"
 
 

@@ -3,9 +3,8 @@ section, in the same sentences. Computes nothing."""
 
 from __future__ import annotations
 
-import html
-
 from analyzers.planning.engine_budget import EngineBudget
+from analyzers.render.html_text import html_text
 from analyzers.units import a_or_an, human_bytes
 
 
@@ -78,7 +77,7 @@ def engine_budget_lines(b: EngineBudget, name: str) -> list[str]:
 def engine_budget_to_html(b: EngineBudget, name: str) -> str:
     """The budget as the report page's <section>, in `kvtrace diagnose`'s sentences (engine_budget_lines),
     so that the page and diagnose say the same of a run that crossed it."""
-    esc = html.escape
+    esc = html_text
     body = f"<p>{esc(_crossing_sentence(b, name))}</p>"
     if b.remedies:
         remedies = "".join(f"<li>{esc(remedy.sentence)}</li>" for remedy in b.remedies)

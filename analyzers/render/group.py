@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import html
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ from analyzers.planning.diagnosis import Diagnosis
 from analyzers.render.budget_marks import add_budget
 from analyzers.render.diagnosis import diagnosis_to_json, diagnosis_to_text
 from analyzers.render.event_axis import LEVEL_LINE, event_axis, held_points, held_span
+from analyzers.render.html_text import html_text
 from analyzers.render.json import report_to_json, size_basis_said
 from analyzers.render.plotly_div import figure_div
 from analyzers.render.text import budget_line, report_to_text
@@ -265,7 +265,7 @@ def group_report_to_html(group: GroupReport, extra_sections: list[str] | None = 
     `kvtrace report -o` adds it), then the ranks side by side on one time axis."""
     from plotly.offline import get_plotlyjs
 
-    esc = html.escape
+    esc = html_text
     columns = ("rank", "status", "device", "peak allocated", "sizes counted", "KV final", "KV peak", "")
     head = "".join(f"<th>{c}</th>" for c in columns)
     rows = "".join(

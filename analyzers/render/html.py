@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 from dataclasses import replace
 from typing import Any
 
@@ -16,6 +15,7 @@ from analyzers.render.budget_marks import add_budget
 from analyzers.render.engine import no_memory_timeline
 from analyzers.render.event_axis import LEVEL_LINE, EventAxis, event_axis, held_points, held_span
 from analyzers.render.history_start import begins_mid_run, history_start_label, history_start_notes
+from analyzers.render.html_text import html_text
 from analyzers.render.json import NO_KV_HINT, report_to_json, size_basis_said
 from analyzers.render.kv_heatmap import eviction_marks, layer_grid
 from analyzers.render.plotly_div import figure_div
@@ -486,7 +486,7 @@ def _summary_table(report: Report) -> str:
             if cache.get("module"):  # a module cache: which of the model's modules holds it
                 figures = f"{cache['module']}: {figures}"
             rows.append((f"cache {cache['cache']}{' (main)' if cache['main'] else ''}", figures))
-    body = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    body = "".join(f"<tr><th>{k}</th><td>{html_text(v)}</td></tr>" for k, v in rows)
     return f"<table class='summary'>{body}</table>"
 
 
@@ -516,7 +516,7 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
         extra_notes.append(f"KV cache: {NO_KV_HINT}")
     if report.budget is not None:
         extra_notes.append(budget_line(report.budget, report.engine).strip())
-    notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in [*report.notes, *extra_notes])
+    notes = "".join(f"<p class='note'>{html_text(n)}</p>" for n in [*report.notes, *extra_notes])
     sections = "".join(extra_sections or [])
     if report.engine is not None and source.meta.get("engine") is not None:
         from analyzers.render.engine import engine_html_section
@@ -527,11 +527,11 @@ def report_to_html(source: MemorySource, report: Report, extra_sections: list[st
     script = f'<script type="text/javascript">{get_plotlyjs()}</script>' if drawn else ""
     steps = _steps_said(report.steps)
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>kvtrace: {html.escape(report.path)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>kvtrace: {html_text(report.path)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px}} table.summary{{border-collapse:collapse}}
 table.summary th{{text-align:left;padding:2px 12px 2px 0;font-weight:normal;color:#444}}
 table.summary td{{font-family:monospace;text-align:right}} .note{{color:#a60}}</style>
 {script}</head>
-<body><h1>kvtrace: {html.escape(report.path)}</h1><p>source: {report.source_kind}{steps}</p>
+<body><h1>kvtrace: {html_text(report.path)}</h1><p>source: {report.source_kind}{steps}</p>
 {notes}{_summary_table(report)}{sections}{plot}</body></html>
 """

@@ -9,7 +9,6 @@ verdict and a serving engine's pool are the text report's own sentences.
 from __future__ import annotations
 
 import dataclasses
-from html import escape
 
 import numpy as np
 
@@ -18,6 +17,7 @@ from analyzers.group import GroupReport
 from analyzers.model import request_at_most
 from analyzers.render.engine import engine_text_lines
 from analyzers.render.group import rank_cells
+from analyzers.render.html_text import html_text
 from analyzers.render.text import budget_line
 from analyzers.summary import Report
 from analyzers.timeline import DeviceTimeline, downsample_together
@@ -56,19 +56,19 @@ def _sparkline(timeline: DeviceTimeline) -> str:
     lines += _polyline(x, timeline.by_category["kv"][keep].astype(np.float64), top, "#1f77b4")
     return (
         f'<svg width="{_WIDTH}" height="{_HEIGHT}" role="img" style="border:1px solid #eee">'
-        f"<title>{escape(timeline.device)}: allocated (grey), KV cache (blue)</title>{lines}</svg>"
+        f"<title>{html_text(timeline.device)}: allocated (grey), KV cache (blue)</title>{lines}</svg>"
     )
 
 
 def _text_line(line: str) -> str:
     """A line of the text report, its indent (a detail of the line above) kept as a margin."""
     indent = (len(line) - len(line.lstrip(" "))) // 2 - 1
-    return f'<div style="margin-left:{max(indent, 0)}em">{escape(line.strip())}</div>'
+    return f'<div style="margin-left:{max(indent, 0)}em">{html_text(line.strip())}</div>'
 
 
 def _row(*cells: object, header: bool = False) -> str:
     tag = "th" if header else "td"
-    return "<tr>" + "".join(f"<{tag}>{escape(str(c))}</{tag}>" for c in cells) + "</tr>"
+    return "<tr>" + "".join(f"<{tag}>{html_text(str(c))}</{tag}>" for c in cells) + "</tr>"
 
 
 def report_to_notebook_html(report: Report) -> str:
@@ -82,13 +82,13 @@ def report_to_notebook_html(report: Report) -> str:
         ]
     else:
         parts.append(
-            f"<b>kvtrace report</b>: <code>{escape(report.path)}</code> ({escape(report.source_kind)})"
+            f"<b>kvtrace report</b>: <code>{html_text(report.path)}</code> ({html_text(report.source_kind)})"
         )
         timelines = report.timelines
-    parts += [f'<div class="note">note: {escape(note)}</div>' for note in report.notes]
+    parts += [f'<div class="note">note: {html_text(note)}</div>' for note in report.notes]
     if report.budget is not None:  # the text report's sentence: where the run would have run out, or fits
         crossed = ' class="note"' if report.budget.get("crossed") else ""
-        parts.append(f"<div{crossed}>{escape(budget_line(report.budget, report.engine).strip())}</div>")
+        parts.append(f"<div{crossed}>{html_text(budget_line(report.budget, report.engine).strip())}</div>")
     rows = [
         _row(
             "device",
@@ -153,8 +153,8 @@ def report_to_notebook_html(report: Report) -> str:
         if report.oom.get("requested_bytes") is None and segment is not None:
             requested = f"at most {human_bytes(request_at_most(segment))}"
         parts.append(
-            f'<div class="note">out of memory on {escape(str(report.oom.get("device")))}: '
-            f"requested {escape(requested)}</div>"
+            f'<div class="note">out of memory on {html_text(str(report.oom.get("device")))}: '
+            f"requested {html_text(requested)}</div>"
         )
     parts += [_sparkline(t) for t in timelines]
     parts.append("</div>")
@@ -165,13 +165,13 @@ def _group_head(group: GroupReport) -> list[str]:
     """The ranks side by side and the rank to look at, as `kvtrace report` on a group begins; the tables
     that follow are the group's (every rank's devices, KV summed over ranks)."""
     world = group.world_size or "?"
-    parts = [f"<b>kvtrace report</b>: <code>{escape(group.path)}</code> (run group, world size {world})"]
+    parts = [f"<b>kvtrace report</b>: <code>{html_text(group.path)}</code> (run group, world size {world})"]
     rows = [_row("rank", "status", "device", "peak", "KV final", "KV peak", "", header=True)]
     rows += [_row(*rank_cells(group, r)) for r in group.ranks]
     rows += [_row(rank, "(no run)", "", "", "", "", "") for rank in group.missing_ranks]
     parts.append("<table>" + "".join(rows) + "</table>")
     parts.append(
-        f"<div>look at rank {group.focus_rank}: it {escape(group.focus_reason)} "
+        f"<div>look at rank {group.focus_rank}: it {html_text(group.focus_reason)} "
         "(<code>kvtrace diagnose</code> says why)</div>"
     )
     parts.append("<div><b>all ranks</b>, KV summed over ranks:</div>")

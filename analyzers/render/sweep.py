@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 from analyzers.render.compare import _fmt_rate, _page
+from analyzers.render.html_text import html_text
 from analyzers.render.plotly_div import figure_div
 from analyzers.units import binary_unit, hover_bytes, human_bytes
 
@@ -94,7 +94,7 @@ def sweep_to_html(rows: list[dict[str, Any]], budget_bytes: int | None, title: s
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    esc = html.escape
+    esc = html_text
     header = "".join(f"<th>{esc(h)}</th>" for h in _sweep_headings(budget_bytes))
     lines = []
     for row in rows:

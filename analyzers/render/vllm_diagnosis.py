@@ -3,13 +3,13 @@ page's HTML section. Computes nothing beyond a share for its sentence."""
 
 from __future__ import annotations
 
-import html
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from analyzers.engine import EngineRun, HeldRequest
 from analyzers.planning.vllm_diagnose import PreemptionDiagnosis, RefusedDiagnosis
 from analyzers.planning.vllm_plan import readable_bytes
+from analyzers.render.html_text import html_text
 from kvtrace.errors import printable
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ def _section(
     d: RefusedDiagnosis | PreemptionDiagnosis,
 ) -> str:
     """The page's diagnosis <section>: headline, figures, `middle` (more HTML), remedies, notes."""
-    esc = html.escape
+    esc = html_text
     figures = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
     marks = {True: "[fits]", False: "[no]", None: "[?]"}
     remedies = "".join(
@@ -194,7 +194,7 @@ def _demand(d: PreemptionDiagnosis) -> str:
 def preemption_to_html(d: PreemptionDiagnosis) -> str:
     """The preemptions' diagnosis as the report page's <section>, with the figures and remedies of `kvtrace
     diagnose`: what the pool held when vLLM first preempted, what the requests needed, what to change."""
-    esc = html.escape
+    esc = html_text
     held = sum(h.blocks for h in d.held_at_first)
     rows = [
         ("pool", _pool(d)),
@@ -352,5 +352,5 @@ def ran_fine_to_html(result: dict[str, Any]) -> str:
     """`ran_fine_to_json`'s sentence as the report page's diagnosis <section>."""
     return (
         "<section class='diagnosis' id='kvtrace-diagnosis'>"
-        f"<h2>Diagnosis</h2><p>{html.escape(result['sentence'])}</p></section>"
+        f"<h2>Diagnosis</h2><p>{html_text(result['sentence'])}</p></section>"
     )

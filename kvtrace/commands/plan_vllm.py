@@ -292,6 +292,35 @@ def _ignored_profile_note(
     return f"--gpu-memory does not size the pool: {why}; it {picks}"
 
 
+# The flags a vLLM plan takes at their default where neither typed nor the run's: (args attribute, its key
+# in `_from_run`'s figures). --max-model-len (or --context) is said apart: its default is the model's.
+_DEFAULTED_FLAGS = (
+    ("dtype", "model_dtype"),
+    ("gpu_memory", "gpu_memory_bytes"),
+    ("gpu_memory_utilization", "gpu_memory_utilization"),
+    ("block_size", "block_size"),
+    ("kv_cache_dtype", "kv_cache_dtype"),
+    ("tensor_parallel_size", "tensor_parallel_size"),
+    ("pipeline_parallel_size", "pipeline_parallel_size"),
+    ("activation_peak", "activation_peak_bytes"),
+    ("non_torch", "non_torch_bytes"),
+    ("max_num_batched_tokens", "max_num_batched_tokens"),
+    ("async_scheduling", "async_scheduling"),
+)
+
+
+def _defaults(args: argparse.Namespace, measured: dict[str, Any], length_defaulted: bool) -> tuple[str, ...]:
+    """The flags left at their default: neither typed nor taken from the run (whose GPU memory or stage
+    count of 0 is taken as none, as `run_vllm_plan` takes them)."""
+    left = ["max_model_len"] if length_defaulted else []
+    for name, key in _DEFAULTED_FLAGS:
+        value = measured.get(key)
+        from_run = bool(value) if key in ("gpu_memory_bytes", "pipeline_parallel_size") else value is not None
+        if getattr(args, name, None) is None and not from_run:
+            left.append(name)
+    return tuple(left)
+
+
 def run_vllm_plan(args: argparse.Namespace) -> int:
     from analyzers.engine import draft_kv_layers
     from analyzers.planning.hf_config import geometry_from_config
@@ -439,6 +468,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
         async_scheduling=setting(args.async_scheduling, "async_scheduling", None),
         device="cpu" if measured.get("device") == "cpu" else "cuda",
         batch=args.batch,
+        defaults=_defaults(args, measured, length_note is not None),
     )
     result = plan_vllm(request)
     if length_note is not None:  # first: every figure below is at this length

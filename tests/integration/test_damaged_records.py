@@ -613,12 +613,12 @@ def test_a_negative_count_in_the_request_log_is_named_as_in_the_step_log(
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "low", "high"),
+    ("field", "value", "shown", "low", "high"),
     [
-        ("kv_cache_bytes", 10**30, 0, 2**56),
-        ("bytes_per_block", 2**56 + 1, 0, 2**56),
-        ("num_blocks", 2**60, 0, 2**56),
-        ("block_size", 2**31, 1, 2**31 - 1),
+        ("kv_cache_bytes", 10**30, "100000… (31 digits)", 0, 2**56),  # cut, as shown_integer cuts sizes
+        ("bytes_per_block", 2**56 + 1, str(2**56 + 1), 0, 2**56),
+        ("num_blocks", 2**60, str(2**60), 0, 2**56),
+        ("block_size", 2**31, str(2**31), 1, 2**31 - 1),
     ],
 )
 @pytest.mark.parametrize("command", ["report", "diagnose", "plan"])
@@ -628,6 +628,7 @@ def test_an_engine_size_past_any_device_is_named(
     command: str,
     field: str,
     value: int,
+    shown: str,
     low: int,
     high: int,
 ) -> None:
@@ -640,7 +641,7 @@ def test_an_engine_size_past_any_device_is_named(
     argv = _engine_command(command, run)
     # THEN it is refused like every other size past 2**56 bytes
     assert main(argv) == 2
-    said = f"field {field!r} out of range: {value}, expected {low} to {high}"
+    said = f"field {field!r} out of range: {shown}, expected {low} to {high}"
     assert _errors(capsys) == [f"kvtrace {command}: error: {run / 'engine.json'}: {said}"]
 
 

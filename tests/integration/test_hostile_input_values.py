@@ -9,11 +9,13 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+from plotly.offline import get_plotlyjs
 
 from kvtrace.cli import main
 
@@ -251,3 +253,65 @@ def test_diagnose_and_compare_name_a_run_with_a_newline_on_one_line(
     first = capsys.readouterr().out.splitlines()[0]
     assert "a\\nb" in first
     assert first.startswith("kvtrace diagnose: ") or first.rstrip().endswith("static_b2")
+
+
+_RAW_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # not the page's own \t, \n and \r
+
+
+@pytest.mark.parametrize(("name", "shown"), [("x\x1b[31m", "x\\x1b[31m"), ("a\rb", "a\\rb")])
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_a_page_names_a_run_with_control_characters_written_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, name: str, shown: str
+) -> None:
+    # GIVEN a run named "x<ESC>[31m" (or "a<CR>b") whose KV log has one line of an unknown event (a note)
+    run = _run_copy(tmp_path, name)
+    log = run / "kv_events.jsonl"
+    lines = log.read_text().splitlines()
+    lines[4] = lines[4].replace('"event":"created"', '"event":"bogus"')
+    log.write_text("\n".join(lines) + "\n")
+    page = tmp_path / "page.html"
+    other = [str(SAMPLES / "static_b2")] if command == "compare" else ["--no-export"]
+    # WHEN its HTML page is written
+    assert main([command, str(run), *other, "-o", str(page)]) == 0
+    capsys.readouterr()
+    text = page.read_text().replace(get_plotlyjs(), "")  # plotly.js, minified, holds some of its own
+    # THEN the page carries no raw control character; the note names the run as the text report does
+    assert _RAW_CONTROL.findall(text) == [] and name not in text
+    assert f"{tmp_path}/{shown}/kv_events.jsonl: skipped 1 of 256 lines whose event is not one" in text
+    if command != "compare":  # compare's title is its own; the others name the input
+        assert f"<title>kvtrace: {tmp_path}/{shown}</title>" in text
+
+
+def test_a_segment_on_device_10_to_the_30_is_refused_without_printing_its_digits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a snapshot of this repo's samples whose segments are all on device 10**30
+    with (SAMPLES / "h200" / "dynamic_b24" / "snapshots" / "exit.pickle").open("rb") as f:
+        data = pickle.load(f)
+    for segment in data["segments"]:
+        segment["device"] = 10**30
+    path = _write(tmp_path, data)
+    # WHEN it is reported
+    status, out, err = _report(path, capsys)
+    # THEN one line names the file and the device index, cut to its first digits and its length
+    assert status == 2 and out == ""
+    said = "a segment on device 100000… (31 digits)"
+    assert err == f"kvtrace report: error: {path}: malformed snapshot ({said})\n"
+
+
+def test_an_engine_step_field_of_31_digits_is_refused_without_printing_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a copy of the vLLM sample whose first step's blocks used is 10**30 (engine.json's fields:
+    # test_damaged_records' test_an_engine_size_past_any_device_is_named)
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "vllm_preempt", run)
+    steps = run / "engine_steps.jsonl"
+    first, *rest = steps.read_text().splitlines()
+    steps.write_text("\n".join([json.dumps({**json.loads(first), "blocks_used": 10**30}), *rest]) + "\n")
+    # WHEN it is reported
+    status, out, err = _report(run, capsys)
+    # THEN one line names the file, the line and the field, the value cut to its first digits and its length
+    assert status == 2 and out == ""
+    said = "field 'blocks_used' out of range: 100000… (31 digits)"
+    assert err == f"kvtrace report: error: {steps}: line 1: {said}\n"

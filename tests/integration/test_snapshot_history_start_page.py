@@ -20,7 +20,6 @@ from tests.plotly_figures import page_figure
 
 ROOT = Path(__file__).resolve().parents[2]
 OOM = ROOT / "sample_traces" / "h200" / "oom_b266" / "snapshots" / "oom.pickle"
-REAL = ROOT.parent / "shared" / "real_traces" / "snapshots"
 LIVE = ("active_allocated", "active_pending_free", "active_awaiting_free")
 
 
@@ -82,12 +81,42 @@ def test_a_snapshot_page_says_its_history_begins_mid_run(
     assert mark["y"] == pytest.approx(gib, rel=1e-12)
 
 
-@pytest.mark.skipif(not (REAL / "mem_snapshot.pickle").exists(), reason="real snapshots are absent")
+def _whole_history(source: Path, tmp_path: Path) -> Path:
+    """A copy of `source` cut to what its history saw: the frees of blocks it never saw allocated left out,
+    and the blocks live at the dump that it never saw allocated marked free. Its history then holds the
+    whole run, as a snapshot of a short run (fewer actions than max_entries) does."""
+    data = _Plain(io.BytesIO(source.read_bytes())).load()
+    (trace,) = [t for t in data["device_traces"] if t]
+    live: set[int] = set()
+    kept = []
+    for entry in trace:
+        if entry["action"] == "alloc":
+            live.add(entry["addr"])
+        elif entry["action"] in ("free_requested", "free_completed"):
+            if entry["addr"] not in live:
+                continue
+            if entry["action"] == "free_completed":
+                live.discard(entry["addr"])
+        kept.append(entry)
+    trace[:] = kept
+    for segment in data["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] in LIVE and block["address"] not in live:
+                block["state"] = "inactive"
+    path = tmp_path / "whole_history.pickle"
+    path.write_bytes(pickle.dumps(data))
+    return path
+
+
 def test_a_snapshot_whose_history_holds_the_whole_run_gets_no_such_note(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # GIVEN a real snapshot whose history saw every block it frees or holds allocated
-    assert _held_before_history(REAL / "mem_snapshot.pickle") == 0
-    # THEN its page says nothing of a history begun mid-run
-    page = _page(REAL / "mem_snapshot.pickle", tmp_path, capsys)
+    # GIVEN the H200 OOM snapshot cut to what its history saw: it saw every block it frees or holds allocated
+    snapshot = _whole_history(OOM, tmp_path)
+    assert _held_before_history(snapshot) == 0
+    # WHEN its page is drawn
+    page = _page(snapshot, tmp_path, capsys)
+    # THEN it says nothing of a history begun mid-run, and its chart has no such mark
     assert "begins mid-run" not in page and "allocator history begins" not in page
+    _, layout = page_figure(page, "kvtrace-timeline")
+    assert not [a for a in layout.get("annotations", []) if a["text"].startswith("allocator history")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from kvtrace.cli import main
 
 GIB = 2**30
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 # Llama 3 8B's geometry (its config.json): the figures below are derived from it, not read from the planner
 VOCAB, HIDDEN, LAYERS, INTERMEDIATE, KV_HEADS, HEAD_DIM, HEADS = 128256, 4096, 32, 14336, 8, 128, 32
 
@@ -229,3 +231,54 @@ def test_a_plan_says_which_settings_are_defaults(
     assert (status, json.loads(out)["request"]["defaults"], json.loads(out)["peak_bytes"]) == (0, [], peak)
     _, text, _ = _plan(capsys, "--config", config, "--transformers", "5.17", *typed)
     assert "the default" not in text
+
+
+# vLLM's flags, each typed at the value the plan takes by default (vLLM 0.32's, for Llama 3 8B on an 80 GiB
+# GPU: its 8,192 positions, and 16,384 batched tokens on a GPU of 70 GiB or more)
+_VLLM_AT_DEFAULTS = {
+    "max_model_len": ["--max-model-len", "8192"],
+    "dtype": ["--dtype", "bf16"],
+    "gpu_memory": ["--gpu-memory", "80GiB"],
+    "gpu_memory_utilization": ["--gpu-memory-utilization", "0.92"],
+    "block_size": ["--block-size", "16"],
+    "kv_cache_dtype": ["--kv-cache-dtype", "auto"],
+    "tensor_parallel_size": ["--tensor-parallel-size", "1"],
+    "pipeline_parallel_size": ["--pipeline-parallel-size", "1"],
+    "activation_peak": ["--activation-peak", "0"],
+    "non_torch": ["--non-torch", "0"],
+    "max_num_batched_tokens": ["--max-num-batched-tokens", "16384"],
+    "async_scheduling": ["--async-scheduling"],
+}
+
+
+def test_a_vllm_plan_says_which_flags_are_defaults(capsys: Any) -> None:
+    # GIVEN Llama 3 8B planned for vLLM with no flag typed
+    status, out, _ = _plan(capsys, "--engine", "vllm", "--preset", "llama-3-8b", "--json")
+    planned = json.loads(out)
+    # THEN the JSON names every flag as a default, as the transformers plan's does (before: no such key)
+    assert status == 0
+    assert planned["request"]["defaults"] == list(_VLLM_AT_DEFAULTS)
+    # AND each typed (at the same value) leaves the default list, the figures unchanged
+    for typed in (["max_model_len", "gpu_memory", "async_scheduling"], list(_VLLM_AT_DEFAULTS)):
+        argv = [arg for name in typed for arg in _VLLM_AT_DEFAULTS[name]]
+        status, out, _ = _plan(capsys, "--engine", "vllm", "--preset", "llama-3-8b", *argv, "--json")
+        again = json.loads(out)
+        assert again["request"]["defaults"] == [name for name in _VLLM_AT_DEFAULTS if name not in typed]
+        assert (status, again["num_blocks"]) == (0, planned["num_blocks"])
+
+
+def test_a_vllm_plan_from_a_run_takes_no_setting_the_run_gives_as_a_default(capsys: Any) -> None:
+    # GIVEN a recorded CPU run whose engine.json gives its settings, but no device memory, activation peak,
+    # non-torch memory or async scheduling (null or absent)
+    run = SAMPLES / "vllm_override"
+    engine = json.loads((run / "engine.json").read_text())
+    profile, config = engine["memory_profile"], engine["config"]
+    unset = [profile[k] for k in ("total_device_bytes", "activation_peak_bytes", "non_torch_bytes")]
+    assert unset == [None] * 3
+    assert config.get("async_scheduling") is None and config["max_model_len"] == 256
+    # WHEN it is planned with no flag
+    status, out, _ = _plan(capsys, "--engine", "vllm", "--from-run", str(run), "--json")
+    # THEN only those four are named defaults
+    assert status == 0
+    defaults = ["gpu_memory", "activation_peak", "non_torch", "async_scheduling"]
+    assert json.loads(out)["request"]["defaults"] == defaults

@@ -130,16 +130,18 @@ def _terminal_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _serve(model: Path, run_dir: Path, log: Path, stop: signal.Signals, stop_delay_s: float) -> Served:
+def _start_server(
+    model: Path, run_dir: Path, log: Path, env_extra: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], int]:
+    """(`KVTRACE_DIR=RUN vllm serve MODEL` started on a free port, that port), its stdout and stderr in `log`,
+    `env_extra` (the test CLI's hooks) in its environment. In its own process group, as a terminal's
+    foreground job, with SIGINT as a terminal gives it (`_terminal_sigint`): Ctrl-C reaches every process."""
     port = _free_port()
-    env = dict(os.environ, KVTRACE_DIR=str(run_dir), PYTHONPATH=str(ROOT))  # this checkout's kvtrace
-    env[STOP_DELAY_ENV] = str(stop_delay_s) if stop_delay_s else ""
+    env = dict(os.environ, KVTRACE_DIR=str(run_dir), PYTHONPATH=str(ROOT), **env_extra)  # this checkout's
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # conftest's in-process setting: the server's own default
     with log.open("wb") as out:
-        # its own process group, as a terminal's foreground job: Ctrl-C reaches every process of it
-        argv = _serve_argv(model, port)
         server = subprocess.Popen(
-            argv,
+            _serve_argv(model, port),
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -147,6 +149,12 @@ def _serve(model: Path, run_dir: Path, log: Path, stop: signal.Signals, stop_del
             start_new_session=True,
             preexec_fn=_terminal_sigint,
         )
+    return server, port
+
+
+def _serve(model: Path, run_dir: Path, log: Path, stop: signal.Signals, stop_delay_s: float) -> Served:
+    delay = {STOP_DELAY_ENV: str(stop_delay_s) if stop_delay_s else ""}
+    server, port = _start_server(model, run_dir, log, delay)
     try:
         _wait_healthy(server, port, log)
         with ThreadPoolExecutor(REQUESTS) as pool:
@@ -252,19 +260,7 @@ def test_ctrl_c_under_a_step_ends_the_run_interrupted_not_raised(
     # worker holds the step, as a long GPU step would be in flight): the terminal's SIGINT reaches vLLM's
     # worker too, which dies under the step, and the step raises in the engine core as vLLM shuts down
     run_dir, log, hold = tmp_path / "serve", tmp_path / "server.log", tmp_path / "hold-step"
-    port = _free_port()
-    env = dict(os.environ, KVTRACE_DIR=str(run_dir), PYTHONPATH=str(ROOT), **{HOLD_STEP_ENV: str(hold)})
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            _serve_argv(tiny_model_dir, port),
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_terminal_sigint,
-        )
+    server, port = _start_server(tiny_model_dir, run_dir, log, {HOLD_STEP_ENV: str(hold)})
     pool = ThreadPoolExecutor(REQUESTS)
     try:
         _wait_healthy(server, port, log)
