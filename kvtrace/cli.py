@@ -30,6 +30,26 @@ _COMMANDS = (
 )
 
 
+# Shown under `kvtrace --help`, as git's and pip's helps show where to start and what the status means
+_EXAMPLES = (
+    "kvtrace demo --size tiny -o runs/tiny",
+    "kvtrace run -o runs/gen generate.py",
+    "kvtrace report runs/gen",
+    "kvtrace diagnose runs/gen --gpu-memory 24GiB",
+    "kvtrace plan --preset llama-3.1-8b --batch 8 --context 32768 --gpu-memory L4",
+)
+_EXIT_STATUS = (
+    "exit status: 0 success; 1 a failed run or an output that cannot be written (and `plan` when the plan\n"
+    "does not fit); 2 bad input or flags; 70 an internal error; 130 interrupted (Ctrl-C). `kvtrace run`\n"
+    "exits with its script's status. Each command's --help says its own."
+)
+
+
+def _examples_text(examples: Sequence[str]) -> str:
+    """The "examples:" block of a help, one command line an indented line."""
+    return "examples:\n" + "".join(f"  {example}\n" for example in examples)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr, as every other error is: argparse's own `error`
     prints the whole usage block first (17 lines for `plan`), which buries the one line that matters."""
@@ -64,6 +84,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="kvtrace",
         description="Where an LLM's GPU memory goes during inference, and how much of it is the KV cache.",
+        epilog=f"{_examples_text(_EXAMPLES)}\n{_EXIT_STATUS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kvtrace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -71,7 +93,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         doc = (type(command).__doc__ or "").strip()
         summary = doc.splitlines()[0] if doc else ""
         child = sub.add_parser(
-            command.name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+            command.name,
+            help=summary,
+            description=doc,
+            epilog=_examples_text(command.examples) if command.examples else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.add_arguments(child)
         child.set_defaults(_command=command, _parser=child)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from typing import Any
 
 from kvtrace.errors import KvtraceError
 
@@ -20,6 +22,9 @@ class Command:
     # True for commands that only read and render (no torch, no pyarrow): the CLI then imports numpy at
     # first use (`kvtrace.commands.lazy_numpy`), so small inputs do not pay its import.
     defers_numpy: bool = False
+    # Command lines shown under "examples:" in its --help, as git's and pip's helps show theirs; a test
+    # parses each, so a renamed flag cannot leave a stale one behind.
+    examples: tuple[str, ...] = ()
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add this command's flags."""
@@ -34,3 +39,22 @@ def require_input(path: Path) -> None:
         from analyzers.readers.sources import missing  # here, not at import: `kvtrace --help` stays light
 
         raise KvtraceError(missing(path))
+
+
+class AsTyped(argparse.Action):
+    """Keeps a flag's value and which of its names was typed (`args.<dest>_flag`), so that an error about
+    the value names the flag the user wrote, not an alias of it."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_flag", option)
+
+
+def shell_arg(path: str | os.PathLike[str]) -> str:
+    """A path inside a command line printed for the user to paste: quoted where a shell would split or
+    expand it (a space, a quote, `$`), as it is otherwise."""
+    import shlex  # here: only a few commands print one, and start-up counts
+
+    return shlex.quote(os.fspath(path))

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtrace.commands.base import Command
+from kvtrace.commands.base import Command, shell_arg
 from kvtrace.commands.output import check_html_target
 from kvtrace.errors import KvtraceError, MissingPart
 
@@ -64,12 +64,19 @@ class DemoCommand(Command):
     """
 
     name = "demo"
+    examples = (
+        "kvtrace demo --size tiny -o runs/tiny",
+        "kvtrace demo --cache static --gpu-memory T4 --no-profiler",
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from kvtrace.llama import CACHE_KINDS, SIZES
 
         parser.add_argument(
-            "--out", help="run directory (default: runs/demo-<cache>, with -<press> when there is one)"
+            "-o",
+            "--out",
+            "--output",
+            help="run directory (default: runs/demo-<cache>, with -<press> when there is one)",
         )
         parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
         parser.add_argument(
@@ -235,10 +242,13 @@ class DemoCommand(Command):
         status = report.run(
             argparse.Namespace(path=str(out), output=str(html), json=False, quiet=False, no_export=False)
         )
-        print(f"open: {html}   |   tensorboard --logdir {out}")
+        print(f"open: {html}   |   tensorboard --logdir {shell_arg(out)}")
         crossing = getattr(report, "last_report", None)
         if crossing is not None and crossing.budget is not None and crossing.budget["crossed"]:
-            print(f"why it would run out on {gpu_memory}, and what each remedy buys: kvtrace diagnose {out}")
+            print(
+                f"why it would run out on {gpu_memory}, and what each remedy buys: "
+                f"kvtrace diagnose {shell_arg(out)}"
+            )
         return status
 
 

@@ -8,7 +8,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvtrace.commands.base import Command
+from kvtrace.commands.base import Command, shell_arg
 from kvtrace.commands.output import print_result
 from kvtrace.commands.plan_flags import refuse_unbuildable_kv
 from kvtrace.commands.plan_grid import counts
@@ -195,7 +195,7 @@ def _refuse_a_file_as_run(path: Path) -> None:
     raise KvtraceError(
         f"{path}: {what}, not a run: --from-run takes a run directory recorded with kvtrace (kvtrace.record "
         "or `kvtrace run`); a snapshot or trace holds no model geometry: plan with --preset NAME or --config "
-        f"PATH instead (`kvtrace report {path}` reads the file)"
+        f"PATH instead (`kvtrace report {shell_arg(path)}` reads the file)"
     )
 
 
@@ -240,6 +240,11 @@ class PlanCommand(Command):
     """
 
     name = "plan"
+    examples = (
+        "kvtrace plan --preset llama-3.1-8b --batch 8 --context 32768 --gpu-memory L4",
+        "kvtrace plan --preset llama-3.1-8b --batch 1,8,32 --context 8192,131072 --json",
+        "kvtrace plan --from-run runs/demo-dynamic --batch 64 && python serve.py",
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         model = parser.add_mutually_exclusive_group()

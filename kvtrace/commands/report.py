@@ -45,6 +45,11 @@ class ReportCommand(Command):
     """
 
     name = "report"
+    examples = (
+        "kvtrace report runs/demo-dynamic",
+        "kvtrace report runs/demo-dynamic -o timeline.html",
+        "kvtrace report trace.pt.trace.json.gz --json | jq .devices",
+    )
     defers_numpy = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:

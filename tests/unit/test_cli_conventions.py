@@ -1,0 +1,128 @@
+"""Conventions a user of git, pip or ruff expects of every subcommand alike: the same flag names for the same
+thing, a help that shows how to call it, and commands printed for copying that a shell runs as printed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvtrace.cli import build_parser
+
+_OUTPUT_NAMES = {"-o", "--out", "--output"}
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(commands.choices)
+
+
+def _examples(help_text: str) -> list[str]:
+    """The command lines under the help's "examples:" heading (indented lines, up to a blank one)."""
+    lines = help_text.splitlines()
+    start = lines.index("examples:") + 1
+    found: list[str] = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        found.append(line.strip())
+    return found
+
+
+@pytest.mark.parametrize("command", sorted(_subparsers()))
+def test_every_output_path_option_is_dash_o_and_output(command: str) -> None:
+    # GIVEN a command that writes a file or folder the user names (demo and sweep took only --out, run only
+    # -o/--out: `kvtrace demo -o runs/x` was "unrecognized arguments", while report/compare/export take -o)
+    parser = _subparsers()[command]
+    outputs = [a for a in parser._actions if _OUTPUT_NAMES & set(a.option_strings)]
+    # THEN its output option answers to -o and to --output, as every other command's does
+    for action in outputs:
+        assert {"-o", "--output"} <= set(action.option_strings), (command, action.option_strings)
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest"),
+    [
+        (["demo", "-o", "/tmp/r"], "out"),
+        (["demo", "--output", "/tmp/r"], "out"),
+        (["sweep", "-o", "/tmp/r"], "out"),
+        (["run", "--output", "/tmp/r", "script.py"], "out"),
+    ],
+)
+def test_output_spellings_reach_the_same_option(argv: list[str], dest: str) -> None:
+    args = build_parser(argv).parse_args(argv)
+    assert getattr(args, dest) == "/tmp/r"
+
+
+def test_diagnose_takes_gpu_memory_as_plan_demo_run_and_sweep_do() -> None:
+    # GIVEN `--gpu-memory`, as plan, demo, run and sweep name a device's memory (diagnose took --budget only)
+    argv = ["diagnose", "run_dir", "--gpu-memory", "24GiB"]
+    # WHEN parsed
+    args = build_parser(argv).parse_args(argv)
+    # THEN it is diagnose's budget, and --budget still is
+    assert args.budget == "24GiB"
+    assert build_parser().parse_args(["diagnose", "run_dir", "--budget", "L4"]).budget == "L4"
+
+
+def test_diagnose_names_the_budget_flag_typed(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtrace.cli import main
+
+    # GIVEN a bad size under the alias; WHEN run (sample run, nothing written: diagnose only reads)
+    run = Path(__file__).parents[2] / "sample_traces" / "dynamic_b2"
+    status = main(["diagnose", str(run), "--gpu-memory", "lots"])
+    # THEN the one line names the flag the user wrote
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("kvtrace diagnose: error: --gpu-memory") and err.count("\n") == 1
+
+
+def test_top_level_help_has_examples_and_exit_statuses() -> None:
+    help_text = build_parser().format_help()
+    examples = _examples(help_text)
+    assert len(examples) >= 3 and all(e.startswith("kvtrace ") for e in examples)
+    assert "exit status:" in help_text and "130" in help_text
+
+
+@pytest.mark.parametrize("command", sorted(_subparsers()))
+def test_every_help_shows_examples_that_parse(command: str) -> None:
+    # GIVEN a command's --help (only query's showed how to call it)
+    help_text = _subparsers()[command].format_help()
+    examples = _examples(help_text)
+    assert examples, f"kvtrace {command} --help has no examples"
+    for example in examples:
+        # THEN each example is this command, and its flags are the command's own (a renamed flag fails here)
+        words = shlex.split(example.split(" | ")[0].split(" && ")[0])
+        assert words[:2] == ["kvtrace", command], example
+        args, unknown = build_parser(words[1:]).parse_known_args(words[1:])
+        assert unknown == [] and args.command == command, example
+
+
+def test_run_says_next_commands_a_shell_can_paste(tmp_path: Path) -> None:
+    # GIVEN a run folder whose name holds a space
+    script = tmp_path / "hello.py"
+    script.write_text("print('hi')\n")
+    out = tmp_path / "my runs" / "r 1"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    # WHEN it is recorded
+    done = subprocess.run(
+        [sys.executable, "-m", "kvtrace", "run", "--no-profiler", "-o", str(out), str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    # THEN the next commands it names quote the path, so they run as pasted
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "hi\n"
+    said = done.stderr.strip().splitlines()[-1]
+    assert said.endswith(
+        f"next: kvtrace report {shlex.quote(str(out))}, kvtrace diagnose {shlex.quote(str(out))}"
+    )
+    pasted = shlex.split(said.rsplit("next: ", 1)[1].split(", ")[0])
+    assert pasted == ["kvtrace", "report", str(out)]
