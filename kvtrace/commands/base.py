@@ -41,6 +41,22 @@ def require_input(path: Path) -> None:
         raise KvtraceError(missing(path))
 
 
+# plan names dtypes as the memory planners do (bf16), demo and sweep as torch does (bfloat16): each takes the
+# other's spelling too, so that one `--dtype` works on every command
+_SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+_LONG_DTYPES = {short: long for long, short in _SHORT_DTYPES.items()}
+
+
+def short_dtype(text: str) -> str:
+    """A `--dtype` value in plan's words: bfloat16 -> bf16 (argparse `type`, before its `choices`)."""
+    return _SHORT_DTYPES.get(text, text)
+
+
+def long_dtype(text: str) -> str:
+    """A `--dtype` value in torch's words, demo's and sweep's: bf16 -> bfloat16."""
+    return _LONG_DTYPES.get(text, text)
+
+
 class AsTyped(argparse.Action):
     """Keeps a flag's value and which of its names was typed (`args.<dest>_flag`), so that an error about
     the value names the flag the user wrote, not an alias of it."""

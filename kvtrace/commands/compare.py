@@ -49,7 +49,9 @@ class CompareCommand(Command):
             metavar="RUN",
             help="two or more runs: run directories, run groups, traces or snapshots (what report reads)",
         )
-        parser.add_argument("-o", "--output", help="write a self-contained HTML page (e.g. compare.html)")
+        parser.add_argument(
+            "-o", "--output", metavar="FILE", help="write a self-contained HTML page (e.g. compare.html)"
+        )
         parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

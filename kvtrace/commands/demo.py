@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtrace.commands.base import Command, shell_arg
+from kvtrace.commands.base import Command, long_dtype, shell_arg
 from kvtrace.commands.output import check_html_target
 from kvtrace.errors import KvtraceError, MissingPart
 
@@ -76,6 +76,7 @@ class DemoCommand(Command):
             "-o",
             "--out",
             "--output",
+            metavar="DIR",
             help="run directory (default: runs/demo-<cache>, with -<press> when there is one)",
         )
         parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
@@ -98,7 +99,11 @@ class DemoCommand(Command):
             f"demo: {DEMO_GPU_MEMORY}; 'none' for no budget)",
         )
         parser.add_argument(
-            "--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype (default: float32)"
+            "--dtype",
+            type=long_dtype,
+            choices=_DTYPES,
+            default="float32",
+            help="weights and KV dtype (default: float32)",
         )
         parser.add_argument(
             "--cache", choices=CACHE_KINDS, default="dynamic", help="KV cache kind (default: dynamic)"
@@ -113,6 +118,9 @@ class DemoCommand(Command):
             "--device", default="cpu", help="cpu or cuda[:N] (default: cpu, also where CUDA is available)"
         )
         parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
+        parser.add_argument(
+            "-q", "--quiet", action="store_true", help="no progress bar while the report reads"
+        )
         parser.add_argument("--press", help="a kvpress eviction press (needs kvpress, transformers<5.3)")
         parser.add_argument(
             "--compression", type=float, help="press compression ratio in [0, 1) (with --press; default 0.5)"
@@ -123,7 +131,7 @@ class DemoCommand(Command):
             default="hf",
             help="hf: transformers generate() (default); vllm: a tiny Llama 3 shape served by vLLM (needs "
             "vLLM installed) in a KV pool small enough to preempt (8 requests x 100 tokens; of the other "
-            "flags only --out, --no-profiler and --no-report apply)",
+            "flags only --out, --no-profiler, --no-report and -q apply)",
         )
 
     def run(self, args: argparse.Namespace) -> int:
@@ -240,7 +248,13 @@ class DemoCommand(Command):
         html = out / "timeline.html"
         report = ReportCommand()
         status = report.run(
-            argparse.Namespace(path=str(out), output=str(html), json=False, quiet=False, no_export=False)
+            argparse.Namespace(
+                path=str(out),
+                output=str(html),
+                json=False,
+                quiet=getattr(args, "quiet", False),
+                no_export=False,
+            )
         )
         print(f"open: {html}   |   tensorboard --logdir {shell_arg(out)}")
         crossing = getattr(report, "last_report", None)

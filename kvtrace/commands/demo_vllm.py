@@ -125,7 +125,9 @@ def _run(args: argparse.Namespace, out: Path) -> int:
 
     html = out / "timeline.html"
     status = ReportCommand().run(
-        argparse.Namespace(path=str(out), output=str(html), json=False, quiet=False, no_export=False)
+        argparse.Namespace(
+            path=str(out), output=str(html), json=False, quiet=getattr(args, "quiet", False), no_export=False
+        )
     )
     print(f"open: {html}   |   why it preempted: kvtrace diagnose {shell_arg(out)}")
     return status

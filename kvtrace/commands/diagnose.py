@@ -36,7 +36,9 @@ class DiagnoseCommand(Command):
     defers_numpy = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("path", help="run directory, run group, snapshot pickle or Chrome trace")
+        parser.add_argument(
+            "path", metavar="PATH", help="run directory, run group, snapshot pickle or Chrome trace"
+        )
         parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         parser.add_argument(

@@ -53,8 +53,12 @@ class ReportCommand(Command):
     defers_numpy = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("path", help="run directory, run group, Chrome trace or snapshot pickle")
-        parser.add_argument("-o", "--output", help="write a self-contained HTML timeline to this file")
+        parser.add_argument(
+            "path", metavar="PATH", help="run directory, run group, Chrome trace or snapshot pickle"
+        )
+        parser.add_argument(
+            "-o", "--output", metavar="FILE", help="write a self-contained HTML timeline to this file"
+        )
         parser.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         parser.add_argument(

@@ -51,7 +51,9 @@ class RunCommand(Command):
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("-o", "--out", "--output", help="run directory (default: runs/<script name>)")
+        parser.add_argument(
+            "-o", "--out", "--output", metavar="DIR", help="run directory (default: runs/<script name>)"
+        )
         parser.add_argument(
             "--overwrite", action="store_true", help="replace the run directory if it holds a run"
         )
@@ -66,6 +68,7 @@ class RunCommand(Command):
         )
         parser.add_argument(
             "--gpu-memory",
+            metavar="SIZE",
             help="mark where the run would run out on a device this size, e.g. 24GiB, or a GPU's name (L4)",
         )
         parser.add_argument("target", metavar="TARGET", help="the script (or, with -m, the module) to run")

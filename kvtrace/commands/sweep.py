@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from analyzers.units import a_or_an
-from kvtrace.commands.base import AsTyped, Command
+from kvtrace.commands.base import AsTyped, Command, long_dtype
 from kvtrace.commands.output import check_regular_target, page_bytes, print_after_writing, write_replacing
 from kvtrace.errors import KvtraceError, MissingPart, cannot_write, unnamed_path
 
@@ -294,7 +294,11 @@ class SweepCommand(Command):
             "--new-tokens", type=int, default=8, help="tokens generated per point (default 8)"
         )
         parser.add_argument(
-            "--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype (default float32)"
+            "--dtype",
+            type=long_dtype,
+            choices=_DTYPES,
+            default="float32",
+            help="weights and KV dtype (default float32)",
         )
         parser.add_argument(
             "--device", default="auto", help="cpu, cuda[:N] or auto: cuda when available (default auto)"
@@ -308,7 +312,7 @@ class SweepCommand(Command):
             help="device memory budget, e.g. 80GiB or a GPU's name (H100, L4): rows say whether each point "
             "fits, and where it runs out",
         )
-        parser.add_argument("-o", "--out", "--output", required=True, help="output directory")
+        parser.add_argument("-o", "--out", "--output", required=True, metavar="DIR", help="output directory")
         parser.add_argument("--overwrite", action="store_true", help="replace the sweep already in --out")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

@@ -126,3 +126,80 @@ def test_run_says_next_commands_a_shell_can_paste(tmp_path: Path) -> None:
     )
     pasted = shlex.split(said.rsplit("next: ", 1)[1].split(", ")[0])
     assert pasted == ["kvtrace", "report", str(out)]
+
+
+def _shown(action: argparse.Action) -> str:
+    """How a flag's value is written in the usage line: its choices, else its metavar."""
+    if action.choices:
+        return "{" + ",".join(map(str, action.choices)) + "}"
+    return str(action.metavar or action.dest.upper())
+
+
+@pytest.mark.parametrize("flag", ["--gpu-memory", "-o"])
+def test_a_flag_shared_by_commands_names_its_value_alike(flag: str) -> None:
+    # GIVEN a flag several commands take (plan and run wrote --gpu-memory GPU_MEMORY, demo, diagnose and
+    # sweep --gpu-memory SIZE; -o was OUT, OUTPUT or DIR for the same kind of path)
+    shown: dict[str, str] = {}
+    for command, parser in _subparsers().items():
+        for action in parser._actions:
+            if flag in action.option_strings:
+                shown[command] = _shown(action)
+    # THEN a size is SIZE everywhere, and -o says whether it is a folder (DIR) or a page (FILE)
+    if flag == "--gpu-memory":
+        assert set(shown.values()) == {"SIZE"}, shown
+    else:
+        assert shown == {
+            "demo": "DIR",
+            "run": "DIR",
+            "sweep": "DIR",
+            "export": "DIR",
+            "report": "FILE",
+            "compare": "FILE",
+        }
+
+
+@pytest.mark.parametrize("command", sorted(_subparsers()))
+def test_positionals_are_named_in_capitals(command: str) -> None:
+    # report and diagnose wrote `path` where their help, and every other command, says PATH, RUN, DIR
+    usage = _subparsers()[command].format_usage()
+    positionals = [a for a in _subparsers()[command]._actions if not a.option_strings and a.nargs != "..."]
+    for action in positionals:
+        shown = str(action.metavar or action.dest)  # argparse writes a positional's dest as it is
+        assert shown.isupper() and shown in usage, (command, shown, usage)
+
+
+@pytest.mark.parametrize(
+    ("argv", "dtype"),
+    [
+        (["demo", "--dtype", "bf16"], "bfloat16"),
+        (["sweep", "-o", "s", "--dtype", "fp16"], "float16"),
+        (["demo", "--dtype", "float32"], "float32"),
+        (["plan", "--dtype", "bfloat16"], "bf16"),
+        (["plan", "--dtype", "fp8"], "fp8"),
+    ],
+)
+def test_dtype_takes_both_spellings_on_every_command(argv: list[str], dtype: str) -> None:
+    # GIVEN plan's words (bf16) on demo and sweep, torch's (bfloat16) on plan: each refused the other's
+    args = build_parser(argv).parse_args(argv)
+    assert args.dtype == dtype
+
+
+def test_plan_kv_dtype_takes_torch_words(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtrace.cli import main
+
+    # WHEN a plan is asked in torch's dtype words, THEN it is the plan of plan's own words, figure for figure
+    assert (
+        main(["plan", "--preset", "llama-3-8b", "--dtype", "bfloat16", "--kv-dtype", "float16", "--json"])
+        == 0
+    )
+    torch_words = capsys.readouterr().out
+    assert main(["plan", "--preset", "llama-3-8b", "--dtype", "bf16", "--kv-dtype", "fp16", "--json"]) == 0
+    assert capsys.readouterr().out == torch_words
+
+
+@pytest.mark.parametrize("command", ["report", "diagnose", "compare", "export", "sweep", "demo"])
+def test_every_command_that_draws_a_progress_bar_takes_quiet(command: str) -> None:
+    # demo ends with the report of its run, which draws a bar on a terminal: it had no -q to turn it off
+    parser = _subparsers()[command]
+    quiet = [a for a in parser._actions if {"-q", "--quiet"} <= set(a.option_strings)]
+    assert len(quiet) == 1 and quiet[0].nargs == 0
