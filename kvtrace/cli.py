@@ -146,6 +146,14 @@ def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
             file=sys.stderr,
         )
         return 2
+    if getattr(args, "output", None) == "-" or getattr(args, "out", None) == "-":
+        # `-o -` is standard output to users of other tools; taken as a path, it wrote a file named "-"
+        print(
+            f"kvtrace {command.name}: error: -o -: kvtrace writes this output to a path, not to standard "
+            "output; name a file or folder (./- for one named '-')",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if command.defers_numpy:
             with numpy_at_first_use():

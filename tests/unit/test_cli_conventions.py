@@ -203,3 +203,40 @@ def test_every_command_that_draws_a_progress_bar_takes_quiet(command: str) -> No
     parser = _subparsers()[command]
     quiet = [a for a in parser._actions if {"-q", "--quiet"} <= set(a.option_strings)]
     assert len(quiet) == 1 and quiet[0].nargs == 0
+
+
+@pytest.mark.parametrize("command", ["report", "compare", "export"])
+def test_dash_output_is_refused_not_a_file_named_dash(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvtrace.cli import main
+
+    # GIVEN `-o -`, standard output to users of other tools (report wrote its page to a file named "-")
+    run = Path(__file__).parents[2] / "sample_traces" / "dynamic_b2"
+    monkeypatch.chdir(tmp_path)
+    inputs = [str(run), str(run)] if command == "compare" else [str(run)]
+    extra = ["--no-export"] if command == "report" else []
+    # WHEN run
+    status = main([command, *inputs, *extra, "-o", "-"])
+    # THEN one line, status 2, nothing on stdout and nothing written
+    said = capsys.readouterr()
+    assert status == 2
+    assert said.out == ""
+    assert said.err == (
+        f"kvtrace {command}: error: -o -: kvtrace writes this output to a path, not to standard output; "
+        "name a file or folder (./- for one named '-')\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["demo", "--size", "tiny"], ["sweep", "--size", "tiny"], ["run", "x.py"]])
+def test_dash_output_folder_is_refused_before_any_work(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvtrace.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    status = main([argv[0], "-o", "-", *argv[1:]])
+    assert status == 2
+    assert capsys.readouterr().err.startswith(f"kvtrace {argv[0]}: error: -o -: ")
+    assert list(tmp_path.iterdir()) == []
