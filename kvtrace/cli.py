@@ -109,6 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = sys.argv[1:]
     stdout = sys.stdout
     sys.stdout = GuardedStdout(stdout)  # type: ignore[assignment]
+    # A closed standard error (`2>&-`: cron, daemons) leaves Python no sys.stderr: print(file=None) then
+    # wrote kvtrace's warnings and errors into stdout (a --json reader's), and `isatty()` on it failed
+    closed_stderr = sys.stderr is None
+    if closed_stderr:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
     try:
         return _main(argv, stdout)
     except StdoutError as exc:  # --help or --version printed into a full disk or a closed stdout
@@ -123,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if isinstance(sys.stdout, GuardedStdout):
             sys.stdout = stdout
+        if closed_stderr:
+            sys.stderr.close()
+            sys.stderr = None  # type: ignore[assignment]
 
 
 def _main(argv: Sequence[str], stdout: TextIO | None) -> int:

@@ -240,3 +240,37 @@ def test_dash_output_folder_is_refused_before_any_work(
     assert status == 2
     assert capsys.readouterr().err.startswith(f"kvtrace {argv[0]}: error: -o -: ")
     assert list(tmp_path.iterdir()) == []
+
+
+def _closed_stderr(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The CLI with standard error closed (`2>&-`, as cron jobs and daemons run), stdout captured."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    line = " ".join(shlex.quote(word) for word in [sys.executable, "-m", "kvtrace", *argv])
+    return subprocess.run(
+        ["sh", "-c", f"{line} 2>&-"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_a_closed_stderr_keeps_json_on_stdout_whole(tmp_path: Path) -> None:
+    import json
+
+    run = Path(__file__).parents[2] / "sample_traces" / "dynamic_b2"
+    # WHEN report runs with no standard error (it asked it isatty() for the progress bar: status 70, and the
+    # "internal error" line went to stdout, as print(file=None) writes there)
+    done = _closed_stderr("report", str(run), "--no-export", "--json", cwd=tmp_path)
+    # THEN the JSON alone, status 0
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["source"]["kind"] == "run"
+
+
+def test_a_closed_stderr_keeps_errors_off_stdout(tmp_path: Path) -> None:
+    # WHEN an input is missing and standard error is closed
+    done = _closed_stderr("report", "missing_run", "--json", cwd=tmp_path)
+    # THEN status 2 and nothing on stdout (the one line went there: a --json reader read an error as output)
+    assert done.returncode == 2
+    assert done.stdout == ""
