@@ -12,7 +12,7 @@ from typing import NoReturn, TextIO
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.lazy_numpy import numpy_at_first_use
-from kvtrace.commands.output import GuardedStdout, StdoutError, discard_unwritten
+from kvtrace.commands.output import GuardedStdout, StdoutError, UnfailingStderr, discard_unwritten
 from kvtrace.errors import KvtraceError, missing_dependency, os_errno, os_reason, printable
 
 # (name, module, class): imported when the parser is built, so each module keeps torch/plotly imports
@@ -114,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     closed_stderr = sys.stderr is None
     if closed_stderr:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
+    stderr = sys.stderr
+    if next(iter(argv), None) != "run":  # a script kvtrace runs keeps its standard error as Python gives it
+        sys.stderr = UnfailingStderr(stderr)  # type: ignore[assignment]
     try:
         return _main(argv, stdout)
     except StdoutError as exc:  # --help or --version printed into a full disk or a closed stdout
@@ -128,8 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if isinstance(sys.stdout, GuardedStdout):
             sys.stdout = stdout
+        sys.stderr = stderr
         if closed_stderr:
-            sys.stderr.close()
+            stderr.close()
             sys.stderr = None  # type: ignore[assignment]
 
 

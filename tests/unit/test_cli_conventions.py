@@ -274,3 +274,43 @@ def test_a_closed_stderr_keeps_errors_off_stdout(tmp_path: Path) -> None:
     # THEN status 2 and nothing on stdout (the one line went there: a --json reader read an error as output)
     assert done.returncode == 2
     assert done.stdout == ""
+
+
+def _stderr_to_full_disk(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The CLI with standard error on a full disk (/dev/full: every write fails with ENOSPC)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    with open("/dev/full", "w") as full:
+        return subprocess.run(
+            [sys.executable, "-m", "kvtrace", *argv],
+            stdout=subprocess.PIPE,
+            stderr=full,
+            text=True,
+            env=env,
+            cwd=cwd,
+            timeout=300,
+        )
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_warning_that_cannot_be_written_costs_not_the_json(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    # GIVEN a run whose tb_scalars/ is a link (report warns it leaves it alone), and stderr on a full disk
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parents[2] / "sample_traces" / "dynamic_b2", run)
+    shutil.rmtree(run / "tb_scalars", ignore_errors=True)
+    (run / "tb_scalars").symlink_to(tmp_path / "elsewhere")
+    # WHEN reported as JSON (the failed warning raised: status 1 and no JSON at all)
+    done = _stderr_to_full_disk("report", str(run), "--json", cwd=tmp_path)
+    # THEN the JSON whole, status 0
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["source"]["kind"] == "run"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_an_error_that_cannot_be_written_keeps_its_status(tmp_path: Path) -> None:
+    # a missing input is status 2; its line failing to be written made it 1, as if an output had failed
+    done = _stderr_to_full_disk("report", "missing_run", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stdout == ""
