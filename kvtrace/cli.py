@@ -128,6 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `kvtrace --version | true`: the reader has gone, as for a command's output
         discard_unwritten(stdout)
         return 0
+    except (
+        KeyboardInterrupt
+    ):  # Ctrl-C while the parser is built (its commands imported), before a command runs
+        named = next(iter(argv), None)
+        prog = f"kvtrace {named}" if named in {name for name, _, _ in _COMMANDS} else "kvtrace"
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     finally:
         if isinstance(sys.stdout, GuardedStdout):
             sys.stdout = stdout

@@ -314,3 +314,30 @@ def test_an_error_that_cannot_be_written_keeps_its_status(tmp_path: Path) -> Non
     done = _stderr_to_full_disk("report", "missing_run", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stdout == ""
+
+
+# A real SIGINT, raised as the parser imports the report command's module (its first import that the CLI's
+# own module did not make): where a Ctrl-C typed as the command starts falls, before any command runs
+_INTERRUPTED_WHILE_PARSING = """
+import signal, sys
+def on_import(event, args):
+    if event == "import" and args[0] == "kvtrace.commands.progress":
+        signal.raise_signal(signal.SIGINT)
+sys.addaudithook(on_import)
+from kvtrace.cli import main
+sys.exit(main(["report", "missing_run"]))
+"""
+
+
+def test_ctrl_c_while_the_parser_is_built_is_one_line_and_130(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_WHILE_PARSING],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    # It printed a KeyboardInterrupt traceback through the imports, and the process died of SIGINT
+    assert (done.returncode, done.stderr, done.stdout) == (130, "kvtrace report: interrupted\n", "")
