@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, shell_arg
+
+__all__ = ["AsTyped", "Command", "long_dtype", "require_input", "shell_arg", "short_dtype"]
 
 
 class Command:
@@ -66,11 +67,3 @@ class AsTyped(argparse.Action):
     ) -> None:
         setattr(namespace, self.dest, values)
         setattr(namespace, f"{self.dest}_flag", option)
-
-
-def shell_arg(path: str | os.PathLike[str]) -> str:
-    """A path inside a command line printed for the user to paste: quoted where a shell would split or
-    expand it (a space, a quote, `$`), as it is otherwise."""
-    import shlex  # here: only a few commands print one, and start-up counts
-
-    return shlex.quote(os.fspath(path))

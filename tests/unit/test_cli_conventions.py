@@ -341,3 +341,21 @@ def test_ctrl_c_while_the_parser_is_built_is_one_line_and_130(tmp_path: Path) ->
     )
     # It printed a KeyboardInterrupt traceback through the imports, and the process died of SIGINT
     assert (done.returncode, done.stderr, done.stdout) == (130, "kvtrace report: interrupted\n", "")
+
+
+def test_a_command_named_in_an_error_quotes_its_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from kvtrace.cli import main
+
+    # GIVEN a folder whose name holds a space, with a run one level below (a sweep's layout)
+    folder = tmp_path / "my sweep"
+    shutil.copytree(Path(__file__).parents[2] / "sample_traces" / "dynamic_b2", folder / "runs" / "b1")
+    monkeypatch.chdir(tmp_path)
+    # WHEN it is reported
+    assert main(["report", "my sweep", "--no-export"]) == 2
+    # THEN the export command the error suggests names the folder as a shell reads it
+    err = capsys.readouterr().err
+    assert "(`kvtrace export 'my sweep' -o DIR` reads every input in it)" in err, err
