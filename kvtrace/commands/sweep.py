@@ -265,7 +265,7 @@ class SweepCommand(Command):
     name = "sweep"
     examples = (
         "kvtrace sweep --size tiny --batch 1,4 --context 64,256 --cache dynamic,static -o runs/sweep",
-        "kvtrace sweep --preset llama-3.2-1b --gpu-memory L4 -o runs/sweep-1b",
+        "kvtrace sweep --size tiny --cache sliding,static_sliding --window 32 --gpu-memory 80MiB -o runs/sw",
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
