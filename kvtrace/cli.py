@@ -87,7 +87,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         epilog=f"{_examples_text(_EXAMPLES)}\n{_EXIT_STATUS}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"kvtrace {__version__}")
+    # -V as well, as python, pip, ruff and pytest spell it
+    parser.add_argument("-V", "--version", action="version", version=f"kvtrace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in _commands(only):
         doc = (type(command).__doc__ or "").strip()

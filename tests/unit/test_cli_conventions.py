@@ -359,3 +359,14 @@ def test_a_command_named_in_an_error_quotes_its_path(
     # THEN the export command the error suggests names the folder as a shell reads it
     err = capsys.readouterr().err
     assert "(`kvtrace export 'my sweep' -o DIR` reads every input in it)" in err, err
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version_answers_to_dash_v_as_pip_and_ruff_do(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtrace import __version__
+    from kvtrace.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([flag])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"kvtrace {__version__}\n"
