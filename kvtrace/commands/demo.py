@@ -61,6 +61,9 @@ class DemoCommand(Command):
     Builds a Llama 3 model (GQA, llama3 RoPE) of the chosen size with random weights, tokenizes real
     prompts with the Llama 3 tokenizer that `llama-models` ships, runs `generate()` under
     `kvtrace.record()`, then writes the report. Memory does not depend on weight values.
+    Exit status: 0 on success; 1 when the run or its report cannot be written, or a part it needs is not
+    installed (a --cache or --press package, vLLM); 2 for bad flags, or an --out that holds a run
+    (--overwrite replaces it).
     """
 
     name = "demo"

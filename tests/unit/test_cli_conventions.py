@@ -370,3 +370,9 @@ def test_version_answers_to_dash_v_as_pip_and_ruff_do(flag: str, capsys: pytest.
         main([flag])
     assert exited.value.code == 0
     assert capsys.readouterr().out == f"kvtrace {__version__}\n"
+
+
+@pytest.mark.parametrize("command", sorted(_subparsers()))
+def test_every_help_says_its_exit_status(command: str) -> None:
+    # demo's alone did not: a script that runs it could not tell a bad flag from a failed write
+    assert "Exit status:" in _subparsers()[command].format_help()
