@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from analyzers.readers.folders import LEFT_OUT_WHY, FolderSearch, Found, unreadable
 from analyzers.readers.sources import missing
-from kvtrace.errors import KvtraceError, lies_inside, same_path, unnamed_path
+from kvtrace.errors import KvtraceError, lies_inside, same_path, shell_arg, unnamed_path
 from kvtrace.run_layout import is_run_dir, is_run_group
 
 
@@ -134,7 +134,8 @@ def export_dir_given(root: Path) -> str:
     """The one line for an export directory among other inputs (or as an input to export)."""
     return (
         f"{root}: an export directory (Parquet tables), not a run, trace or snapshot: load or query it on "
-        f"its own (kvtrace.load_tables('{root}'), `kvtrace query {root} SQL`), not with other inputs"
+        f"its own (kvtrace.load_tables('{root}'), `kvtrace query {shell_arg(root)} SQL`), "
+        "not with other inputs"
     )
 
 

@@ -12,7 +12,7 @@ from typing import NoReturn, TextIO
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.lazy_numpy import numpy_at_first_use
-from kvtrace.commands.output import GuardedStdout, StdoutError, discard_unwritten
+from kvtrace.commands.output import GuardedStdout, StdoutError, UnfailingStderr, discard_unwritten
 from kvtrace.errors import KvtraceError, missing_dependency, os_errno, os_reason, printable
 
 # (name, module, class): imported when the parser is built, so each module keeps torch/plotly imports
@@ -28,6 +28,26 @@ _COMMANDS = (
     ("export", "kvtrace.commands.export", "ExportCommand"),
     ("query", "kvtrace.commands.query", "QueryCommand"),
 )
+
+
+# Shown under `kvtrace --help`, as git's and pip's helps show where to start and what the status means
+_EXAMPLES = (
+    "kvtrace demo --size tiny -o runs/tiny",
+    "kvtrace run -o runs/gen generate.py",
+    "kvtrace report runs/gen",
+    "kvtrace diagnose runs/gen --gpu-memory 24GiB",
+    "kvtrace plan --preset llama-3.1-8b --batch 8 --context 32768 --gpu-memory L4",
+)
+_EXIT_STATUS = (
+    "exit status: 0 success; 1 a failed run or an output that cannot be written (and `plan` when the plan\n"
+    "does not fit); 2 bad input or flags; 70 an internal error; 130 interrupted (Ctrl-C). `kvtrace run`\n"
+    "exits with its script's status. Each command's --help says its own."
+)
+
+
+def _examples_text(examples: Sequence[str]) -> str:
+    """The "examples:" block of a help, one command line an indented line."""
+    return "examples:\n" + "".join(f"  {example}\n" for example in examples)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,14 +84,21 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="kvtrace",
         description="Where an LLM's GPU memory goes during inference, and how much of it is the KV cache.",
+        epilog=f"{_examples_text(_EXAMPLES)}\n{_EXIT_STATUS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"kvtrace {__version__}")
+    # -V as well, as python, pip, ruff and pytest spell it
+    parser.add_argument("-V", "--version", action="version", version=f"kvtrace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in _commands(only):
         doc = (type(command).__doc__ or "").strip()
         summary = doc.splitlines()[0] if doc else ""
         child = sub.add_parser(
-            command.name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+            command.name,
+            help=summary,
+            description=doc,
+            epilog=_examples_text(command.examples) if command.examples else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.add_arguments(child)
         child.set_defaults(_command=command, _parser=child)
@@ -83,6 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = sys.argv[1:]
     stdout = sys.stdout
     sys.stdout = GuardedStdout(stdout)  # type: ignore[assignment]
+    # A closed standard error (`2>&-`: cron, daemons) leaves Python no sys.stderr: print(file=None) then
+    # wrote kvtrace's warnings and errors into stdout (a --json reader's), and `isatty()` on it failed
+    closed_stderr = sys.stderr is None
+    if closed_stderr:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
+    stderr = sys.stderr
+    if next(iter(argv), None) != "run":  # a script kvtrace runs keeps its standard error as Python gives it
+        sys.stderr = UnfailingStderr(stderr)  # type: ignore[assignment]
     try:
         return _main(argv, stdout)
     except StdoutError as exc:  # --help or --version printed into a full disk or a closed stdout
@@ -94,9 +129,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `kvtrace --version | true`: the reader has gone, as for a command's output
         discard_unwritten(stdout)
         return 0
+    except (
+        KeyboardInterrupt
+    ):  # Ctrl-C while the parser is built (its commands imported), before a command runs
+        named = next(iter(argv), None)
+        prog = f"kvtrace {named}" if named in {name for name, _, _ in _COMMANDS} else "kvtrace"
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     finally:
         if isinstance(sys.stdout, GuardedStdout):
             sys.stdout = stdout
+        sys.stderr = stderr
+        if closed_stderr:
+            stderr.close()
+            sys.stderr = None  # type: ignore[assignment]
 
 
 def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
@@ -117,6 +163,14 @@ def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
     if empty is not None:  # pathlib reads "" as ".": an unset shell variable would read or write the cwd
         print(
             f"kvtrace {command.name}: error: {empty}: an empty path ('') names no file or folder",
+            file=sys.stderr,
+        )
+        return 2
+    if getattr(args, "output", None) == "-" or getattr(args, "out", None) == "-":
+        # `-o -` is standard output to users of other tools; taken as a path, it wrote a file named "-"
+        print(
+            f"kvtrace {command.name}: error: -o -: kvtrace writes this output to a path, not to standard "
+            "output; name a file or folder (./- for one named '-')",
             file=sys.stderr,
         )
         return 2

@@ -85,6 +85,14 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)
 
 
+def shell_arg(path: str | os.PathLike[str]) -> str:
+    """A path inside a command line printed for the user to paste: quoted where a shell would split or
+    expand it (a space, a quote, `$`), as it is otherwise."""
+    import shlex  # here: only a few messages print one, and start-up counts
+
+    return shlex.quote(os.fspath(path))
+
+
 def shown_integer(value: int, digits: int = 24) -> str:
     """An integer for a message: as written up to `digits` digits, else its first digits and its length
     ("100000… (401 digits)"). A damaged file's 10**400 printed whole is hundreds of digits of noise."""

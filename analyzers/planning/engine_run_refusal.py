@@ -15,6 +15,7 @@ from pathlib import Path
 
 from analyzers.engine import EngineInfo
 from analyzers.units import human_bytes
+from kvtrace.errors import shell_arg
 
 __all__ = ["CONTINUOUS_BATCHING", "not_a_vllm_pool"]
 
@@ -26,16 +27,17 @@ def not_a_vllm_pool(root: Path, info: EngineInfo) -> str | None:
     without a name counts as vLLM's, the engine kvtrace first recorded)."""
     if info.name in ("vllm", ""):
         return None
-    report = f"`kvtrace report {root}` shows its use"
+    report = f"`kvtrace report {shell_arg(root)}` shows its use"
     if info.name != CONTINUOUS_BATCHING:
         return (
             f"{root}: a {info.name} engine run, whose pool kvtrace plan has no rules for; `kvtrace diagnose "
-            f"{root} --budget SIZE` prices it against a memory, {report}"
+            f"{shell_arg(root)} --budget SIZE` prices it against a memory, {report}"
         )
     return (
         f"{root}: a transformers continuous-batching run ({info.name}){_pool(info)}: kvtrace plan does not "
         "plan such a pool (it is neither generate()'s cache nor vLLM's); "
-        f"`kvtrace diagnose {root} --budget SIZE` prices its num_blocks and max_memory_percent, {report}"
+        f"`kvtrace diagnose {shell_arg(root)} --budget SIZE` prices its num_blocks and max_memory_percent, "
+        f"{report}"
     )
 
 

@@ -25,6 +25,7 @@ from kvtrace.errors import (
     os_reason,
     refuse_special_file,
     refuse_unnamed_path,
+    shell_arg,
 )
 
 if TYPE_CHECKING:
@@ -318,8 +319,8 @@ def _no_input_in(folder: Path) -> KvtraceError:
     if below is not None:
         return KvtraceError(
             f"{folder}: a folder that is not a kvtrace run (no {MANIFEST}) and holds no runs or "
-            f"torch.profiler traces directly, but it holds {below}: pass that (`kvtrace export {folder} -o "
-            "DIR` reads every input in it)"
+            f"torch.profiler traces directly, but it holds {below}: pass that "
+            f"(`kvtrace export {shell_arg(folder)} -o DIR` reads every input in it)"
         )
     where = (
         "in it or below it" if searched_all else f"in it or the first {_SEARCHED_FOLDERS:,} folders below it"

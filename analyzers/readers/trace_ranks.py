@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analyzers.readers.sources import _head
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, shell_arg
 
 __all__ = ["TraceRank", "snapshots_note", "trace_rank", "traces_note"]
 
@@ -86,8 +86,8 @@ def traces_note(folder: str | os.PathLike[str], traces: list[Path]) -> str:
     return (
         f"{folder} holds the profiler traces of {ranked} rank{'s' if ranked > 1 else ''} of {of}{beside}: "
         f"read {_named(ranks[-1:])} alone (the last by name); not read: {_named(ranks[:-1])}. A report reads "
-        f"one trace: name another to read it, or `kvtrace export {folder} -o DIR` to read every rank, each "
-        "job's ranks one group (runs.group_id)"
+        f"one trace: name another to read it, or `kvtrace export {shell_arg(folder)} -o DIR` to read every "
+        "rank, each job's ranks one group (runs.group_id)"
     )
 
 
@@ -103,6 +103,6 @@ def snapshots_note(folder: str | os.PathLike[str], traces: list[Path], snapshots
         else f"{folder} also holds {count}, not read: {names}"
     )
     return (
-        f"{held}. A report reads one input: name a snapshot to read it, or `kvtrace export {folder} -o DIR` "
-        "to read every input in the folder"
+        f"{held}. A report reads one input: name a snapshot to read it, or "
+        f"`kvtrace export {shell_arg(folder)} -o DIR` to read every input in the folder"
     )

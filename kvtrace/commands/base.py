@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, shell_arg
+
+__all__ = ["AsTyped", "Command", "long_dtype", "require_input", "shell_arg", "short_dtype"]
 
 
 class Command:
@@ -20,6 +23,9 @@ class Command:
     # True for commands that only read and render (no torch, no pyarrow): the CLI then imports numpy at
     # first use (`kvtrace.commands.lazy_numpy`), so small inputs do not pay its import.
     defers_numpy: bool = False
+    # Command lines shown under "examples:" in its --help, as git's and pip's helps show theirs; a test
+    # parses each, so a renamed flag cannot leave a stale one behind.
+    examples: tuple[str, ...] = ()
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add this command's flags."""
@@ -34,3 +40,30 @@ def require_input(path: Path) -> None:
         from analyzers.readers.sources import missing  # here, not at import: `kvtrace --help` stays light
 
         raise KvtraceError(missing(path))
+
+
+# plan names dtypes as the memory planners do (bf16), demo and sweep as torch does (bfloat16): each takes the
+# other's spelling too, so that one `--dtype` works on every command
+_SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+_LONG_DTYPES = {short: long for long, short in _SHORT_DTYPES.items()}
+
+
+def short_dtype(text: str) -> str:
+    """A `--dtype` value in plan's words: bfloat16 -> bf16 (argparse `type`, before its `choices`)."""
+    return _SHORT_DTYPES.get(text, text)
+
+
+def long_dtype(text: str) -> str:
+    """A `--dtype` value in torch's words, demo's and sweep's: bf16 -> bfloat16."""
+    return _LONG_DTYPES.get(text, text)
+
+
+class AsTyped(argparse.Action):
+    """Keeps a flag's value and which of its names was typed (`args.<dest>_flag`), so that an error about
+    the value names the flag the user wrote, not an alias of it."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_flag", option)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kvtrace.commands.base import Command, require_input
+from kvtrace.commands.base import Command, require_input, shell_arg
 from kvtrace.commands.output import (
     check_html_target,
     print_result,
@@ -36,6 +36,10 @@ class CompareCommand(Command):
     """
 
     name = "compare"
+    examples = (
+        "kvtrace compare runs/demo-dynamic runs/demo-static",
+        "kvtrace compare runs/a runs/b runs/c -o compare.html",
+    )
     defers_numpy = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -45,7 +49,9 @@ class CompareCommand(Command):
             metavar="RUN",
             help="two or more runs: run directories, run groups, traces or snapshots (what report reads)",
         )
-        parser.add_argument("-o", "--output", help="write a self-contained HTML page (e.g. compare.html)")
+        parser.add_argument(
+            "-o", "--output", metavar="FILE", help="write a self-contained HTML page (e.g. compare.html)"
+        )
         parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -58,7 +64,7 @@ class CompareCommand(Command):
         if len(args.runs) < 2:
             held = _runs_inside(Path(args.runs[0])) if args.runs else []
             if len(held) >= 2:  # a folder of runs: say how to name them
-                names = " ".join(str(p) for p in held[:3]) + (" ..." if len(held) > 3 else "")
+                names = " ".join(shell_arg(p) for p in held[:3]) + (" ..." if len(held) > 3 else "")
                 example = f"kvtrace compare {names}"
                 raise KvtraceError(f"{args.runs[0]} holds {len(held)} runs: name them, e.g. {example}")
             raise KvtraceError("give at least two runs to compare")

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtrace.commands.base import Command
+from kvtrace.commands.base import Command, long_dtype, shell_arg
 from kvtrace.commands.output import check_html_target
 from kvtrace.errors import KvtraceError, MissingPart
 
@@ -61,15 +61,26 @@ class DemoCommand(Command):
     Builds a Llama 3 model (GQA, llama3 RoPE) of the chosen size with random weights, tokenizes real
     prompts with the Llama 3 tokenizer that `llama-models` ships, runs `generate()` under
     `kvtrace.record()`, then writes the report. Memory does not depend on weight values.
+    Exit status: 0 on success; 1 when the run or its report cannot be written, or a part it needs is not
+    installed (a --cache or --press package, vLLM); 2 for bad flags, or an --out that holds a run
+    (--overwrite replaces it).
     """
 
     name = "demo"
+    examples = (
+        "kvtrace demo --size tiny -o runs/tiny",
+        "kvtrace demo --cache static --gpu-memory T4 --no-profiler",
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from kvtrace.llama import CACHE_KINDS, SIZES
 
         parser.add_argument(
-            "--out", help="run directory (default: runs/demo-<cache>, with -<press> when there is one)"
+            "-o",
+            "--out",
+            "--output",
+            metavar="DIR",
+            help="run directory (default: runs/demo-<cache>, with -<press> when there is one)",
         )
         parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
         parser.add_argument(
@@ -91,7 +102,11 @@ class DemoCommand(Command):
             f"demo: {DEMO_GPU_MEMORY}; 'none' for no budget)",
         )
         parser.add_argument(
-            "--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype (default: float32)"
+            "--dtype",
+            type=long_dtype,
+            choices=_DTYPES,
+            default="float32",
+            help="weights and KV dtype (default: float32)",
         )
         parser.add_argument(
             "--cache", choices=CACHE_KINDS, default="dynamic", help="KV cache kind (default: dynamic)"
@@ -106,6 +121,9 @@ class DemoCommand(Command):
             "--device", default="cpu", help="cpu or cuda[:N] (default: cpu, also where CUDA is available)"
         )
         parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
+        parser.add_argument(
+            "-q", "--quiet", action="store_true", help="no progress bar while the report reads"
+        )
         parser.add_argument("--press", help="a kvpress eviction press (needs kvpress, transformers<5.3)")
         parser.add_argument(
             "--compression", type=float, help="press compression ratio in [0, 1) (with --press; default 0.5)"
@@ -116,7 +134,7 @@ class DemoCommand(Command):
             default="hf",
             help="hf: transformers generate() (default); vllm: a tiny Llama 3 shape served by vLLM (needs "
             "vLLM installed) in a KV pool small enough to preempt (8 requests x 100 tokens; of the other "
-            "flags only --out, --no-profiler and --no-report apply)",
+            "flags only --out, --no-profiler, --no-report and -q apply)",
         )
 
     def run(self, args: argparse.Namespace) -> int:
@@ -233,12 +251,21 @@ class DemoCommand(Command):
         html = out / "timeline.html"
         report = ReportCommand()
         status = report.run(
-            argparse.Namespace(path=str(out), output=str(html), json=False, quiet=False, no_export=False)
+            argparse.Namespace(
+                path=str(out),
+                output=str(html),
+                json=False,
+                quiet=getattr(args, "quiet", False),
+                no_export=False,
+            )
         )
-        print(f"open: {html}   |   tensorboard --logdir {out}")
+        print(f"open: {html}   |   tensorboard --logdir {shell_arg(out)}")
         crossing = getattr(report, "last_report", None)
         if crossing is not None and crossing.budget is not None and crossing.budget["crossed"]:
-            print(f"why it would run out on {gpu_memory}, and what each remedy buys: kvtrace diagnose {out}")
+            print(
+                f"why it would run out on {gpu_memory}, and what each remedy buys: "
+                f"kvtrace diagnose {shell_arg(out)}"
+            )
         return status
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kvtrace.commands.base import shell_arg
 from kvtrace.commands.demo import refuse_not_a_run_folder, refuse_occupied
 from kvtrace.errors import MissingPart
 
@@ -124,9 +125,11 @@ def _run(args: argparse.Namespace, out: Path) -> int:
 
     html = out / "timeline.html"
     status = ReportCommand().run(
-        argparse.Namespace(path=str(out), output=str(html), json=False, quiet=False, no_export=False)
+        argparse.Namespace(
+            path=str(out), output=str(html), json=False, quiet=getattr(args, "quiet", False), no_export=False
+        )
     )
-    print(f"open: {html}   |   why it preempted: kvtrace diagnose {out}")
+    print(f"open: {html}   |   why it preempted: kvtrace diagnose {shell_arg(out)}")
     return status
 
 

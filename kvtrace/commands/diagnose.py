@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvtrace.commands.base import Command, require_input
+from kvtrace.commands.base import AsTyped, Command, require_input
 from kvtrace.commands.output import print_result, said_unreadable
 from kvtrace.commands.progress import reading
 from kvtrace.errors import KvtraceError, printable, short_error
@@ -29,14 +29,23 @@ class DiagnoseCommand(Command):
     """
 
     name = "diagnose"
+    examples = (
+        "kvtrace diagnose runs/oom",
+        "kvtrace diagnose runs/demo-dynamic --gpu-memory 24GiB --json",
+    )
     defers_numpy = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("path", help="run directory, run group, snapshot pickle or Chrome trace")
+        parser.add_argument(
+            "path", metavar="PATH", help="run directory, run group, snapshot pickle or Chrome trace"
+        )
         parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         parser.add_argument(
             "--budget",
+            "--gpu-memory",
+            action=AsTyped,
+            metavar="SIZE",
             help="price remedies against this memory budget when there is no OOM, e.g. 80GiB, or a GPU's "
             "name (H100, A100-40GB, L4: the total nvidia-smi shows for it)",
         )
@@ -49,7 +58,11 @@ class DiagnoseCommand(Command):
 
         path = Path(args.path)
         require_input(path)
-        budget = parse_device_memory(args.budget, "--budget") if args.budget is not None else None
+        budget = (
+            parse_device_memory(args.budget, getattr(args, "budget_flag", None) or "--budget")
+            if args.budget is not None
+            else None
+        )
         if is_run_group(path):
             return self._run_group(path, args.json, budget, args.quiet)
         if path.is_dir() and _diagnose_engine_run(path, args.json, budget):

@@ -36,6 +36,10 @@ class ExportCommand(Command):
     """
 
     name = "export"
+    examples = (
+        "kvtrace export runs/ -o tables/",
+        "kvtrace export runs/demo-dynamic nightly/*.pickle -o tables/ --json",
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(

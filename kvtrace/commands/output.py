@@ -196,6 +196,29 @@ class GuardedStdout:
         return getattr(self._stream, name)
 
 
+class UnfailingStderr:
+    """Standard error for the length of a command: a write or flush that fails (a log on a full disk,
+    `2>/dev/full`, the reader of `2>&1 | head` gone) is dropped, as the interpreter drops its own at exit.
+    A failed warning raised, and ended the command: a report whose JSON was whole exited 1 with none printed,
+    and a missing input's error, meant as status 2, became 1 (or 0, a pipe's reader gone)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except (OSError, ValueError):  # ValueError: the file was closed under it
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding...: the stream's own
+        return getattr(self._stream, name)
+
+
 def discard_unwritten(stream: Any) -> None:
     """After standard output failed: point its file at /dev/null, so that what its buffer still holds is
     dropped there. The interpreter writes it again at exit, fails again, and then exits 120 with an

@@ -8,7 +8,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvtrace.commands.base import Command
+from kvtrace.commands.base import Command, shell_arg, short_dtype
 from kvtrace.commands.output import print_result
 from kvtrace.commands.plan_flags import refuse_unbuildable_kv
 from kvtrace.commands.plan_grid import counts
@@ -195,7 +195,7 @@ def _refuse_a_file_as_run(path: Path) -> None:
     raise KvtraceError(
         f"{path}: {what}, not a run: --from-run takes a run directory recorded with kvtrace (kvtrace.record "
         "or `kvtrace run`); a snapshot or trace holds no model geometry: plan with --preset NAME or --config "
-        f"PATH instead (`kvtrace report {path}` reads the file)"
+        f"PATH instead (`kvtrace report {shell_arg(path)}` reads the file)"
     )
 
 
@@ -240,6 +240,11 @@ class PlanCommand(Command):
     """
 
     name = "plan"
+    examples = (
+        "kvtrace plan --preset llama-3.1-8b --batch 8 --context 32768 --gpu-memory L4",
+        "kvtrace plan --preset llama-3.1-8b --batch 1,8,32 --context 8192,131072 --json",
+        "kvtrace plan --from-run runs/demo-dynamic --batch 64 && python serve.py",
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         model = parser.add_mutually_exclusive_group()
@@ -248,10 +253,14 @@ class PlanCommand(Command):
             "--config", metavar="PATH", help="a local Hugging Face config.json (or its folder)"
         )
         parser.add_argument(
-            "--dtype", choices=DTYPES, help="weights dtype (default bf16; with --from-run, the run's)"
+            "--dtype",
+            type=short_dtype,
+            choices=DTYPES,
+            help="weights dtype (default bf16; with --from-run, the run's)",
         )
         parser.add_argument(
             "--kv-dtype",
+            type=short_dtype,
             choices=KV_DTYPES,
             help="KV cache dtype (default: --dtype for bf16/fp16/fp32 weights, bf16 for quantized weights, "
             "which compute in bf16; int4 with --cache quantized, as transformers' default; int2 and int8 too "
@@ -302,6 +311,7 @@ class PlanCommand(Command):
         )
         parser.add_argument(
             "--gpu-memory",
+            metavar="SIZE",
             help="memory of one GPU, e.g. 80GiB, 24GB, or a GPU's name (H100, A100-40GB, L4, RTX-4090: the "
             "total nvidia-smi shows for it; a note says it); a number without a unit is bytes, refused below "
             "1 MiB (default 80GiB; with --from-run, the budget the run was recorded with, else its GPU's)",

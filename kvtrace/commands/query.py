@@ -77,7 +77,6 @@ class QueryCommand(Command):
     engine_steps, engine_requests) is a view over its Parquet parts. DIR may also be any input
     `kvtrace export` reads (run directories, groups, traces, snapshots): it is then exported in memory
     for this one query. Columns are documented in docs/format.md ("Parquet export").
-    Example: kvtrace query out "SELECT run_id, sum(delta_bytes) FROM memory_events GROUP BY ALL"
     Columns of the same name (a join's k.seq, m.seq) are told apart as DuckDB's own exports name them:
     seq, seq_1 (then seq_2, ...), in the table, the CSV header and the JSON keys alike.
     Exit status: 0; 1 when standard output cannot be written (a full disk); 2 for a bad DIR or a failing
@@ -88,6 +87,10 @@ class QueryCommand(Command):
     """
 
     name = "query"
+    examples = (
+        'kvtrace query tables/ "SELECT run_id, sum(delta_bytes) FROM memory_events GROUP BY ALL"',
+        'kvtrace query runs/demo-dynamic "SELECT event, count(*) FROM kv_events GROUP BY ALL" --csv',
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("dir", metavar="DIR", help="export directory (or any input to export on the fly)")

@@ -45,11 +45,20 @@ class ReportCommand(Command):
     """
 
     name = "report"
+    examples = (
+        "kvtrace report runs/demo-dynamic",
+        "kvtrace report runs/demo-dynamic -o timeline.html",
+        "kvtrace report trace.pt.trace.json.gz --json | jq .devices",
+    )
     defers_numpy = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("path", help="run directory, run group, Chrome trace or snapshot pickle")
-        parser.add_argument("-o", "--output", help="write a self-contained HTML timeline to this file")
+        parser.add_argument(
+            "path", metavar="PATH", help="run directory, run group, Chrome trace or snapshot pickle"
+        )
+        parser.add_argument(
+            "-o", "--output", metavar="FILE", help="write a self-contained HTML timeline to this file"
+        )
         parser.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         parser.add_argument(

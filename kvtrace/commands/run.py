@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kvtrace.commands.base import Command
+from kvtrace.commands.base import Command, shell_arg
 from kvtrace.commands.demo import refuse_not_a_run_folder, refuse_occupied
 from kvtrace.errors import KvtraceError
 from kvtrace.term_signal import Terminated
@@ -45,9 +45,15 @@ class RunCommand(Command):
     """
 
     name = "run"
+    examples = (
+        "kvtrace run -o runs/gen generate.py --max-new-tokens 64",
+        "kvtrace run --no-profiler -m my_package.serve",
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("-o", "--out", help="run directory (default: runs/<script name>)")
+        parser.add_argument(
+            "-o", "--out", "--output", metavar="DIR", help="run directory (default: runs/<script name>)"
+        )
         parser.add_argument(
             "--overwrite", action="store_true", help="replace the run directory if it holds a run"
         )
@@ -62,6 +68,7 @@ class RunCommand(Command):
         )
         parser.add_argument(
             "--gpu-memory",
+            metavar="SIZE",
             help="mark where the run would run out on a device this size, e.g. 24GiB, or a GPU's name (L4)",
         )
         parser.add_argument("target", metavar="TARGET", help="the script (or, with -m, the module) to run")
@@ -158,7 +165,8 @@ class RunCommand(Command):
         if recording.path != out:
             recorded = f"{recording.path}, this rank's run of the group {out}"
         print(
-            f"kvtrace run: recorded {recorded} ({found}); next: kvtrace report {out}, kvtrace diagnose {out}",
+            f"kvtrace run: recorded {recorded} ({found}); "
+            f"next: kvtrace report {shell_arg(out)}, kvtrace diagnose {shell_arg(out)}",
             file=sys.stderr,
             flush=True,
         )

@@ -13,24 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from analyzers.units import a_or_an
-from kvtrace.commands.base import Command
+from kvtrace.commands.base import AsTyped, Command, long_dtype
 from kvtrace.commands.output import check_regular_target, page_bytes, print_after_writing, write_replacing
 from kvtrace.errors import KvtraceError, MissingPart, cannot_write, unnamed_path
 
 _DTYPES = ("float32", "bfloat16", "float16")
 # How a sweep names its points' run folders under OUT/runs/ (`b{batch}_c{context}_{cache}`)
 _POINT_RUN = re.compile(r"b\d+_c\d+_[a-z0-9_]+")
-
-
-class _AsTyped(argparse.Action):
-    """Keeps a flag's value and which of its names was typed (`args.<dest>_flag`), so that an error about
-    the value names the flag the user wrote, not an alias of it."""
-
-    def __call__(
-        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
-    ) -> None:
-        setattr(namespace, self.dest, values)
-        setattr(namespace, f"{self.dest}_flag", option)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -274,6 +263,10 @@ class SweepCommand(Command):
     """
 
     name = "sweep"
+    examples = (
+        "kvtrace sweep --size tiny --batch 1,4 --context 64,256 --cache dynamic,static -o runs/sweep",
+        "kvtrace sweep --size tiny --cache sliding,static_sliding --window 32 --gpu-memory 80MiB -o runs/sw",
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from kvtrace.llama import CACHE_KINDS, DEFAULT_WINDOW, SIZES
@@ -301,7 +294,11 @@ class SweepCommand(Command):
             "--new-tokens", type=int, default=8, help="tokens generated per point (default 8)"
         )
         parser.add_argument(
-            "--dtype", choices=_DTYPES, default="float32", help="weights and KV dtype (default float32)"
+            "--dtype",
+            type=long_dtype,
+            choices=_DTYPES,
+            default="float32",
+            help="weights and KV dtype (default float32)",
         )
         parser.add_argument(
             "--device", default="auto", help="cpu, cuda[:N] or auto: cuda when available (default auto)"
@@ -310,12 +307,12 @@ class SweepCommand(Command):
             "--gpu-memory",
             "--budget",
             dest="budget",
-            action=_AsTyped,
+            action=AsTyped,
             metavar="SIZE",
             help="device memory budget, e.g. 80GiB or a GPU's name (H100, L4): rows say whether each point "
             "fits, and where it runs out",
         )
-        parser.add_argument("--out", required=True, help="output directory")
+        parser.add_argument("-o", "--out", "--output", required=True, metavar="DIR", help="output directory")
         parser.add_argument("--overwrite", action="store_true", help="replace the sweep already in --out")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

@@ -542,7 +542,7 @@ def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
         ),
         (
             ["report"],
-            "kvtrace report: error: the following arguments are required: path (see kvtrace report --help)",
+            "kvtrace report: error: the following arguments are required: PATH (see kvtrace report --help)",
         ),
     ],
     ids=["unknown-flag", "bad-value", "missing-path"],
