@@ -83,7 +83,8 @@ def buffer_fields(
     tables_per_layer: bool = False,
 ) -> dict[str, Any]:
     """ModelGeometry's buffer fields for a `model_type` config: `fp32_buffer_elements`,
-    `buffer_elements` (in the weights' dtype) and `bool_buffer_bytes` (empty when it has none).
+    `buffer_elements` (in the weights' dtype) and `bool_buffer_bytes` (empty when it has none), and
+    `rotary_dim` where RoPE turns a part of each head (GLM's half).
     `head_dim` is each head's width (the latent attention's rotary key, `qk_rope_head_dim`, where it has
     one), `full_head_dim` Gemma 4's full layers' where it differs; `layer_types` the config's, given or
     derived; `moe_layers` and `experts` its mixture of experts; `positive_int` checks a field or raises;
@@ -91,6 +92,7 @@ def buffer_fields(
     5.25: `ROPE_TABLE_SHARED_SINCE`), not one the model shares."""
     get = fields.get
     fp32 = elements = masks = 0
+    rotary_dim = None
     if model_type not in _NO_ROPE:
         if get("qk_rope_head_dim") and get("kv_lora_rank"):  # DeepSeek's latent attention
             head_dim = positive_int("qk_rope_head_dim", get("qk_rope_head_dim"))
@@ -101,7 +103,10 @@ def buffer_fields(
                 for kind in kinds
             )
         else:
-            fp32 += _inv_freq_elements(int(head_dim * _rotary_factor(fields, model_type)))
+            turned = _inv_freq_elements(int(head_dim * _rotary_factor(fields, model_type)))
+            fp32 += turned
+            if turned != head_dim and not get("kv_lora_rank"):  # the prefill's cos and sin are this wide
+                rotary_dim = turned
     if model_type in _TABLE_POSITIONS:
         keys, default = _TABLE_POSITIONS[model_type]
         key = next((name for name in keys if get(name) is not None), None)
@@ -130,5 +135,8 @@ def buffer_fields(
         fp32 += moe_layers * experts
     elif model_type == "apertus" and get("hidden_act", "xielu") == "xielu":  # xIELU's beta and eps
         elements += 2 * layers
-    found = {"fp32_buffer_elements": fp32, "buffer_elements": elements, "bool_buffer_bytes": masks}
+    found = {
+        "fp32_buffer_elements": fp32, "buffer_elements": elements, "bool_buffer_bytes": masks,
+        "rotary_dim": rotary_dim,
+    }  # fmt: skip
     return {name: value for name, value in found.items() if value}

@@ -135,7 +135,7 @@ def gpt_block_fields(
 def _llama_style_fields(get: Callable[[str, Any], Any], model_type: str) -> dict[str, Any]:
     """The fields in which a Llama-style `model_type` config's blocks differ from a Llama's: its bias flags,
     and the layouts of StableLM, StarCoder2, OLMo, OLMo 2 and 3, OLMoE, Cohere, PhiMoE, MPT, Nemotron, Arcee,
-    Apertus, Persimmon, GPT-OSS, JetMoE, EXAONE 4, Seed-OSS, Helium, BitNet and DiffLlama."""
+    Apertus, Persimmon, GPT-OSS, JetMoE, EXAONE 4, Seed-OSS, Helium, BitNet, DiffLlama, GLM and Phi-3."""
     block: dict[str, Any] = {}
     if model_type in _ATTENTION_BIAS_FLAG and get("attention_bias", False):
         block["attention_bias"] = True
@@ -189,8 +189,12 @@ def _llama_style_fields(get: Callable[[str, Any], Any], model_type: str) -> dict
         block.update(layer_norms=3, mlp_norm=True)
     elif model_type == "diffllama":  # four learned lambda vectors of head_dim per layer
         block["head_dim_vectors"] = 4
-    elif model_type == "glm4":  # a norm after the attention and one after the MLP too
-        block["layer_norms"] = 4
+    elif model_type == "glm4":  # a norm after the attention and one after the MLP too; a fused gate and up
+        block.update(layer_norms=4, fused_gate_up=True)
+    elif model_type == "glm":  # a fused gate and up projection
+        block["fused_gate_up"] = True
+    elif model_type == "phi3":  # fused q, k and v, and a fused gate and up projection
+        block.update(fused_qkv=True, fused_gate_up=True)
     elif model_type in ("ernie4_5", "ernie4_5_moe"):  # `use_bias` on every projection; the MoE's lm_head too
         bias = bool(get("use_bias", False))
         block.update(attention_bias=bias, mlp_bias=bias, lm_head_bias=bias and model_type == "ernie4_5_moe")

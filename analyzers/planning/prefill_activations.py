@@ -31,6 +31,13 @@ across the layers. Not in it: the prompt's ids and mask the caller made (16 B a 
 position's logits and the logits processors' vectors (a few rows x vocabulary floats, after the layers free
 their activations), allocator rounding and the CUDA context (the reserve).
 
+Fused projections (`ModelGeometry.fused_qkv`, `fused_gate_up`), measured on transformers 5.25's Phi-3 and
+GLM: a fused `gate_up_proj` keeps its 2 x R x intermediate_size output whole (gate and up are its halves)
+beside the activation and the product, one R x intermediate_size more than Llama's three; a fused `qkv_proj`
+keeps its R x (heads + 2 x KV heads) x head_dim output to the attention's end (`qkv` stays in a local, the
+cache copies K and V), through sdpa's masked call and eager's softmax, where Llama has freed its
+projections. At the rotary moment it takes the place of Llama's three projections, the same bytes.
+
 Planned for Llama-style decoders, the planner's dense families whose MLP is gated (gate, up and down: Llama,
 Mistral, Qwen, Gemma...); a sliding window under sdpa adds its bool mask over T x T (transformers cannot skip
 it once the prompt reaches the window), its copy in the compute dtype, which torch's sdpa makes of a bool
@@ -132,12 +139,16 @@ def prefill_activations(
     q_width, kv_width = heads * head_dim, geom.num_kv_heads * head_dim
     # K and V expanded to the query heads (repeat_kv), where a mask or eager makes them; none without GQA
     expanded = 2 * rows * q_width * s if geom.num_kv_heads < heads else 0
-    held = rows * (hidden * s + 2 * head_dim * s + POSITION_ROW_BYTES)
+    held = rows * (hidden * s + 2 * (geom.rotary_dim or head_dim) * s + POSITION_ROW_BYTES)
     # a layer after the first has its input apart from the embeddings
     later = 1 if geom.num_layers > 1 else 0
+    # the MLP's tensors of R x intermediate_size at once: a fused gate_up's output (two) or gate's and up's
+    mlp_widths = 4 if geom.fused_gate_up else 3
+    # a fused qkv's output, kept until the attention returns (its K and V are copied into the cache)
+    qkv = rows * (q_width + 2 * kv_width) * s if geom.fused_qkv else 0
     # (moment, residual stream, the moment's own tensors)
     moments = [
-        ("mlp", rows * hidden * s * (2 + later), 3 * rows * geom.intermediate_size * s),
+        ("mlp", rows * hidden * s * (2 + later), mlp_widths * rows * geom.intermediate_size * s),
         ("rotary", rows * hidden * s * (1 + later), rows * s * (4 * q_width + 2 * kv_width)),
     ]
     masks = _masks(geom, prompt, padded, attention == "eager")
@@ -147,13 +158,13 @@ def prefill_activations(
         name, stream, own = moments[0]
         moments[0] = (name, stream, own + probabilities)
         # at the softmax: the rotated q, K and V expanded, the scores
-        scores = pairs * heads * eager_score_bytes(s) + rows * q_width * s + expanded
+        scores = pairs * heads * eager_score_bytes(s) + rows * q_width * s + expanded + qkv
         moments.append(("scores", rows * hidden * s * (1 + later), scores))
     elif masks:
         held += masks * (pairs if padded else prompt * prompt)  # bool, one for every head (and row, unpadded)
         # a masked layer's sdpa: the rotated q, K and V expanded, the mask in the compute dtype (torch's sdpa
         # turns a bool mask into one, for every row), the output and its float32 log-sum-exp
-        masked = pairs * s + 2 * rows * q_width * s + expanded + batch * heads * prompt * FLOAT32
+        masked = pairs * s + 2 * rows * q_width * s + expanded + batch * heads * prompt * FLOAT32 + qkv
         moments.append(("mask", rows * hidden * s * (1 + later), masked))
     name, stream, own = max(moments, key=lambda moment: moment[1] + moment[2])
     return PrefillActivations(held + stream + own, name, held, stream, own)
@@ -168,7 +179,12 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
         else "the embeddings (the layer's input), its residual and the normed input"
     )
     width = f"R x {geom.hidden_size:,}"
-    if act.moment == "mlp":
+    if act.moment == "mlp" and geom.fused_gate_up:
+        own = (
+            f"its last layer's MLP holds 4 x R x {geom.intermediate_size:,} (its fused gate and up "
+            "projection, twice that wide, the activation of the gate and the product)"
+        )
+    elif act.moment == "mlp":
         own = (
             f"its last layer's MLP holds 3 x R x {geom.intermediate_size:,} (the activation of the gate "
             "projection, the up projection and their product)"
@@ -187,8 +203,11 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
             "its last masked layer's sdpa holds its mask in the compute dtype for every row (prompt x "
             "prompt), the rotated q, the output, and K and V expanded to the query heads"
         )
+    if act.moment in ("mask", "scores") and geom.fused_qkv:
+        own += ", and its fused q, k and v projection, kept until the attention returns"
     return (
-        f"{own} beside {streams} of {width} ({stream_names}), the rotary cos and sin (R x {geom.head_dim} "
+        f"{own} beside {streams} of {width} ({stream_names}), the rotary cos and sin "
+        f"(R x {geom.rotary_dim or geom.head_dim} "
         "each) and 16 B of position ids a token"
     )
 

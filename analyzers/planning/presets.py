@@ -125,6 +125,13 @@ class ModelGeometry:
     # GPT-2-style blocks (GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi, GPT-J, CodeGen), Llama-style
     # ones laid out otherwise (StableLM, StarCoder2, OLMo, Cohere, MPT...: `gpt_blocks`), and bias flags
     mlp_matrices: int = 3  # gate, up and down (Llama); 2: up and down
+    # One matmul where Llama has several, whose output the layer keeps whole while it runs (a prefill's
+    # activations): Phi-3's `qkv_proj` (its q, k and v are views of it) and Phi-3's and GLM's `gate_up_proj`
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    # the part of each head RoPE turns, where not all of it (GLM's half, Phi-4-mini's 3/4; None: head_dim):
+    # the width of the prefill's rotary cos and sin
+    rotary_dim: int | None = None
     attention_bias: bool = False  # every attention projection (q, k, v, output) has a bias
     output_bias: bool = False  # the attention's output projection alone has a bias (GPT-Neo)
     mlp_bias: bool = False  # every MLP matrix has a bias (dense layers and shared experts)
