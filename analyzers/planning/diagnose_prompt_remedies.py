@@ -148,7 +148,30 @@ def prefill_remedies(
         return []
     if not isinstance(peak, PrefillPeak):
         return [_kv_prompt_remedy(prompt, per_token, need, held_too)]
-    return [_prompt_remedy(d, peak, prompt, per_token, need), _chunk_remedy(d, peak, prompt, per_token, need)]
+    at_moment, reached = _moment_token(d, tokens, per_token)
+    return [
+        _prompt_remedy(d, peak, prompt, at_moment, need, reached),
+        _chunk_remedy(d, peak, prompt, per_token, need),
+    ]
+
+
+def _moment_token(d: dict[str, object], tokens: int, per_token: float) -> tuple[float, str]:
+    """(the KV a prompt token costs at this moment across the batch, what that counts): `per_token`, every
+    KV layer's, unless the moment is inside a whole prefill step that had not reached its last KV layers
+    yet (a hybrid whose last masked sliding layer peaks before its last, full layer writes: Gemma 2, GPT-OSS),
+    where a shorter prompt frees the KV of the layers holding it then, `tokens` each. Before, it priced a
+    token at every layer's: 4 KiB where the 3 layers reached held 3 KiB, the saving 5 KiB over the
+    recording of the shorter prompt. Not for a step an OOM cut (its remedies price the whole step) nor
+    beside a draft or cross-attention cache (the moment's bytes by layer count theirs too)."""
+    held, layers = d.get("layer_bytes"), d.get("kv_layers")
+    if d.get("step_cut") or d.get("other_cache_kv_bytes") or d.get("cross_kv_bytes"):
+        return per_token, ""
+    if not isinstance(held, dict) or not isinstance(layers, int) or tokens <= 0:
+        return per_token, ""
+    live = [nbytes for nbytes in held.values() if isinstance(nbytes, int) and nbytes > 0]
+    if not live or len(live) >= layers or sum(live) / tokens >= per_token:
+        return per_token, ""
+    return sum(live) / tokens, f" (the {len(live):,} of {layers:,} KV layers the step had reached)"
 
 
 def _kv_prompt_remedy(prompt: int, per_token: float, need: int | None, held_too: str) -> Remedy:
@@ -182,7 +205,12 @@ def _kv_prompt_remedy(prompt: int, per_token: float, need: int | None, held_too:
 
 
 def _prompt_remedy(
-    d: dict[str, object], peak: PrefillPeak, prompt: int, per_token: float, need: int | None
+    d: dict[str, object],
+    peak: PrefillPeak,
+    prompt: int,
+    per_token: float,
+    need: int | None,
+    reached: str = "",
 ) -> Remedy:
     """A shorter prompt: its KV and the prefill's activations that follow it, as `plan --from-run --prompt`
     shrinks them (eager's mask and scores with the prompt squared), the rest of the run as it was."""
@@ -200,8 +228,8 @@ def _prompt_remedy(
         token = (peak.allocated_bytes - at(shorter)) / (prompt - shorter)
         return (
             f"each prompt token cut frees {human_bytes(token)} there, {human_bytes(per_token)} of KV across "
-            f"the batch and {human_bytes(token - per_token)} of the prefill's activations that follow the "
-            f"prompt (measured: of the {human_bytes(acts)} it held beside the weights and KV)"
+            f"the batch{reached} and {human_bytes(token - per_token)} of the prefill's activations that "
+            f"follow the prompt (measured: of the {human_bytes(acts)} it held beside the weights and KV)"
         )
 
     found = _longest(at, prompt - 1, _target(peak, need))
