@@ -15,8 +15,9 @@ In the compute dtype's bytes s, with R = B x T:
 - the MLP, `down_proj(act_fn(gate_proj(x)) * up_proj(x))`: the activation, the up projection and their
   product are live together before the first two are freed: 3 x R x intermediate_size;
 - the attention's rotary embedding: q, k and v projections with q's rotation's three temporaries (q x cos,
-  rotate_half(q), its product with sin) and the rotated q: 4 x R x heads x head_dim + R x 2 x KV heads x
-  head_dim (K and V then go into the cache: the KV, counted apart);
+  rotate_half(q), its product with sin) and the rotated q: 4 x R x heads x head_dim, beside the k and v
+  projections, R x 2 x KV heads x head_dim, which the layer's cache has not copied yet: as many bytes as the
+  layer's KV of the prompt, which the plan counts with every layer's, so not again here;
 - sdpa (the default attention) without padding takes no mask: transformers skips it and passes
   `is_causal`, and K and V are not expanded to the query heads (`enable_gqa`); on CUDA its flash and
   memory-efficient kernels, and torch's flash kernel on a CPU, keep no T x T scores;
@@ -149,7 +150,10 @@ def prefill_activations(
     # (moment, residual stream, the moment's own tensors)
     moments = [
         ("mlp", rows * hidden * s * (2 + later), mlp_widths * rows * geom.intermediate_size * s),
-        ("rotary", rows * hidden * s * (1 + later), rows * s * (4 * q_width + 2 * kv_width)),
+        # the layer's k and v projections are live here too, but its cache update has not run: they stand
+        # for the last layer's KV, which the plan counts with every layer's (before, counted twice: a Qwen3
+        # of 4 layers, head_dim twice hidden / heads, was planned one layer's prompt KV over its recording)
+        ("rotary", rows * hidden * s * (1 + later), rows * s * 4 * q_width),
     ]
     masks = _masks(geom, prompt, padded, attention == "eager")
     if attention == "eager":
@@ -194,7 +198,8 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
         stream_names = "the embeddings, the layer's input and the normed input"
         own = (
             f"its last layer's rotary embedding holds q ({geom.num_attention_heads} heads x {geom.head_dim}) "
-            "four times (the projection, its products with cos and sin, its rotated half) beside k and v"
+            "four times (the projection, its products with cos and sin, its rotated half), its k and v "
+            "counted as its KV, which its cache has not copied yet,"
         )
     else:  # "mask": a masked layer's sdpa
         streams = "3 hidden states" if geom.num_layers > 1 else "2 hidden states"

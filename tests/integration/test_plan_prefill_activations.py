@@ -153,3 +153,29 @@ def test_the_h200_llama_3_8b_prefill_is_planned_from_its_preset(capsys: pytest.C
     assert planned["prefill_activations_bytes"] == 24 * 8192 * 119_312 == 23_457_693_696
     assert 0 < measured - planned["activations_bytes"] < 0.002 * measured
     assert 0 < from_run["peak_bytes"] - planned["peak_bytes"] < 0.002 * from_run["peak_bytes"]
+
+
+def test_a_rotary_peak_counts_the_last_layers_kv_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an MLP narrower than a head (16), whose prefill peaks at the last layer's rotary embedding, before
+    # that layer's cache update: 2 rows of a 200-token prompt
+    model = _model("sdpa", inter=16)
+    model.config.save_pretrained(tmp_path / "config")
+    prompt = 200
+    rows = BATCH * prompt
+    record_generate(model, tmp_path / "run", BATCH, prompt, NEW)
+    report = report_json(tmp_path / "run", capsys)
+    layer_kv = 2 * KV_HEADS * HEAD_DIM * FP32 * rows  # one layer's K and V of the prompt
+    assert report["categories_at_peak"]["kv"] == (LAYERS - 1) * layer_kv  # the last layer's not yet cached
+    # WHEN its config is planned at that shape, no reserve
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--batch", str(BATCH)]
+    shape = ["--context", str(prompt + NEW), "--prompt", str(prompt), "--reserve", "0", "--json"]
+    planned = cli_json([*argv, *shape], capsys)
+    # THEN its activations are the embeddings, cos and sin, positions, the layer's input and normed input and
+    # q four times (4 heads x 16); its k and v projections are the last layer's KV, counted once with every
+    # layer's (before, twice: the plan was 102,400 B over the recording)
+    held = rows * (HIDDEN * FP32 + 2 * HEAD_DIM * FP32 + 16)
+    assert planned["prefill_activations_bytes"] == held + rows * (2 * HIDDEN + 4 * HEADS * HEAD_DIM) * FP32
+    assert planned["kv_at_peak_bytes"] == LAYERS * layer_kv
+    assert 0 <= report["peak_allocated_bytes"] - planned["peak_bytes"] <= SCALARS
