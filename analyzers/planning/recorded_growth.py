@@ -215,7 +215,7 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
         rec.activations_bytes - rows_freed(rec, batch), rec.context_token_bytes, rec.batch_fixed_bytes
     )
     tokens = token_growth(req, rec, batch, context)
-    if repeats_new and rec.update_activations_bytes is not None:
+    if (repeats_new or fp8_new) and rec.update_activations_bytes is not None:
         # The copies come right after a layer's update, mid-forward: beside them, what the run held at its
         # KV peak (a dynamic cache's last update), not at its peak, which may be a step's end (its logits
         # processors' vectors) or its prefill. The tiny Llama (bf16, 8 rows, 20-token prompt, 100 new
@@ -227,6 +227,13 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
             rec.update_activations_bytes * kept, rec.update_context_token_bytes, rec.update_batch_fixed_bytes
         )
         tokens = update_token_growth(rec, batch, context, kept * rows * gain.stretch)
+        if fp8_new:
+            # An fp8 cache dequantizes inside its update (`Fp8QuantizedLayer.update`), while the layer's
+            # old K and V are still held beside their torch.cat copy: its KV peak, not its final KV. Before,
+            # the copies went beside the peak's step-end activations (the logits): the demo's Llama (8 rows,
+            # 20-token prompt, 64 new tokens, fp32) planned fp8 from its dynamic run said 99,402,684 B where
+            # the fp8 recording peaked at 84,634,640 (+17.4%)
+            kv = kv_sizes(req, batch, context).step_peak_bytes
     return req.weights_bytes + kv + activations + tokens + copies, kv
 
 
