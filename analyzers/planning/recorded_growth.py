@@ -115,11 +115,21 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
         unseen = unseen_at_end(run, rec)
         longer = prefill_growth(run, rec, sizes.prompt)
         prompt_grown = rows * longer
-        # a static cache's prefill: the run's step-end activations grown with the prompt, and attention's
+        # a static cache's prefill: the run's prefill activations grown with the prompt, and attention's
         # tensors over the cache's length, which the run's prefill did not make
-        at_prefill = grown_with_prompt(
-            activations + unseen, fixed, rows, longer, rec.prefill_prompt_bytes
-        ) + prefill_attention_bytes(req, run, rec, batch, context, sizes.prompt)
+        attention = prefill_attention_bytes(req, run, rec, batch, context, sizes.prompt)
+        at_prefill = grown_with_prompt(activations + unseen, fixed, rows, longer, rec.prefill_prompt_bytes)
+        if rec.prefill_activations_bytes is not None and rec.phase == "decode":
+            # measured during its prefill, as `kvtrace diagnose`'s static cache remedy takes them: not its
+            # decode step's end (the logits processors' vectors). Before, the demo's Llama (8 rows, 20-token
+            # padded prompt, 64 new tokens) planned static from its dynamic run said 126.22 MiB where
+            # diagnose priced at most 122.29 MiB "as plan prices it" (the recording: 111.87 MiB)
+            beside_prefill, prefill_fixed = _beside_prefill(run, rec)
+            kept_rows = 1 - freed / max(rec.activations_bytes, 1)
+            at_prefill = grown_with_prompt(
+                beside_prefill * kept_rows, prefill_fixed, rows, longer, prompt_bytes_kept(rec, kept_rows)
+            )
+        at_prefill += attention
         # a step's end, holding this cache's KV, holds what the run held at its own step's end: where the
         # run peaked elsewhere (a dynamic cache's growth copy), at most its peak less its weights and final
         # KV, the logits it ended with unseen at its peak (a sliding cache planned from a dynamic run at its
