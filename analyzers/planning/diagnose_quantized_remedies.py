@@ -82,6 +82,11 @@ def int4_remedy(
     fullest = max(per_layer, key=lambda q: q.quantized_tokens + q.residual_tokens)
     residual = fullest.residual_tokens
     saved = max(cache - held_bytes, 0)
+    in_update = (
+        None
+        if preallocated is not None
+        else _int4_update_moment(d, elements, layers, compute_bytes, known, max(counts))
+    )
     after = (
         f"the {residual:,} after the prompt" if known is not None else f"up to {residual:,} (the worst case)"
     )
@@ -103,7 +108,50 @@ def int4_remedy(
             f"{_short_layers(counts, tokens, layers)} in {human_bytes(held_bytes)} instead of "
             f"{human_bytes(cache)}, saving {human_bytes(saved)}: {split}."
         )
+    run = d.get("static_run")
+    moment = getattr(run, "moment_bytes", None)
+    if in_update is not None and isinstance(moment, int) and in_update > moment - saved:
+        # its update's copies (the layer's K and V dequantized, the residual's cat) beside what the run held
+        # at its own KV peak, a cache update, put the int4 run's peak higher than the step's end
+        saved = moment - in_update
+        text = (
+            f"{text[:-1]}; its updates dequantize a layer's K and V beside the cache, which puts the int4 "
+            f"run's peak at {human_bytes(in_update)}, {human_bytes(abs(saved))} "
+            + ("lower than this moment." if saved >= 0 else "higher than this moment.")
+        )
     return Remedy("quantized_kv", 4, saved, fits(saved, need), text)
+
+
+def _int4_update_moment(
+    d: dict[str, object], elements: float, layers: int, compute_bytes: float, prompt: int | None, tokens: int
+) -> int | None:
+    """Bytes allocated at the int4 QuantizedCache's worst update over a run to `tokens` tokens a row: what
+    the run held beside its KV at its own KV peak (a cache update), the other caches' KV as it is, and the
+    cache with its update's copies at their most (`quantized_kv_peak`, as `kvtrace plan --cache quantized`
+    prices it: the recorded demo, quanto int4, peaked at 102.00 MiB where the step's end priced 101.73).
+    None where the run does not tell that moment, or has no allocator events."""
+    from analyzers.planning.diagnose_static_remedy import StaticCacheRun  # it imports this module's users
+
+    run, kv, other = d.get("static_run"), d.get("kv_bytes"), d.get("other_cache_kv_bytes")
+    if not isinstance(run, StaticCacheRun) or run.update_beside_bytes is None or not isinstance(kv, int):
+        return None
+    if d.get("allocator_events") is not True or not tokens:
+        return None
+    logged = d.get("quantized_layout")
+    group, residual_length = logged if isinstance(logged, tuple) else (None, None)
+    group = group or DEFAULT_GROUP_SIZE
+    residual_length = residual_length or DEFAULT_RESIDUAL_LENGTH
+    everywhere = elements * layers  # a position's KV elements, every layer and row
+    per_token = (
+        everywhere * 4 / 8,
+        group_scale_bytes(everywhere, group, compute_bytes),
+        everywhere * compute_bytes,
+    )
+    side = round(elements / 2 * compute_bytes)  # one layer's K (or V) a token, every row
+    known = prompt if prompt is not None else tokens - min(residual_length - 1, tokens - 1)
+    _, with_copies = quantized_kv_peak(per_token, 1 / (2 * layers), side, residual_length, known, tokens)
+    others = other if isinstance(other, int) and 0 < other < kv else 0
+    return run.update_beside_bytes + others + with_copies
 
 
 def quantized_context(d: dict[str, object], tokens: int, need: int | None) -> tuple[int, int, str] | None:

@@ -1,11 +1,13 @@
-"""`kvtrace diagnose`'s fp8 KV remedy on a run whose cache grows by torch.cat prices the fp8 cache's own
-peak: inside each layer's update, transformers' `Fp8QuantizedLayer` dequantizes the layer's whole K and V
-through float32 while the layer's old K and V, and the new token's, are still held. Before, it promised
-the KV saving alone (three quarters of an fp32 cache), and on a budget just under the fp8 recording's peak
-said it fits."""
+"""`kvtrace diagnose`'s quantized KV remedies on a run whose cache grows by torch.cat price the quantized
+cache's own peak, a cache update: inside each layer's update, transformers' `Fp8QuantizedLayer`
+dequantizes the layer's whole K and V through float32 while the layer's old K and V, and the new token's,
+are still held; the int4 QuantizedCache (quanto) dequantizes and concatenates beside its storages too.
+Before, they promised the KV saving alone (three quarters of an fp32 cache for fp8), and on a budget just
+under the quantized recording's peak said it fits."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -33,10 +35,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("fp8_update")
     torch.manual_seed(0)
     model = build_model(SIZE).eval()
-    found = {name: folder / name for name in ("dynamic", "fp8")}
+    found = {name: folder / name for name in ("dynamic", "fp8", "quanto")}
     record_generate(model, found["dynamic"], ROWS, PROMPT, NEW)
     if HAS_FP8_CACHE:
         record_generate(model, found["fp8"], ROWS, PROMPT, NEW, "fp8")
+    if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto"):
+        record_generate(model, found["quanto"], ROWS, PROMPT, NEW, "quanto")
     return found
 
 
@@ -64,3 +68,19 @@ def test_the_fp8_remedy_prices_the_fp8_cache_update(
     assert diagnosis["allocated_bytes"] - fp8["saved_bytes"] == fp8_peak
     assert fp8["fits"] is False
     assert "three float32 copies of its K or V" in fp8["sentence"]
+
+
+def test_the_int4_remedy_prices_the_quantized_cache_update(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("optimum.quanto")
+    # GIVEN the int4 QuantizedCache's (quanto) recording of the same call
+    quanto_peak = report_json(runs["quanto"], capsys)["peak_allocated_bytes"]
+    # WHEN the dynamic run is diagnosed against a budget a byte under it
+    diagnosis = cli_json(
+        ["diagnose", str(runs["dynamic"]), "--budget", str(quanto_peak - 1), "--json"], capsys
+    )
+    # THEN its int4 remedy lands on the int4 run's peak, which does not fit
+    (int4,) = [r for r in diagnosis["remedies"] if r["kind"] == "quantized_kv" and r["setting"] == 4]
+    assert diagnosis["allocated_bytes"] - int4["saved_bytes"] == quanto_peak
+    assert int4["fits"] is False
