@@ -151,8 +151,15 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
             grown_with_prompt(beside_update * kept, update_fixed, rows, longer, prompt_bytes_kept(rec, kept)),
         )
         in_update += update_token_growth(rec, batch, context, kept * max(grown, prompt_grown))
-        held = max(sizes.kv_bytes, sizes.prefill_bytes)
-        step_end = (held + at_peak + tokens, held)
+        # the step's end holds the final KV beside the step's activations, the prefill the prompt's KV
+        # beside the prefill's: a sliding cache's prompt, held whole until its first decode step, goes
+        # beside its prefill's activations, not a step's end's. Before, the larger KV went beside the
+        # larger activations: the demo's Llama planned at --cache sliding --window 10 said 78.67 MiB where
+        # the recording peaked at its prefill at 74.74 MiB
+        step_end = _larger(
+            (sizes.kv_bytes + at_end + tokens, sizes.kv_bytes),
+            (sizes.prefill_bytes + at_prefill + tokens, sizes.prefill_bytes),
+        )
         peak, kv = _larger(step_end, (sizes.step_peak_bytes + in_update, sizes.step_peak_bytes))
         return req.weights_bytes + peak, kv
     moment_kv = _moment_kv(req, rec, batch, context)
