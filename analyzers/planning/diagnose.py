@@ -339,6 +339,8 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "grad_held": None if at_start else grad_held(source, dev_index, index, step, kv_bytes, arithmetic),
         # the K/V storages the cache replaced that something outside it holds (a list of past keys/values)
         "kept_kv": None if at_start or kv_log is None else kept_kv(source, when),
+        # the memory figures count every allocation (else the KV log's and the weights' alone)
+        "allocator_events": not source.kv_log_only,
         # what the run held beside its KV, which a static cache's preallocated KV would go beside
         "static_run": None
         if at_start or main is None or device != main.device or allocated is None

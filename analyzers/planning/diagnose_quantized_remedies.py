@@ -24,6 +24,7 @@ from analyzers.units import human_bytes
 __all__ = [
     "fp8_after_quantized",
     "fp8_for_static",
+    "fp8_remedy",
     "int4_remedy",
     "layer_tokens_of",
     "model_dtype_text",
@@ -81,6 +82,11 @@ def int4_remedy(
     fullest = max(per_layer, key=lambda q: q.quantized_tokens + q.residual_tokens)
     residual = fullest.residual_tokens
     saved = max(cache - held_bytes, 0)
+    in_update = (
+        None
+        if preallocated is not None
+        else _int4_update_moment(d, elements, layers, compute_bytes, known, max(counts))
+    )
     after = (
         f"the {residual:,} after the prompt" if known is not None else f"up to {residual:,} (the worst case)"
     )
@@ -102,7 +108,50 @@ def int4_remedy(
             f"{_short_layers(counts, tokens, layers)} in {human_bytes(held_bytes)} instead of "
             f"{human_bytes(cache)}, saving {human_bytes(saved)}: {split}."
         )
+    run = d.get("static_run")
+    moment = getattr(run, "moment_bytes", None)
+    if in_update is not None and isinstance(moment, int) and in_update > moment - saved:
+        # its update's copies (the layer's K and V dequantized, the residual's cat) beside what the run held
+        # at its own KV peak, a cache update, put the int4 run's peak higher than the step's end
+        saved = moment - in_update
+        text = (
+            f"{text[:-1]}; its updates dequantize a layer's K and V beside the cache, which puts the int4 "
+            f"run's peak at {human_bytes(in_update)}, {human_bytes(abs(saved))} "
+            + ("lower than this moment." if saved >= 0 else "higher than this moment.")
+        )
     return Remedy("quantized_kv", 4, saved, fits(saved, need), text)
+
+
+def _int4_update_moment(
+    d: dict[str, object], elements: float, layers: int, compute_bytes: float, prompt: int | None, tokens: int
+) -> int | None:
+    """Bytes allocated at the int4 QuantizedCache's worst update over a run to `tokens` tokens a row: what
+    the run held beside its KV at its own KV peak (a cache update), the other caches' KV as it is, and the
+    cache with its update's copies at their most (`quantized_kv_peak`, as `kvtrace plan --cache quantized`
+    prices it: the recorded demo, quanto int4, peaked at 102.00 MiB where the step's end priced 101.73).
+    None where the run does not tell that moment, or has no allocator events."""
+    from analyzers.planning.diagnose_static_remedy import StaticCacheRun  # it imports this module's users
+
+    run, kv, other = d.get("static_run"), d.get("kv_bytes"), d.get("other_cache_kv_bytes")
+    if not isinstance(run, StaticCacheRun) or run.update_beside_bytes is None or not isinstance(kv, int):
+        return None
+    if d.get("allocator_events") is not True or not tokens:
+        return None
+    logged = d.get("quantized_layout")
+    group, residual_length = logged if isinstance(logged, tuple) else (None, None)
+    group = group or DEFAULT_GROUP_SIZE
+    residual_length = residual_length or DEFAULT_RESIDUAL_LENGTH
+    everywhere = elements * layers  # a position's KV elements, every layer and row
+    per_token = (
+        everywhere * 4 / 8,
+        group_scale_bytes(everywhere, group, compute_bytes),
+        everywhere * compute_bytes,
+    )
+    side = round(elements / 2 * compute_bytes)  # one layer's K (or V) a token, every row
+    known = prompt if prompt is not None else tokens - min(residual_length - 1, tokens - 1)
+    _, with_copies = quantized_kv_peak(per_token, 1 / (2 * layers), side, residual_length, known, tokens)
+    others = other if isinstance(other, int) and 0 < other < kv else 0
+    return run.update_beside_bytes + others + with_copies
 
 
 def quantized_context(d: dict[str, object], tokens: int, need: int | None) -> tuple[int, int, str] | None:
@@ -189,6 +238,74 @@ def _layer_elements(d: dict[str, object], batch: int, layers: int) -> float | No
     not depend on how the run's cache stores them."""
     per_row = d.get("token_elements")
     return per_row * batch / layers if isinstance(per_row, int | float) and per_row else None
+
+
+def fp8_remedy(d: dict[str, object], own_kv: int, kv_bits: int, held_by: str, need: int | None) -> Remedy:
+    """An fp8 cache (QuantizedCache(backend='fp8'), every token at 8 bits) for a run whose cache grows
+    by torch.cat: at a step's end it holds the model's KV at 8 bits, but inside each layer's update
+    (`Fp8QuantizedLayer.update`) it dequantizes the layer's whole K and V to float32 (three copies of its
+    K or V live at once) while the layer's old K and V, and the new token's, are still held beside their
+    torch.cat copy. That moment goes beside what the run held at its own KV peak, a cache update
+    (`StaticCacheRun.update_beside_bytes`); the larger of the two is the fp8 run's peak. Before, only the
+    step's end was priced: the demo's Llama (8 rows, 20-token prompt, 64 new tokens, fp32) was promised
+    31.12 MiB off its 110.17 MiB peak, "fits" on an 80 MiB budget, where the fp8 recording peaked at
+    80.71 MiB (29.46 MiB off). Where the run does not tell that moment, the step's end alone."""
+    from analyzers.planning.diagnose_static_remedy import StaticCacheRun  # it imports this module's users
+
+    saved = round(own_kv * (1 - 8 / kv_bits))
+    text = (
+        f"An fp8 KV cache (QuantizedCache(backend='fp8')) saves {human_bytes(saved)} of the "
+        f"{human_bytes(own_kv)} {held_by}"
+    )
+    in_update = _fp8_update_moment(d, own_kv, kv_bits)
+    run = d.get("static_run")
+    if in_update is None or not isinstance(run, StaticCacheRun):
+        return Remedy("quantized_kv", 8, saved, fits(saved, need), text + ".")
+    peak_bytes, copies = in_update
+    at_end = run.moment_bytes - saved
+    if peak_bytes <= at_end:
+        return Remedy("quantized_kv", 8, saved, fits(saved, need), text + ".")
+    lower = run.moment_bytes - peak_bytes
+    text += (
+        f", but each layer's update dequantizes the layer's K and V through float32 ({human_bytes(copies)}: "
+        "three float32 copies of its K or V at once) beside its old K and V and their new copy, which puts "
+        "the fp8 run's peak at "
+        f"{human_bytes(peak_bytes)}, {human_bytes(lower)} "
+        + ("lower than this moment." if lower >= 0 else "higher than this moment.")
+    )
+    return Remedy("quantized_kv", 8, lower, fits(lower, need), text)
+
+
+def _fp8_update_moment(d: dict[str, object], own_kv: int, kv_bits: int) -> tuple[int, int] | None:
+    """(bytes allocated, of which the dequantized copies) inside an fp8 cache's last layer update at the
+    moment's tokens: what the run held beside its KV at its own KV peak, the other caches' KV as it is, the
+    model's KV as its cache stores it (without the moment's growth copy) at 8 bits with a float32 scale per
+    layer's K and V, the updated layer's old K and V and the new token's at 8 bits beside them (one layer's
+    8-bit K and V over the tokens), and three float32 copies of one layer's K (or V). None where the run
+    does not tell the update's moment or the KV geometry, or has no allocator events (`profiler=False`: its
+    figures are the KV's and the weights', beside which it prices every remedy)."""
+    from analyzers.planning.diagnose_static_remedy import StaticCacheRun  # it imports this module's users
+
+    run = d.get("static_run")
+    batch, tokens, layers, kv = d.get("batch"), d.get("tokens_held"), d.get("kv_layers"), d.get("kv_bytes")
+    if not isinstance(run, StaticCacheRun) or run.update_beside_bytes is None:
+        return None
+    if d.get("allocator_events") is not True:
+        return None  # the run's figures are its KV and weights alone, which no copy of the update is
+    if not isinstance(batch, int) or not isinstance(tokens, int) or not isinstance(layers, int):
+        return None
+    if not isinstance(kv, int) or not tokens or not layers:
+        return None
+    elements = _layer_elements(d, batch, layers)  # K and V of a position of a layer, every row
+    if elements is None:
+        return None
+    # what the model's cache stores, without a growth copy live at the moment (the run's, at full width)
+    stored = d.get("kv_stored_bytes")
+    stored = min(stored, own_kv) if isinstance(stored, int) and stored else own_kv
+    held = round(stored * 8 / kv_bits) + 2 * 4 * layers  # a float32 scale per layer's K and per its V
+    old_and_new = round(elements * tokens)  # a byte a value
+    copies = round(3 * elements / 2 * 4 * tokens)
+    return run.update_beside_bytes + (kv - own_kv) + held + old_and_new + copies, copies
 
 
 def fp8_for_static(

@@ -87,6 +87,7 @@ from analyzers.planning.diagnose_prompt_remedies import context_remedy, prefill_
 from analyzers.planning.diagnose_quantized_remedies import (
     fp8_after_quantized,
     fp8_for_static,
+    fp8_remedy,
     int4_remedy,
     layer_tokens_of,
     quantized_context,
@@ -322,18 +323,9 @@ def _priced_cache(
             out.append(fp8_for_static(d, kv, kv_bits, static, need))
         elif packed is None and kv_bits > 8:  # an 8-bit cache already is what this remedy proposes
             assert own_kv is not None
-            fp8 = round(own_kv * (1 - 8 / kv_bits))
             held_by = f"the model's cache holds at {kv_bits} bits" if others else f"held at {kv_bits} bits"
-            out.append(
-                Remedy(
-                    "quantized_kv",
-                    8,
-                    fp8,
-                    fits(fp8, need),
-                    f"An fp8 KV cache saves {human_bytes(fp8)} of the {human_bytes(own_kv)} {held_by}."
-                    + besides,
-                )
-            )
+            fp8_priced = fp8_remedy(d, own_kv, kv_bits, held_by, need)
+            out.append(replace(fp8_priced, sentence=fp8_priced.sentence + besides))
         sliding = d.get("model_sliding_layers")
         if packed is not None and packed <= 4:
             pass  # the run's cache already is an int4 (or narrower) QuantizedCache: nothing to propose

@@ -115,11 +115,21 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
         unseen = unseen_at_end(run, rec)
         longer = prefill_growth(run, rec, sizes.prompt)
         prompt_grown = rows * longer
-        # a static cache's prefill: the run's step-end activations grown with the prompt, and attention's
+        # a static cache's prefill: the run's prefill activations grown with the prompt, and attention's
         # tensors over the cache's length, which the run's prefill did not make
-        at_prefill = grown_with_prompt(
-            activations + unseen, fixed, rows, longer, rec.prefill_prompt_bytes
-        ) + prefill_attention_bytes(req, run, rec, batch, context, sizes.prompt)
+        attention = prefill_attention_bytes(req, run, rec, batch, context, sizes.prompt)
+        at_prefill = grown_with_prompt(activations + unseen, fixed, rows, longer, rec.prefill_prompt_bytes)
+        if rec.prefill_activations_bytes is not None and rec.phase == "decode":
+            # measured during its prefill, as `kvtrace diagnose`'s static cache remedy takes them: not its
+            # decode step's end (the logits processors' vectors). Before, the demo's Llama (8 rows, 20-token
+            # padded prompt, 64 new tokens) planned static from its dynamic run said 126.22 MiB where
+            # diagnose priced at most 122.29 MiB "as plan prices it" (the recording: 111.87 MiB)
+            beside_prefill, prefill_fixed = _beside_prefill(run, rec)
+            kept_rows = 1 - freed / max(rec.activations_bytes, 1)
+            at_prefill = grown_with_prompt(
+                beside_prefill * kept_rows, prefill_fixed, rows, longer, prompt_bytes_kept(rec, kept_rows)
+            )
+        at_prefill += attention
         # a step's end, holding this cache's KV, holds what the run held at its own step's end: where the
         # run peaked elsewhere (a dynamic cache's growth copy), at most its peak less its weights and final
         # KV, the logits it ended with unseen at its peak (a sliding cache planned from a dynamic run at its
@@ -141,8 +151,15 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
             grown_with_prompt(beside_update * kept, update_fixed, rows, longer, prompt_bytes_kept(rec, kept)),
         )
         in_update += update_token_growth(rec, batch, context, kept * max(grown, prompt_grown))
-        held = max(sizes.kv_bytes, sizes.prefill_bytes)
-        step_end = (held + at_peak + tokens, held)
+        # the step's end holds the final KV beside the step's activations, the prefill the prompt's KV
+        # beside the prefill's: a sliding cache's prompt, held whole until its first decode step, goes
+        # beside its prefill's activations, not a step's end's. Before, the larger KV went beside the
+        # larger activations: the demo's Llama planned at --cache sliding --window 10 said 78.67 MiB where
+        # the recording peaked at its prefill at 74.74 MiB
+        step_end = _larger(
+            (sizes.kv_bytes + at_end + tokens, sizes.kv_bytes),
+            (sizes.prefill_bytes + at_prefill + tokens, sizes.prefill_bytes),
+        )
         peak, kv = _larger(step_end, (sizes.step_peak_bytes + in_update, sizes.step_peak_bytes))
         return req.weights_bytes + peak, kv
     moment_kv = _moment_kv(req, rec, batch, context)
@@ -215,7 +232,7 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
         rec.activations_bytes - rows_freed(rec, batch), rec.context_token_bytes, rec.batch_fixed_bytes
     )
     tokens = token_growth(req, rec, batch, context)
-    if repeats_new and rec.update_activations_bytes is not None:
+    if (repeats_new or fp8_new) and rec.update_activations_bytes is not None:
         # The copies come right after a layer's update, mid-forward: beside them, what the run held at its
         # KV peak (a dynamic cache's last update), not at its peak, which may be a step's end (its logits
         # processors' vectors) or its prefill. The tiny Llama (bf16, 8 rows, 20-token prompt, 100 new
@@ -227,6 +244,13 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
             rec.update_activations_bytes * kept, rec.update_context_token_bytes, rec.update_batch_fixed_bytes
         )
         tokens = update_token_growth(rec, batch, context, kept * rows * gain.stretch)
+        if fp8_new:
+            # An fp8 cache dequantizes inside its update (`Fp8QuantizedLayer.update`), while the layer's
+            # old K and V are still held beside their torch.cat copy: its KV peak, not its final KV. Before,
+            # the copies went beside the peak's step-end activations (the logits): the demo's Llama (8 rows,
+            # 20-token prompt, 64 new tokens, fp32) planned fp8 from its dynamic run said 99,402,684 B where
+            # the fp8 recording peaked at 84,634,640 (+17.4%)
+            kv = kv_sizes(req, batch, context).step_peak_bytes
     return req.weights_bytes + kv + activations + tokens + copies, kv
 
 

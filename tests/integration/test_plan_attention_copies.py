@@ -79,3 +79,33 @@ def test_an_fp8_cache_prices_its_dequantized_kv(
     plan = plan_json(runs[run], capsys, "--context", str(LONG), *flags)
     # THEN the plan is an upper bound of the recording, a tight one
     assert measured <= plan["peak_bytes"] <= measured * (1 + WITHIN), (plan["peak_bytes"], measured)
+
+
+@pytest.fixture(scope="module")
+def wide_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny Llama, 8 rows of a 20-token prompt and 40 new tokens, with a dynamic cache and an fp8 one:
+    its step's end (the logits, the logits processors' vectors) holds more than a cache update does."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("attention_copies_wide")
+    torch.manual_seed(0)
+    model = build_model(tiny_size(2, 2)).eval()
+    found = {name: folder / name for name in ("dynamic", "fp8")}
+    record_generate(model, found["dynamic"], 8, 20, 40)
+    if HAS_FP8_CACHE:
+        record_generate(model, found["fp8"], 8, 20, 40, "fp8")
+    return found
+
+
+@needs_fp8_cache
+def test_an_fp8_cache_planned_from_a_dynamic_run_dequantizes_beside_its_update(
+    wide_runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the fp8 cache's run, whose peak is inside a layer's update: the layer's old K and V beside their
+    # torch.cat copies and three float32 copies of its K or V, beside what a cache update holds
+    measured = report_json(wide_runs["fp8"], capsys)["peak_allocated_bytes"]
+    # WHEN the dynamic run at the same batch and context is planned on an fp8 cache
+    plan = plan_json(wide_runs["dynamic"], capsys, "--cache", "fp8")
+    # THEN the plan is a tight upper bound: before, the copies went beside the step's end (its logits),
+    # which no update holds, 22.3% over the recording
+    assert measured <= plan["peak_bytes"] <= measured * (1 + 0.08), (plan["peak_bytes"], measured)
