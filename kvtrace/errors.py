@@ -172,6 +172,22 @@ def file_in_the_way(path: Path, folder: bool = False) -> Path | None:
     return next((p for p in candidates if p.exists() and not p.is_dir()), None)
 
 
+def folder_blocked(path: Path, folder_name: str) -> str | None:
+    """The one line for a folder output (`folder_name`: "the run folder") that a file stands in the way of,
+    itself or in place of a parent; else None. Asked before any work: the OS's "File exists" or "Not a
+    directory" only comes when the folder is made, after the model is built and run."""
+    blocker = file_in_the_way(path, folder=True)
+    if blocker is None:
+        return None
+    kind = special_output(blocker) or "a file"
+    why = (
+        f"{kind} of that name is there, not a folder"
+        if blocker == path
+        else f"a parent of the path is {kind}: {blocker}"
+    )
+    return f"{path}: cannot create {folder_name} ({why})"
+
+
 def same_path(output: str | os.PathLike[str], given: str | os.PathLike[str]) -> bool:
     """Whether an output path names the input `given`: as written, once links are followed (realpath), or
     as the same file (a hard link). The readers know an input by its content, not its name, so a trace

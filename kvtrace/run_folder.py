@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvtrace import format as fmt
-from kvtrace.errors import RecordingError
+from kvtrace.errors import RecordingError, folder_blocked
 from kvtrace.run_removal import check_run_removal
 
 
@@ -21,10 +21,10 @@ def make_run_folder(path: Path) -> bool:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        why = exc.strerror or str(exc)
-        if path.exists() and not path.is_dir():
-            why = "a file of that name is there, not a folder"
-        raise RecordingError(f"{path}: cannot create the run folder ({why})", exit_code=1) from None
+        said = folder_blocked(path, "the run folder")
+        if said is None:
+            said = f"{path}: cannot create the run folder ({exc.strerror or exc})"
+        raise RecordingError(said, exit_code=1) from None
     return existed
 
 

@@ -307,9 +307,15 @@ def run_without_manifest(folder: Path) -> str | None:
 def _no_input_in(folder: Path) -> KvtraceError:
     """The one line for a folder that is no run and holds no runs or traces directly: a run whose manifest
     is gone (its profiler trace still reads on its own), or what lies deeper (`kvtrace export` searches
-    folders all the way down; a report reads one input), or nothing of ours."""
-    from kvtrace.format import MANIFEST
+    folders all the way down; a report reads one input), or nothing of ours. An export directory is ours
+    too: its tables are read by SQL, which is the way to name, not "holds no runs"."""
+    from kvtrace.format import MANIFEST, holds_export
 
+    if holds_export(folder):
+        return KvtraceError(
+            f"{folder}: a kvtrace export (Parquet tables), not a run, trace or snapshot: read it with "
+            f'`kvtrace query {shell_arg(folder)} "SQL"`'
+        )
     partial = run_without_manifest(folder)
     if partial is not None:
         return KvtraceError(partial)

@@ -36,11 +36,17 @@ def refuse_occupied(out: Path, overwrite: bool) -> None:
 
 
 def refuse_not_a_run_folder(out: Path) -> None:
-    """A sweep's folder (its sweep.json) or an export's (Parquet tables) is no run's, even with
-    --overwrite: a run there would mix one recording with the sweep's table and point runs, or with the
-    tables, as `kvtrace sweep` refuses a run's folder."""
+    """A file in --out's place, or in a parent's, leaves no folder to record into: refused (status 1, as
+    `kvtrace.record` would refuse it) before a model is built or a script run. A sweep's folder (its
+    sweep.json) or an export's (Parquet tables) is no run's, even with --overwrite: a run there would mix one
+    recording with the sweep's table and point runs, or with the tables, as `kvtrace sweep` refuses a run's
+    folder."""
+    from kvtrace.errors import folder_blocked
     from kvtrace.run_layout import holds_export
 
+    blocked = folder_blocked(out, "the run folder")
+    if blocked is not None:
+        raise KvtraceError(blocked, exit_code=1)
     if (out / "sweep.json").exists():
         said = "a sweep's folder (sweep.json, runs/), not a run's; pass another --out DIR"
         raise KvtraceError(f"{out}: {said}")
@@ -143,12 +149,23 @@ class DemoCommand(Command):
 
             return run_vllm_demo(args)
         _check_flags(args)
+        from analyzers.planning.size_text import parse_device_memory
+
+        gpu_memory = args.gpu_memory  # flags first: a bad value is named whatever --out holds
+        if gpu_memory is None and args.size == "demo":
+            gpu_memory = DEMO_GPU_MEMORY
+        budget = None if gpu_memory in (None, "none") else parse_device_memory(gpu_memory, "--gpu-memory")
+        # --out before torch is imported: a file in its place is refused at once, as `kvtrace run` does
+        out = Path(args.out or default_out(args.cache, args.press))
+        refuse_not_a_run_folder(out)
+        refuse_occupied(out, args.overwrite)
+        if not args.no_report:  # the page the report ends with: a pipe there is refused before recording
+            check_html_target(str(out / "timeline.html"))
         import contextlib
 
         import torch
 
         import kvtrace
-        from analyzers.planning.size_text import parse_device_memory
         from kvtrace.llama import cache_package_missing, cache_unavailable, device_unavailable
 
         problem = device_unavailable(args.device) or cache_unavailable(args.cache, args.device)
@@ -157,16 +174,6 @@ class DemoCommand(Command):
         missing = cache_package_missing(args.cache)
         if missing is not None:
             raise MissingPart(missing)
-
-        gpu_memory = args.gpu_memory  # flags first: a bad value is named whatever --out holds
-        if gpu_memory is None and args.size == "demo":
-            gpu_memory = DEMO_GPU_MEMORY
-        budget = None if gpu_memory in (None, "none") else parse_device_memory(gpu_memory, "--gpu-memory")
-        out = Path(args.out or default_out(args.cache, args.press))
-        refuse_not_a_run_folder(out)
-        refuse_occupied(out, args.overwrite)
-        if not args.no_report:  # the page the report ends with: a pipe there is refused before recording
-            check_html_target(str(out / "timeline.html"))
         press = None
         if args.press:  # before the model is built: kvpress not installed is said at once
             from kvtrace.integrations.presses import make_press

@@ -75,7 +75,7 @@ class ExportCommand(Command):
             if state.get("bytes") is not None:
                 state["bytes"](done, total)
 
-        def warn(problem: str, prefix: str = "skipped: ") -> None:
+        def warn(problem: str, prefix: str = "warning: skipped ") -> None:
             bar = state.get("bar")
             message = f"kvtrace export: {prefix}{printable(problem)}"
             if bar is not None:

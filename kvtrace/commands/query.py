@@ -131,7 +131,7 @@ class QueryCommand(Command):
             # The first warning waits for a second input: when a folder's one input is unreadable, its
             # problem is the error itself, one line, not "skipped" followed by "could not read".
             def show(problem: str) -> None:
-                print(f"kvtrace query: skipped: {problem}", file=sys.stderr)
+                print(f"kvtrace query: warning: skipped {problem}", file=sys.stderr)
 
             def warn(problem: str) -> None:
                 skipped.append(problem)

@@ -15,7 +15,7 @@ from typing import Any
 from analyzers.units import a_or_an
 from kvtrace.commands.base import AsTyped, Command, long_dtype
 from kvtrace.commands.output import check_regular_target, page_bytes, print_after_writing, write_replacing
-from kvtrace.errors import KvtraceError, MissingPart, cannot_write, unnamed_path
+from kvtrace.errors import KvtraceError, MissingPart, cannot_write, folder_blocked, unnamed_path
 
 _DTYPES = ("float32", "bfloat16", "float16")
 # How a sweep names its points' run folders under OUT/runs/ (`b{batch}_c{context}_{cache}`)
@@ -180,12 +180,15 @@ def _listed_points(table: Path) -> set[str] | None:
 def _refuse_a_run_as_out(given: str) -> None:
     """Refuse an OUT that is no sweep's folder, even with --overwrite (which replaces a sweep): "" (the
     current folder), and a run or a run group, whose folder would then mix one recording with a sweep's
-    table and point runs."""
+    table and point runs; and a file in its place or a parent's (status 1, as when the folder is made)."""
     from kvtrace.run_layout import holds_export, is_run_dir, rank_dirs
 
     unnamed = unnamed_path(given)
     if unnamed is not None:
         raise KvtraceError(f"--out: {unnamed}")
+    blocked = folder_blocked(Path(given), "the sweep's folder")
+    if blocked is not None:
+        raise KvtraceError(blocked, exit_code=1)
     kind = "run" if is_run_dir(given) else "run group" if rank_dirs(given) else None
     if kind is None and holds_export(given):
         raise KvtraceError(
@@ -346,6 +349,7 @@ class SweepCommand(Command):
         model_name, size, model_window = _model_size(args, max(contexts) + args.new_tokens)
         # The model's own window, as `kvtrace plan` keeps it: a 16-token one shrank a Mistral's 4096
         window = args.window or model_window or DEFAULT_WINDOW
+        _refuse_a_run_as_out(args.out)  # before torch is imported: a wrong --out is said at once
         import torch
         from tqdm import tqdm
 
@@ -380,7 +384,6 @@ class SweepCommand(Command):
         missing = next(filter(None, map(cache_package_missing, caches)), None)
         if missing is not None:
             raise MissingPart(missing)
-        _refuse_a_run_as_out(args.out)
         out = Path(args.out)
         for name in ("sweep.json", "sweep.html"):  # before the points are recorded, not after
             check_regular_target(out / name)

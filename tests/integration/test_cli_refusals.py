@@ -374,7 +374,7 @@ def test_query_and_export_of_a_folder_skip_an_unreadable_input_and_name_it_as_gi
     shutil.copytree(SAMPLES / "dynamic_b2", tmp_path / "in" / "run")
     (tmp_path / "in" / "cut.pt.trace.json").write_text('{"traceEvents": [')
     monkeypatch.chdir(tmp_path)
-    said = "skipped: in/cut.pt.trace.json: truncated"
+    said = "warning: skipped in/cut.pt.trace.json: truncated"
     # WHEN it is queried, THEN the run is counted and the trace skipped with a warning that names it as
     # given; the status is 2, as `export` gives when it skips an input
     assert main(["query", "in", "--json", "SELECT count(*) AS runs FROM runs"]) == 2
@@ -398,8 +398,8 @@ def test_query_and_export_of_a_folder_skip_an_unreadable_input_and_name_it_as_gi
     (tmp_path / "in" / "empty.pickle").write_bytes(b"")
     assert main(["query", "in", "SELECT 1"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "kvtrace query: skipped: in/cut.pt.trace.json: truncated: the JSON ends inside traceEvents",
-        "kvtrace query: skipped: in/empty.pickle: empty file",
+        "kvtrace query: warning: skipped in/cut.pt.trace.json: truncated: the JSON ends inside traceEvents",
+        "kvtrace query: warning: skipped in/empty.pickle: empty file",
         "kvtrace query: error: in: could not read any of its 2 inputs",
     ]
 
@@ -918,7 +918,7 @@ def test_export_counts_a_missing_input_among_the_inputs_given(
     given = [str(SAMPLES / "static_b2"), str(missing)]
     assert main(["export", *given, "-o", str(tmp_path / "t"), "-q"]) == 2
     out, err = capsys.readouterr()
-    assert err == f"kvtrace export: skipped: {missing}: no such file or directory\n"
+    assert err == f"kvtrace export: warning: skipped {missing}: no such file or directory\n"
     first, second = out.splitlines()
     assert first.startswith(
         f"exported 1 of 2 inputs to {tmp_path / 't'} (part 0): runs 1, devices 1, kv_events {kv_lines:,},"
@@ -987,7 +987,7 @@ def test_export_of_a_folder_with_an_unreadable_subfolder_skips_it_by_its_path(
         out, err = capsys.readouterr()
         # THEN the subfolder is skipped by its own path (not `top/locked/runs`), as a missing input is, and
         # the run is exported (nothing was, with `error: top/locked: Permission denied`), exit 2
-        assert err == f"kvtrace export: skipped: {said}\n"
+        assert err == f"kvtrace export: warning: skipped {said}\n"
         first, second = out.splitlines()
         assert first.startswith(
             f"exported 1 of 2 inputs to {out_dir} (part 0): runs 1, devices 1, kv_events {kv_lines:,},"
@@ -1001,12 +1001,13 @@ def test_export_of_a_folder_with_an_unreadable_subfolder_skips_it_by_its_path(
     # AND query reads the rest, naming it the same way
     assert main(["query", "top", "--json", "SELECT run_id FROM runs"]) == 2
     out, err = capsys.readouterr()
-    assert (_strict_loads(out), err) == ([{"run_id": "top/ok/r1"}], f"kvtrace query: skipped: {said}\n")
+    skipped = f"kvtrace query: warning: skipped {said}\n"
+    assert (_strict_loads(out), err) == ([{"run_id": "top/ok/r1"}], skipped)
     # AND given alone (or a path inside it), it is the one-line error
     assert main(["export", "top/locked", "-o", "t4"]) == 2
     assert capsys.readouterr().err == f"kvtrace export: error: {said}\n"
     assert main(["export", "top/ok", "top/locked/r2", "-o", "t5", "-q"]) == 2
-    assert capsys.readouterr().err == "kvtrace export: skipped: top/locked/r2: permission denied\n"
+    assert capsys.readouterr().err == "kvtrace export: warning: skipped top/locked/r2: permission denied\n"
 
 
 def test_report_writes_two_files_into_a_run_and_says_so(

@@ -244,7 +244,7 @@ def test_a_trace_whose_memory_events_are_all_damaged_is_not_called_profiled_with
     out = tmp_path / "tables"
     assert main(["export", str(path), str(WORKER0), "-o", str(out), "--json"]) == 2
     captured = capsys.readouterr()
-    assert captured.err == f"kvtrace export: skipped: {refused}\n"
+    assert captured.err == f"kvtrace export: warning: skipped {refused}\n"
     summary = json.loads(captured.out)
     assert summary["skipped"] == [{"path": str(path), "error": refused}]
     assert (summary["inputs"], summary["exported"]) == (2, 1)
@@ -376,7 +376,7 @@ def test_export_and_query_refuse_a_damaged_vllm_run_as_report_does(
     # AND export skips it with the same line, exit 2, writing no part
     out = tmp_path / "tables"
     assert main(["export", str(run), "-o", str(out), "-q"]) == 2
-    assert _one_error(capsys) == f"kvtrace export: skipped: {problem}"
+    assert _one_error(capsys) == f"kvtrace export: warning: skipped {problem}"
     assert not list(out.rglob("*.parquet"))
     # AND query refuses it with the same line, exit 2
     assert main(["query", str(run), "SELECT count(*) FROM engine_steps"]) == 2
@@ -414,7 +414,7 @@ def _refused_by_every_command(
         assert main(argv) == 2, argv
         assert _errors(capsys) == [f"kvtrace {argv[0]}: error: {said}"]
     assert main(["export", str(run), "-o", str(tmp_path / "exported"), "-q"]) == 2
-    assert _errors(capsys) == [f"kvtrace export: skipped: {said}"]
+    assert _errors(capsys) == [f"kvtrace export: warning: skipped {said}"]
     assert main(["query", str(run), "SELECT 1"]) == 2
     assert _errors(capsys) == [f"kvtrace query: error: {said}"]
 

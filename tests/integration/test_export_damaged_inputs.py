@@ -84,7 +84,7 @@ def test_a_deeply_nested_trace_is_skipped_and_the_run_beside_it_exported(tmp_pat
     # ended "error: an input is nested too deeply (run, trace, out)" and wrote no part)
     assert code == 2
     assert err.splitlines() == [
-        f"kvtrace export: skipped: {nested}: JSON nested too deeply to read inside traceEvents"
+        f"kvtrace export: warning: skipped {nested}: JSON nested too deeply to read inside traceEvents"
     ]
     assert "exported 1 of 2 inputs" in stdout
     # AND every row of the run is exported
@@ -100,7 +100,8 @@ def test_a_deeply_nested_trace_is_skipped_and_the_run_beside_it_exported(tmp_pat
     # THEN the trace is skipped with the same line, and the run's rows are all there
     assert code == 2
     assert err.splitlines() == [
-        f"kvtrace query: skipped: {folder / nested.name}: JSON nested too deeply to read inside traceEvents"
+        f"kvtrace query: warning: skipped {folder / nested.name}: JSON nested too deeply to read inside "
+        "traceEvents"
     ]
     assert json.loads(stdout) == [{"n": expected["kv_events"]}]
 
@@ -161,7 +162,7 @@ def test_a_run_folder_without_its_manifest_is_skipped_and_the_others_exported(tm
     # THEN the partial copy is skipped in one line, exit 2 (as any unreadable input), and every row of the
     # whole run is exported, nothing of the partial one's trace
     assert code == 2
-    assert err.splitlines() == [f"kvtrace export: skipped: {_refusal(partial)}"]
+    assert err.splitlines() == [f"kvtrace export: warning: skipped {_refusal(partial)}"]
     assert "exported 1 of 2 inputs" in stdout
     expected = _expected_rows(run)
     assert {table: _rows(out, table) for table in expected} == expected
@@ -173,7 +174,7 @@ def test_a_run_folder_without_its_manifest_is_skipped_and_the_others_exported(tm
 
     # THEN the same line, and the whole run alone
     assert code == 2
-    assert err.splitlines() == [f"kvtrace query: skipped: {_refusal(partial)}"]
+    assert err.splitlines() == [f"kvtrace query: warning: skipped {_refusal(partial)}"]
     assert json.loads(stdout) == [{"run_id": run.as_posix(), "kv_events": expected["kv_events"]}]
 
 
@@ -188,7 +189,7 @@ def test_an_export_that_adds_nothing_leaves_no_folder(tmp_path: Path) -> None:
     # THEN it is skipped, and no folder is left (it left the seven tables' folders, empty)
     assert code == 2
     assert err.splitlines() == [
-        f"kvtrace export: skipped: {nested}: JSON nested too deeply to read inside traceEvents"
+        f"kvtrace export: warning: skipped {nested}: JSON nested too deeply to read inside traceEvents"
     ]
     assert not out.exists()
 

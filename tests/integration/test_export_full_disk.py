@@ -196,7 +196,7 @@ def test_an_overwrite_with_no_readable_input_keeps_the_earlier_export(
     # THEN it is skipped in one line, exit 2, and the earlier export stays as it was (and says so)
     captured = capsys.readouterr()
     assert code == 2
-    assert captured.err.splitlines() == [f"kvtrace export: skipped: {empty}: empty file"]
+    assert captured.err.splitlines() == [f"kvtrace export: warning: skipped {empty}: empty file"]
     assert f"nothing new exported to {out}: no part added, its earlier parts are kept" in captured.out
     assert _files(out) == before
     assert _run_ids(out) == [(SAMPLES / "dynamic_b2").as_posix()]

@@ -83,7 +83,7 @@ def test_export_names_a_skipped_run_with_control_characters_escaped(
     _, err = capsys.readouterr()
     # THEN the skipped run's line names it escaped, on one line (status 2: an input was skipped)
     assert status == 2 and "\x1b" not in err
-    assert f"kvtrace export: skipped: {folder}/x\\x1b[31m/manifest.json: corrupt manifest" in err
+    assert f"kvtrace export: warning: skipped {folder}/x\\x1b[31m/manifest.json: corrupt manifest" in err
     assert str(run) not in err
 
 

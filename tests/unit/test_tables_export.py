@@ -215,7 +215,7 @@ def test_an_export_directory_beside_other_inputs_is_named_never_dropped(
     capsys.readouterr()
     assert main(["export", str(out), str(other), "-o", str(tmp_path / "out2"), "-q"]) == 2
     captured = capsys.readouterr()
-    assert captured.err.strip().splitlines() == [f"kvtrace export: skipped: {skipped[0]}"]
+    assert captured.err.strip().splitlines() == [f"kvtrace export: warning: skipped {skipped[0]}"]
     assert captured.out.startswith(f"exported 1 of 2 inputs to {tmp_path / 'out2'}")
     # AND the export alone is still read back whole
     assert kvtrace.load_tables(out).runs.column("run_id").to_pylist() == [exported.as_posix()]
