@@ -13,11 +13,15 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 from analyzers.planning.diagnose_quantized_remedies import model_dtype_text, quantized_widening
 from analyzers.planning.diagnosis import Remedy, fits
 from analyzers.units import human_bytes
 from kvtrace.llama import MIN_WINDOW
+
+if TYPE_CHECKING:
+    from analyzers.planning.diagnose_static_remedy import StaticCacheRun
 
 __all__ = [
     "at_batch_one",
@@ -299,10 +303,14 @@ def window_remedy(
     sliding: int = 0,
     cross: int = 0,
     others: int = 0,
+    run: StaticCacheRun | None = None,
 ) -> Remedy:
     """A sliding window for a cache that keeps every token on some layers: every layer sliding at the
     window, priced as that cache's peak (`sliding_cache_bytes`), not as this moment's KV less the tokens
     beyond it; `layer_tokens` are each layer's bytes of a token across the batch, in layer order.
+    Where the run tells what it held beside its KV at its prefill and its cache updates (`run`), each of
+    the sliding cache's KV figures goes beside its own moment's, as `kvtrace plan --from-run RUN --cache
+    sliding` prices them (`_sliding_run_peak`); else its KV peak beside this moment's (an upper bound).
     `target` is the window a shorter context would propose; a hybrid model's `sliding` layers
     already keep `model_window`, which a larger window would grow: it is proposed at most that, i.e. its
     full layers sliding at the model's own window. With a shortfall, the largest window whose peak fits.
@@ -313,6 +321,14 @@ def window_remedy(
     start = min(target, model_window) if hybrid and model_window else target
     window = max(start, SMALLEST_WINDOW)
     cross += others
+
+    def freed(size: int) -> tuple[int, str]:
+        """(bytes a window of `size` frees at this moment, the moment the sliding run peaks at)."""
+        if run is None or run.prefill_beside_bytes is None:
+            return kv - (sliding_cache_bytes(layer_tokens, size, prompt)[1] + cross), ""
+        peak_bytes, when = _sliding_run_peak(run, kv, layer_tokens, size, prompt, cross)
+        return run.moment_bytes - peak_bytes, when
+
     if need is not None and need > 0:
         # The largest window whose peak leaves the room needed, else the smallest. A peak never shrinks as
         # the window grows (each of its terms is a window or the prompt times bytes), so it is found by
@@ -320,14 +336,15 @@ def window_remedy(
         lowest, highest = SMALLEST_WINDOW - 1, window  # the largest known to fit (below the smallest: none)
         while lowest < highest:
             middle = (lowest + highest + 1) // 2
-            if kv - (sliding_cache_bytes(layer_tokens, middle, prompt)[1] + cross) >= need:
+            if freed(middle)[0] >= need:
                 lowest = middle
             else:
                 highest = middle - 1
         window = max(lowest, SMALLEST_WINDOW)
     held, peak = sliding_cache_bytes(layer_tokens, window, prompt)
     held, peak = held + cross, peak + cross
-    saved = max(kv - peak, 0)
+    lowered, when = freed(window)
+    saved = max(lowered, 0)
     size = f"{window:,} token{'s' if window > 1 else ''}"
     if hybrid and window == model_window:
         full = len(layer_tokens) - sliding
@@ -358,17 +375,56 @@ def window_remedy(
         f"{change} holds {human_bytes(held)} of KV at most once generation passes {size}, "
         f"{human_bytes(peak)} at its peak ({why})"
     )
-    if saved:
+    shorter = "; a shorter prompt is what lowers it" if prompt > window else ""
+    if when and run is not None:
+        ran = run.moment_bytes - lowered
+        text += f": the run would peak at {human_bytes(ran)} ({when}), "
+        text += (
+            f"{human_bytes(saved)} lower than this moment, at the cost of forgetting older tokens"
+            if saved
+            else f"no lower than this moment's {human_bytes(run.moment_bytes)}{shorter}"
+        )
+        text += f", as `kvtrace plan --from-run RUN --cache sliding --window {window}` prices it."
+    elif saved:
         text += (
             f": {human_bytes(saved)} less than the {human_bytes(kv)} at this moment, at the cost of "
             "forgetting older tokens."
         )
     else:
-        shorter = "; a shorter prompt is what lowers it" if prompt > window else ""
         text += f": no less than the {human_bytes(kv)} of KV at this moment{shorter}."
     if need is not None and need > 0 and saved < need:
         text = f"No sliding window fits, even of {size}: {text[0].lower()}{text[1:]}"
+        if when.startswith("at its prefill"):
+            text += " A shorter prompt is what lowers its prefill."
     return Remedy("sliding_window", window, saved, fits(saved, need), text)
+
+
+def _sliding_run_peak(
+    run: StaticCacheRun, kv: int, layer_tokens: list[float], window: int, prompt: int, cross: int
+) -> tuple[int, str]:
+    """(the bytes a run on the all-sliding cache would peak at, the moment it is) with each KV figure beside
+    its own moment's memory, as `kvtrace plan --from-run RUN --cache sliding` prices them
+    (analyzers.planning.recorded_growth): the prompt's KV, held whole on every layer until the first decode
+    step, beside what the run held at its prefill; the cache's KV peak (a layer's new window made beside
+    the prompt the later layers still hold) beside what it held at its KV peak, a cache update (where the
+    run's KV never passed its final, at this moment's); the window beside this moment's. Before, the KV
+    peak went beside this moment's (a decode step's end, its logits): the demo's Llama at a 76 MiB budget
+    was told no window fits, where a window of 10 records 74.74 MiB."""
+    assert run.prefill_beside_bytes is not None
+    held, kv_peak = sliding_cache_bytes(layer_tokens, window, prompt)
+    at_moment = run.moment_bytes - kv  # what this moment holds beside its KV, its activations and weights
+    at_update = run.update_beside_bytes if run.update_beside_bytes is not None else at_moment
+    prompt_kv = round(max(prompt, window) * sum(layer_tokens))
+    moments = (
+        (
+            run.prefill_beside_bytes + prompt_kv,
+            "at its prefill: the prompt's KV beside what the run held there",
+        ),
+        (at_update + kv_peak, "inside a cache update: the KV peak beside what the run held at its own"),
+        (at_moment + held, "at a step's end: the window's KV beside what this moment holds besides its KV"),
+    )
+    peak_bytes, when = max(moments, key=lambda moment: moment[0])
+    return peak_bytes + cross, when
 
 
 def sliding_window_remedy(
@@ -391,6 +447,9 @@ def sliding_window_remedy(
     if widths is None:
         why = "cannot be priced: the KV geometry of a layer is not recorded"
         return Remedy("sliding_window", None, None, None, f"Sliding window: {why}.")
+    # imported here: diagnose_static_remedy imports this module's `layer_widths`
+    from analyzers.planning.diagnose_static_remedy import StaticCacheRun
+
     widen = quantized_widening(d, kv_bits)
     prompt, window, sliding = d.get("prompt_tokens"), d.get("window"), d.get("sliding_layer_ids")
     fixed = d.get("cross_kv_bytes")
@@ -404,6 +463,7 @@ def sliding_window_remedy(
         len(sliding) if isinstance(sliding, tuple) else 0,
         fixed if isinstance(fixed, int) else 0,
         others,
+        run if isinstance(run := d.get("static_run"), StaticCacheRun) else None,
     )
     if widen is None:
         return remedy

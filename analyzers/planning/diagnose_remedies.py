@@ -15,8 +15,10 @@ priced in bytes with this run's own figures. Pure, torch-free.
   prompt, at prefill), each kind at its own width (Gemma 4's sliding layers are narrower than its full
   ones);
 * a sliding window is priced as the cache with every layer sliding at it would peak (its new K and V made
-  before the old are freed, the prompt held whole until the first decode step), never as a window that
-  would grow the layers a hybrid model already slides;
+  before the old are freed, the prompt held whole until the first decode step), each KV figure beside its
+  own moment's memory where the run tells it (the prompt's beside the prefill's, as `kvtrace plan
+  --from-run RUN --cache sliding` prices it), never as a window that would grow the layers a hybrid model
+  already slides;
 * a static cache removes the dynamic cache's torch.cat copies but holds every position of max_cache_len
   from its first update: priced against the run's whole peak (analyzers.planning.diagnose_static_remedy),
   it raises a peak at the prefill; a run already on a StaticCache is told so (a beam search's transient is
