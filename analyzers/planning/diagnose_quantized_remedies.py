@@ -8,6 +8,8 @@ analyzers.planning.diagnose_remedies prices the usual remedies and calls these w
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from analyzers.planning.diagnose_buffer_remedies import PreallocatedBuffers
 from analyzers.planning.diagnosis import CONTEXT_COUNTED, Remedy, fits, no_geometry
 from analyzers.planning.quantized_cache import (
@@ -20,6 +22,9 @@ from analyzers.planning.quantized_cache import (
     residual_tokens,
 )
 from analyzers.units import human_bytes
+
+if TYPE_CHECKING:
+    from analyzers.planning.diagnose_static_remedy import StaticCacheRun
 
 __all__ = [
     "fp8_after_quantized",
@@ -116,8 +121,7 @@ def int4_remedy(
         saved = moment - in_update
         text = (
             f"{text[:-1]}; its updates dequantize a layer's K and V beside the cache, which puts the int4 "
-            f"run's peak at {human_bytes(in_update)}, {human_bytes(abs(saved))} "
-            + ("lower than this moment." if saved >= 0 else "higher than this moment.")
+            f"run's peak at {_against_this_moment(in_update, saved)}"
         )
     return Remedy("quantized_kv", 4, saved, fits(saved, need), text)
 
@@ -130,12 +134,8 @@ def _int4_update_moment(
     cache with its update's copies at their most (`quantized_kv_peak`, as `kvtrace plan --cache quantized`
     prices it: the recorded demo, quanto int4, peaked at 102.00 MiB where the step's end priced 101.73).
     None where the run does not tell that moment, or has no allocator events."""
-    from analyzers.planning.diagnose_static_remedy import StaticCacheRun  # it imports this module's users
-
-    run, kv, other = d.get("static_run"), d.get("kv_bytes"), d.get("other_cache_kv_bytes")
-    if not isinstance(run, StaticCacheRun) or run.update_beside_bytes is None or not isinstance(kv, int):
-        return None
-    if d.get("allocator_events") is not True or not tokens:
+    run, kv, other = _update_run(d), d.get("kv_bytes"), d.get("other_cache_kv_bytes")
+    if run is None or run.update_beside_bytes is None or not isinstance(kv, int) or not tokens:
         return None
     logged = d.get("quantized_layout")
     group, residual_length = logged if isinstance(logged, tuple) else (None, None)
@@ -152,6 +152,25 @@ def _int4_update_moment(
     _, with_copies = quantized_kv_peak(per_token, 1 / (2 * layers), side, residual_length, known, tokens)
     others = other if isinstance(other, int) and 0 < other < kv else 0
     return run.update_beside_bytes + others + with_copies
+
+
+def _update_run(d: dict[str, object]) -> StaticCacheRun | None:
+    """What the run held at its own KV peak, a cache update (`diagnose_static_remedy.StaticCacheRun`), where
+    a quantized cache's update is priced beside it: None where the diagnosis has none, or the run has no
+    allocator events (`profiler=False`: its figures are its KV and weights alone, which no copy of an
+    update is)."""
+    from analyzers.planning.diagnose_static_remedy import StaticCacheRun  # it imports this module's users
+
+    run = d.get("static_run")
+    if not isinstance(run, StaticCacheRun) or d.get("allocator_events") is not True:
+        return None
+    return run
+
+
+def _against_this_moment(peak_bytes: int, lower: int) -> str:
+    """`X, Y lower than this moment.` (or higher): a quantized run's peak beside the diagnosed moment."""
+    side = "lower" if lower >= 0 else "higher"
+    return f"{human_bytes(peak_bytes)}, {human_bytes(abs(lower))} {side} than this moment."
 
 
 def quantized_context(d: dict[str, object], tokens: int, need: int | None) -> tuple[int, int, str] | None:
@@ -250,16 +269,14 @@ def fp8_remedy(d: dict[str, object], own_kv: int, kv_bits: int, held_by: str, ne
     step's end was priced: the demo's Llama (8 rows, 20-token prompt, 64 new tokens, fp32) was promised
     31.12 MiB off its 110.17 MiB peak, "fits" on an 80 MiB budget, where the fp8 recording peaked at
     80.71 MiB (29.46 MiB off). Where the run does not tell that moment, the step's end alone."""
-    from analyzers.planning.diagnose_static_remedy import StaticCacheRun  # it imports this module's users
-
     saved = round(own_kv * (1 - 8 / kv_bits))
     text = (
         f"An fp8 KV cache (QuantizedCache(backend='fp8')) saves {human_bytes(saved)} of the "
         f"{human_bytes(own_kv)} {held_by}"
     )
     in_update = _fp8_update_moment(d, own_kv, kv_bits)
-    run = d.get("static_run")
-    if in_update is None or not isinstance(run, StaticCacheRun):
+    run = _update_run(d)
+    if in_update is None or run is None:
         return Remedy("quantized_kv", 8, saved, fits(saved, need), text + ".")
     peak_bytes, copies = in_update
     at_end = run.moment_bytes - saved
@@ -269,9 +286,7 @@ def fp8_remedy(d: dict[str, object], own_kv: int, kv_bits: int, held_by: str, ne
     text += (
         f", but each layer's update dequantizes the layer's K and V through float32 ({human_bytes(copies)}: "
         "three float32 copies of its K or V at once) beside its old K and V and their new copy, which puts "
-        "the fp8 run's peak at "
-        f"{human_bytes(peak_bytes)}, {human_bytes(lower)} "
-        + ("lower than this moment." if lower >= 0 else "higher than this moment.")
+        f"the fp8 run's peak at {_against_this_moment(peak_bytes, lower)}"
     )
     return Remedy("quantized_kv", 8, lower, fits(lower, need), text)
 
@@ -284,14 +299,10 @@ def _fp8_update_moment(d: dict[str, object], own_kv: int, kv_bits: int) -> tuple
     8-bit K and V over the tokens), and three float32 copies of one layer's K (or V). None where the run
     does not tell the update's moment or the KV geometry, or has no allocator events (`profiler=False`: its
     figures are the KV's and the weights', beside which it prices every remedy)."""
-    from analyzers.planning.diagnose_static_remedy import StaticCacheRun  # it imports this module's users
-
-    run = d.get("static_run")
+    run = _update_run(d)
     batch, tokens, layers, kv = d.get("batch"), d.get("tokens_held"), d.get("kv_layers"), d.get("kv_bytes")
-    if not isinstance(run, StaticCacheRun) or run.update_beside_bytes is None:
+    if run is None or run.update_beside_bytes is None:
         return None
-    if d.get("allocator_events") is not True:
-        return None  # the run's figures are its KV and weights alone, which no copy of the update is
     if not isinstance(batch, int) or not isinstance(tokens, int) or not isinstance(layers, int):
         return None
     if not isinstance(kv, int) or not tokens or not layers:
