@@ -12,7 +12,7 @@ from typing import NoReturn, TextIO
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.lazy_numpy import numpy_at_first_use
-from kvtrace.commands.output import GuardedStdout, StdoutError, UnfailingStderr, discard_unwritten
+from kvtrace.commands.output import GuardedStdout, StdoutError, UnfailingStderr, discard_unwritten, say
 from kvtrace.errors import KvtraceError, missing_dependency, os_errno, os_reason, printable
 
 # (name, module, class): imported when the parser is built, so each module keeps torch/plotly imports
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         discard_unwritten(stdout)
         named = next(iter(argv), None)
         prog = f"kvtrace {named}" if named in {name for name, _, _ in _COMMANDS} else "kvtrace"
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        say(f"{prog}: error: {exc}")
         return exc.exit_code
     except BrokenPipeError:  # `kvtrace --version | true`: the reader has gone, as for a command's output
         discard_unwritten(stdout)
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):  # Ctrl-C while the parser is built (its commands imported), before a command runs
         named = next(iter(argv), None)
         prog = f"kvtrace {named}" if named in {name for name, _, _ in _COMMANDS} else "kvtrace"
-        print(f"{prog}: interrupted", file=sys.stderr)
+        say(f"{prog}: interrupted")
         return 130
     finally:
         if isinstance(sys.stdout, GuardedStdout):
@@ -161,17 +161,13 @@ def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
         return 2
     empty = _empty_path(args)
     if empty is not None:  # pathlib reads "" as ".": an unset shell variable would read or write the cwd
-        print(
-            f"kvtrace {command.name}: error: {empty}: an empty path ('') names no file or folder",
-            file=sys.stderr,
-        )
+        say(f"kvtrace {command.name}: error: {empty}: an empty path ('') names no file or folder")
         return 2
     if getattr(args, "output", None) == "-" or getattr(args, "out", None) == "-":
         # `-o -` is standard output to users of other tools; taken as a path, it wrote a file named "-"
-        print(
+        say(
             f"kvtrace {command.name}: error: -o -: kvtrace writes this output to a path, not to standard "
-            "output; name a file or folder (./- for one named '-')",
-            file=sys.stderr,
+            "output; name a file or folder (./- for one named '-')"
         )
         return 2
     try:
@@ -185,35 +181,34 @@ def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
     except KvtraceError as exc:
         if isinstance(exc, StdoutError):
             discard_unwritten(stdout)
-        print(f"kvtrace {command.name}: error: {printable(str(exc))}", file=sys.stderr)
+        say(f"kvtrace {command.name}: error: {printable(str(exc))}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"kvtrace {command.name}: interrupted", file=sys.stderr)
+        say(f"kvtrace {command.name}: interrupted")
         return 130
     except BrokenPipeError:
         discard_unwritten(stdout)  # else written again at exit: "Exception ignored", exit status 120
         return 0
     except OSError as exc:  # a path the readers did not expect to fail (permissions, a folder, a full disk)
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"kvtrace {command.name}: error: {printable(where + os_reason(exc))}", file=sys.stderr)
+        say(f"kvtrace {command.name}: error: {printable(where + os_reason(exc))}")
         return 1 if _output_failed(exc) else 2
     except (RecursionError, MemoryError) as exc:
         said = "an input is nested too deeply" if isinstance(exc, RecursionError) else "out of memory"
-        print(f"kvtrace {command.name}: error: {said} ({printable(_inputs(args))})", file=sys.stderr)
+        say(f"kvtrace {command.name}: error: {said} ({printable(_inputs(args))})")
         return 2 if isinstance(exc, RecursionError) else 1
     except Exception as exc:
         needs = missing_dependency(exc, command.name) if isinstance(exc, ImportError) else None
         if needs is not None:  # an optional part not installed (the laptop install has no torch)
-            print(f"kvtrace {command.name}: error: {needs}", file=sys.stderr)
+            say(f"kvtrace {command.name}: error: {needs}")
             return 1
         # A bug, or input damaged in a way no reader checks: one line, the traceback on request.
         if os.environ.get("KVTRACE_DEBUG"):
             raise
-        print(
+        say(
             f"kvtrace {command.name}: internal error on "
             f"{printable(f'{_inputs(args)}: {type(exc).__name__}: {exc}')} "
-            "(KVTRACE_DEBUG=1 shows the traceback; please report it)",
-            file=sys.stderr,
+            "(KVTRACE_DEBUG=1 shows the traceback; please report it)"
         )
         return 70  # EX_SOFTWARE
 

@@ -196,6 +196,14 @@ class GuardedStdout:
         return getattr(self._stream, name)
 
 
+def say(line: str) -> None:
+    """`line` on standard error in one write, its newline with it. `print` writes the newline apart, and
+    unbuffered (PYTHONUNBUFFERED=1, as CI and containers set it), two torchrun ranks sharing one stderr ran
+    their last lines together: "...rank-1, ...kvtrace run: recorded ...rank-0" and a bare newline."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 class UnfailingStderr:
     """Standard error for the length of a command: a write or flush that fails (a log on a full disk,
     `2>/dev/full`, the reader of `2>&1 | head` gone) is dropped, as the interpreter drops its own at exit.

@@ -17,6 +17,7 @@ from typing import Any
 
 from kvtrace.commands.base import Command, shell_arg
 from kvtrace.commands.demo import refuse_not_a_run_folder, refuse_occupied
+from kvtrace.commands.output import say
 from kvtrace.errors import KvtraceError
 from kvtrace.term_signal import Terminated
 
@@ -164,11 +165,9 @@ class RunCommand(Command):
         recorded = str(out)
         if recording.path != out:
             recorded = f"{recording.path}, this rank's run of the group {out}"
-        print(
+        say(  # one write: the ranks of a torchrun group share one stderr
             f"kvtrace run: recorded {recorded} ({found}); "
-            f"next: kvtrace report {shell_arg(out)}, kvtrace diagnose {shell_arg(out)}",
-            file=sys.stderr,
-            flush=True,
+            f"next: kvtrace report {shell_arg(out)}, kvtrace diagnose {shell_arg(out)}"
         )
         recording.die_if_sigterm()  # as it would have without kvtrace: exit status 143, nothing more run
         return status
