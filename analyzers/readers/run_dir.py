@@ -278,6 +278,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
                 trace.meta.get("baseTimeNanoseconds"),
                 _run_span_ns(run),
                 kv.scanned_after_ns,
+                _sampled_step_starts(run.memory_samples),
             )
     elsewhere = bool(traces and run.kv_events) and _forwards_all_elsewhere(run.manifest)
     trace_empty = bool(traces) and not any(len(dev) for dev in source.devices)
@@ -467,6 +468,18 @@ def _run_step_starts(kv: KvLogAnalysis, samples: list[dict[str, Any]]) -> dict[i
         if type(step) is int and type(began) is int and phase in ("prefill", "decode", "idle"):
             logged = starts.get(step)
             starts[step] = (min(began, logged[0]), logged[1] or phase) if logged else (began, phase)
+    return starts
+
+
+def _sampled_step_starts(samples: list[dict[str, Any]]) -> dict[int, tuple[int, str]]:
+    """step -> (when its forward began, phase) of the prefill and decode steps whose samples say it
+    (`started_ns`, read on the run's clock just before the step's range opens in the trace)."""
+    starts: dict[int, tuple[int, str]] = {}
+    for sample in samples:
+        step, phase, began = sample.get("step"), sample.get("phase"), sample.get("started_ns")
+        if type(step) is int and type(began) is int and phase in ("prefill", "decode"):
+            held = starts.get(step)
+            starts[step] = (min(began, held[0]), held[1]) if held else (began, phase)
     return starts
 
 

@@ -19,6 +19,14 @@ storages and takes the latest of them (a µs later, some storage's allocation wo
 less `SIGHTING_MARGIN_US`. A trace on which most storages are already seen in time (a right base, or an older
 Kineto that writes Unix-epoch `ts` and no base) is left as read. Scanned storages alone place a trace only
 within a forward: where in it each was made, the log cannot say.
+
+A run recorded by kvtrace says more: each step's sample holds when its forward began on the run's clock
+(`started_ns`), and the recorder opens the step's range ("kvtrace/prefill", "kvtrace/decode N") in the trace
+just after reading that clock. The ranges' starts less those times measure the trace's lead directly,
+whatever the host's load (`step_range_lead_us`); the storages are the fallback for traces without them. On
+a loaded host a storage's allocation may come tens of ms before the update that logs it (the process
+descheduled inside a `cat`), past any reach the storages can be given: a base set 2.15 ms late then moved
+no trace, and the join counted two of a prefill's KV storages as other.
 """
 
 from __future__ import annotations
@@ -31,9 +39,9 @@ from typing import Any
 import numpy as np
 
 from analyzers.attribution import JOIN_TOLERANCE_US, SIGHTING_MARGIN_US, block_holds, sizes_are_blocks
-from analyzers.model import DeviceEvents, MemorySource
+from analyzers.model import DeviceEvents, Marker, MemorySource
 
-__all__ = ["ClockShift", "align_trace_clock", "clock_shift", "sighting_reach_us"]
+__all__ = ["ClockShift", "align_trace_clock", "clock_shift", "sighting_reach_us", "step_range_lead_us"]
 
 # The join's own tolerance: a trace within it of the log's clock is not moved, and a sighting counts for a
 # shift when its allocation is at most this long before it.
@@ -42,6 +50,9 @@ WINDOW_US = JOIN_TOLERANCE_US
 SAMPLE_STORAGES = 512
 # An address and size allocated more often than this says little about when the storage was: left out.
 MAX_CANDIDATES = 4096
+# A lead the step ranges measure and put right without a note: Kineto's base has been seen set up to ~8 ms
+# late on a loaded host, near enough for a reader of the trace's file alone; one farther off is said.
+QUIET_LEAD_US = 10_000.0
 
 Storage = tuple[int, int, int, int, int, str, int]  # analyzers.kv_log: addr, bytes, first_ns, freed_ns, ...
 
@@ -184,18 +195,55 @@ def _base_fault(base_ns: Any) -> str | None:
     return None
 
 
+def step_range_lead_us(markers: list[Marker], step_starts: dict[int, tuple[int, str]]) -> float | None:
+    """How far (µs) the trace's clock runs ahead of the run's, as the recorder's step ranges say: each step's
+    range opens just after the recorder read the run's clock for the step's start (`step_starts`: step ->
+    (its sample's `started_ns`, phase)), so a range's start less that time is the lead plus a gap that is
+    never negative (µs, or more where the host descheduled the process between the two): the least of them.
+    None where the ranges and the steps do not pair one to one, in order and phase (a trace that holds no
+    ranges or only some steps' forwards), or pair with gaps too unlike to be one clock's (more than the
+    join's tolerance between the least and the median)."""
+    ranges = sorted(
+        (
+            m
+            for m in markers
+            if m.kind == "step" and (m.label == "kvtrace/prefill" or m.label.startswith("kvtrace/decode "))
+        ),
+        key=lambda m: m.ts_us,
+    )
+    steps = [step_starts[step] for step in sorted(step_starts)]
+    if not ranges or len(ranges) != len(steps):
+        return None
+    if any(
+        (m.label == "kvtrace/prefill") != (phase == "prefill")
+        for m, (_, phase) in zip(ranges, steps, strict=True)
+    ):
+        return None
+    gaps = sorted(m.ts_us - began_ns / 1000.0 for m, (began_ns, _) in zip(ranges, steps, strict=True))
+    if gaps[len(gaps) // 2] - gaps[0] > WINDOW_US:
+        return None
+    return gaps[0]
+
+
 def align_trace_clock(
     source: MemorySource,
     storages: list[Storage],
     base_ns: Any,
     span_ns: tuple[int, int],
     scanned_after_ns: dict[int, int] | None = None,
+    step_starts: dict[int, tuple[int, str]] | None = None,
 ) -> None:
-    """Shift the trace's events and markers (already in `source`) onto the run's clock when the KV log's
-    storages say its base put them elsewhere; the report's notes say so. When they cannot say while the
-    events lie outside the run (`span_ns`: the run's start and end), a note says the trace is off the
-    run's clock. `scanned_after_ns`: the storages a scan found (`KvLogAnalysis.scanned_after_ns`)."""
+    """Shift the trace's events and markers (already in `source`) onto the run's clock when the recorder's
+    step ranges (`step_starts`: see `step_range_lead_us`), or without them the KV log's storages, say its
+    base put them elsewhere; the report's notes say so (for the ranges, past QUIET_LEAD_US).
+    When neither can say while the events lie outside the run (`span_ns`: the run's start and end), a note
+    says the trace is off the run's clock. `scanned_after_ns`: the storages a scan found
+    (`KvLogAnalysis.scanned_after_ns`)."""
     fault = _base_fault(base_ns)
+    lead = step_range_lead_us(source.markers, step_starts) if step_starts else None
+    if lead is not None:
+        _align_by_ranges(source, lead, fault, len(step_starts or ()))
+        return
     reach = sighting_reach_us(storages, scanned_after_ns or {}, span_ns[0])
     found = clock_shift(source.devices, storages, reach)
     if found is not None and _moves(found):
@@ -220,6 +268,30 @@ def align_trace_clock(
         )
     else:
         return
+    source.meta.setdefault("input_notes", []).append(note)
+    source.meta["trace_clock_note"] = note
+
+
+def _align_by_ranges(source: MemorySource, lead_us: float, fault: str | None, steps: int) -> None:
+    """Put the trace on the run's clock by the lead its step ranges measured: left as read within
+    SIGHTING_MARGIN_US (the join places storages that close), moved beyond it, with a note where the base
+    is no clock base or is more than QUIET_LEAD_US off."""
+    if abs(lead_us) <= SIGHTING_MARGIN_US:
+        return
+    shift_us = math.floor(-lead_us)
+    _shift(source, shift_us)
+    source.meta["trace_clock_shift_us"] = shift_us
+    if abs(lead_us) <= QUIET_LEAD_US and fault is None:
+        return
+    away = f"puts its events {abs(shift_us) / 1e6:,.3f} s away from the run's clock"
+    edited = "a trace edited or merged by another tool?"
+    if abs(shift_us) < 1e6:
+        edited = f"its clock base set off on a loaded host, or {edited}"
+    why = fault or f"{away} ({edited})"
+    note = (
+        f"the profiler trace's baseTimeNanoseconds {why}: its events were put on the run's clock by "
+        f"kvtrace's step ranges in it ({steps} steps, each range opened as its step began)"
+    )
     source.meta.setdefault("input_notes", []).append(note)
     source.meta["trace_clock_note"] = note
 
