@@ -38,6 +38,7 @@ ProgressFn = Callable[[int, int], None]
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZIP_MAGIC = b"PK\x03\x04"
+PARQUET_MAGIC = b"PAR1"
 _BUFFER_BYTES = 256 << 10  # small enough to stay in the CPU's cache between the inflater and the reader
 _PROGRESS_STEP = 4 << 20  # report at most every 4 MiB read: a callback per read would dominate
 
@@ -172,6 +173,8 @@ def sniff(path: str | os.PathLike[str]) -> str:
         return "snapshot"
     if head.startswith(ZIP_MAGIC):
         raise KvtraceError(f"{name}: a zip archive (torch.save checkpoint?), not a snapshot or trace")
+    if head.startswith(PARQUET_MAGIC):
+        raise KvtraceError(f"{name}: {_parquet_said(Path(path))}")
     text = head.lstrip(b"\xef\xbb\xbf").lstrip()
     if not text:
         raise KvtraceError(f"{name}: only whitespace, no JSON or pickle data")
@@ -187,6 +190,27 @@ def sniff(path: str | os.PathLike[str]) -> str:
     plain = "" if compressed else "named .gz but not gzip-compressed; "
     what = "not a CUDA snapshot pickle, Chrome trace or memory timeline"
     raise KvtraceError(f"{name}: {plain}{what} (starts with {head[:8]!r})")
+
+
+def _export_holding(path: Path) -> Path | None:
+    """The kvtrace export `path` lies in, as one of its tables (`runs/`) or a table's part file, else None."""
+    from kvtrace.format import holds_export
+
+    return next((up for up in (path.parent, path.parent.parent) if holds_export(up)), None)
+
+
+def _parquet_said(path: Path) -> str:
+    """What a Parquet file given as an input is, and how its rows are read: with SQL."""
+    root = _export_holding(path)
+    if root is None:
+        return (
+            'a Parquet file, not a run, trace or snapshot; `kvtrace query DIR "SQL"` reads a kvtrace '
+            "export's tables"
+        )
+    return (
+        f"a Parquet part of the kvtrace export {root}, not a run, trace or snapshot: read it with "
+        f'`kvtrace query {shell_arg(root)} "SQL"`'
+    )
 
 
 def _raw_magic(path: str | os.PathLike[str]) -> bytes:
@@ -315,6 +339,11 @@ def _no_input_in(folder: Path) -> KvtraceError:
         return KvtraceError(
             f"{folder}: a kvtrace export (Parquet tables), not a run, trace or snapshot: read it with "
             f'`kvtrace query {shell_arg(folder)} "SQL"`'
+        )
+    if holds_export(folder.parent):  # one of its tables (`runs/`)
+        return KvtraceError(
+            f"{folder}: a table of the kvtrace export {folder.parent} (Parquet), not a run, trace or "
+            f'snapshot: read it with `kvtrace query {shell_arg(folder.parent)} "SQL"`'
         )
     partial = run_without_manifest(folder)
     if partial is not None:

@@ -49,6 +49,36 @@ def test_an_export_given_to_report_diagnose_or_compare_is_named_with_the_query_t
     assert json.loads(capsys.readouterr().out) == [{"runs": 1}]
 
 
+def test_a_table_or_part_of_an_export_is_named_with_the_query_that_reads_its_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an export directory written by `kvtrace export` from a copy of a sample run, one of its tables
+    # (a folder of Parquet parts), one of those parts, and a copy of that part on its own
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLES / "dynamic_b2", run)
+    tables = tmp_path / "tables"
+    assert main(["export", str(run), "-q", "-o", str(tables)]) == 0
+    capsys.readouterr()
+    (part,) = (tables / "kv_events").glob("part-*.parquet")
+    lone = shutil.copy(part, tmp_path / "lone.parquet")
+    query = f'read it with `kvtrace query {tables} "SQL"`'
+    said = {
+        tables
+        / "kv_events": f"a table of the kvtrace export {tables} (Parquet), not a run, trace or snapshot: "
+        + query,
+        part: f"a Parquet part of the kvtrace export {tables}, not a run, trace or snapshot: {query}",
+        lone: 'a Parquet file, not a run, trace or snapshot; `kvtrace query DIR "SQL"` reads a kvtrace '
+        "export's tables",
+    }
+    for given, what in said.items():
+        for argv in (["report", str(given), "--no-export"], ["diagnose", str(given)]):
+            # WHEN a command that reads runs, traces and snapshots is given it
+            # THEN one line saying what it is and how its rows are read, status 2 (it said the table "holds no
+            # runs", and of the part "not a CUDA snapshot pickle, Chrome trace or memory timeline")
+            assert main(argv) == 2
+            assert capsys.readouterr() == ("", f"kvtrace {argv[0]}: error: {given}: {what}\n")
+
+
 # Each command in a fresh interpreter: whether torch was imported says whether any work (a model built, a
 # script run) came before the refusal, without timing it.
 _REFUSE = """
