@@ -7,10 +7,10 @@ its first update. Priced as "the KV peak less the KV final" it promised to remov
 where the run peaked at its prefill, which the preallocated cache raises (the tiny Llama at 3 rows, a
 10-token prompt and 12 new tokens: 15.00 KiB promised, +50,712 B recorded). So the static cache's KV
 replaces the dynamic KV at every moment of the run: the most the run held beside its KV, plus the static
-KV, is the static run's peak; its prefill also attends over all of the cache's positions, priced as
-`kvtrace plan --from-run --cache static` prices it (analyzers.planning.static_prefill's
-`static_attention_bytes`, an upper bound); under beam search each step's reorder still copies a layer's K
-(or V) whole beside the cache (plan_kv), which no static cache removes.
+KV, is the static run's peak; its prefill also attends over all of the cache's positions, while its last
+layer attends (analyzers.planning.attention_moment), priced as `kvtrace plan --from-run --cache static`
+prices it (analyzers.planning.static_prefill's `static_prefill_beside`); under beam search each step's
+reorder still copies a layer's K (or V) whole beside the cache (plan_kv), which no static cache removes.
 
 A run whose cache already is a StaticCache is told so: its transient, under beam search, is the reorder's.
 """
@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from analyzers.planning.attention_moment import prefill_attention_moment
 from analyzers.planning.diagnose_cache_remedies import layer_widths
 from analyzers.planning.diagnosis import Remedy, fits
 from analyzers.planning.run_moments import HALF_FLOATS, main_timeline, prefill_beside_at, update_beside_at
 from analyzers.planning.run_padding import call_padded
-from analyzers.planning.static_prefill import static_attention_bytes
+from analyzers.planning.static_prefill import static_attention_parts, static_prefill_beside
 from analyzers.units import human_bytes
 
 if TYPE_CHECKING:
@@ -50,8 +51,15 @@ class StaticCacheRun:
     prefill_beside_bytes: int | None  # the most beside the KV during the prefill (None: not told)
     # beside the KV at the KV log's peak, a cache update's or beam search's reorder (None: no transient)
     update_beside_bytes: int | None
-    prefill_attention_bytes: int  # the static prefill's attention over the positions past the prompt
+    # beside the KV while the run's last prefill layer attended (None: not told, the prefill's most stands)
+    attention_beside_bytes: int | None
+    # the static prefill's attention over the positions past the prompt: (held across the layers, made in
+    # the attending layer), static_prefill's `static_attention_parts`
+    attention_parts: tuple[int, int]
     attention_why: str  # what those bytes are, for the sentence ("" where none)
+    # the attention is priced at its most, not as it is: eager's scores (3 copies, a bound), or a run that
+    # does not tell where its last layer attended (the prefill's most stands for it)
+    attention_bound: bool
     moment_bytes: int  # allocated at the moment, with the request an OOM refused
 
 
@@ -85,28 +93,47 @@ def static_cache_run(
     prefill = int(beside[prefill_at]) if prefill_at is not None else None
     _, update_at = update_beside_at(source, report)
     update = int(beside[update_at]) if update_at is not None else None
-    extra, why = _prefill_attention(report, run.manifest, call.step, rows, call.prompt, call.context)
-    return StaticCacheRun(call.context - 1, call.context, most, prefill, update, extra, why, moment_bytes)
+    attention = prefill_attention_moment(source, report, rows, call.prompt)
+    key_bytes = attention.key_bytes if attention is not None else 0
+    parts, why = _prefill_attention(
+        report, run.manifest, call.step, rows, call.prompt, call.context, key_bytes
+    )
+    # beside the KV, as `beside` counts it (the weights too), where the last prefill layer attended
+    beside_attention = int(beside[attention.index]) if attention is not None else None
+    bound = attention is None or (report.geometry or {}).get("attn_implementation") != "sdpa"
+    positions = call.context - 1
+    return StaticCacheRun(
+        positions, call.context, most, prefill, update, beside_attention, parts, why, bound, moment_bytes
+    )
 
 
 def _prefill_attention(
-    report: Report, manifest: dict[str, object], step: int, rows: int, prompt: int | None, context: int
-) -> tuple[int, str]:
-    """(bytes, what they are) a static prefill's attention holds over the cache's positions past the prompt,
-    as plan prices them (`static_attention_bytes`): eager's mask and scores, sdpa's mask where the prompts
-    are padded (or the run does not say), K and V expanded to the query heads; none for unpadded sdpa."""
+    report: Report,
+    manifest: dict[str, object],
+    step: int,
+    rows: int,
+    prompt: int | None,
+    context: int,
+    key_bytes: int,
+) -> tuple[tuple[int, int], str]:
+    """(bytes held across the layers and made in the attending layer, what they are) a static prefill's
+    attention holds over the cache's positions (its max_cache_len, the context less one) past the prompt,
+    as plan prices them (`static_attention_parts`): eager's mask and scores, sdpa's mask where the prompts
+    are padded (or the run does not say), K and V expanded to the query heads, a CPU flash kernel's blocks
+    (`key_bytes` a position); none for unpadded sdpa."""
     geometry = report.geometry or {}
     attention = geometry.get("attn_implementation")
     eager = attention in ("eager", None)
     padded = call_padded(manifest, step)
     heads, kv_heads, head_dim = (geometry.get(k) for k in ("num_attention_heads", "num_kv_heads", "head_dim"))
     if not prompt or not (eager or (attention == "sdpa" and padded is not False)):
-        return 0, ""
+        return (0, 0), ""
     if not (isinstance(heads, int) and isinstance(kv_heads, int) and isinstance(head_dim, int)):
-        return 0, ""
+        return (0, 0), ""
     compute = HALF_FLOATS.get(str(geometry.get("dtype")), 4)
     expansions = 2 * heads * head_dim * compute if heads > kv_heads else 0
-    extra = static_attention_bytes(rows, context - prompt, prompt, compute, expansions, heads, eager)
+    more = context - 1 - prompt  # the cache's positions past the prompt
+    extra = static_attention_parts(rows, more, prompt, compute, expansions, heads, eager, key_bytes)
     if eager:
         what = "eager attention's mask and scores"
     else:
@@ -114,6 +141,8 @@ def _prefill_attention(
         what = f"sdpa's mask over them ({told})"
     if expansions:
         what += " and K and V expanded to the query heads"
+    if key_bytes and not eager:
+        what += ", and torch's CPU flash kernel's blocks over them"
     return extra, what
 
 
@@ -149,8 +178,10 @@ def static_cache_remedy(d: dict[str, object], run: StaticCacheRun, need: int | N
         beside_reorder = run.update_beside_bytes if run.update_beside_bytes is not None else run.beside_bytes
         steps = max(steps, beside_reorder + kv_static + reorder)
     prefill = 0
+    across, in_layer = run.attention_parts
     if run.prefill_beside_bytes is not None:
-        prefill = run.prefill_beside_bytes + kv_static + run.prefill_attention_bytes
+        beside = static_prefill_beside(run.prefill_beside_bytes, run.attention_beside_bytes, across, in_layer)
+        prefill = beside + kv_static
     peak = max(steps, prefill)
     saved = run.moment_bytes - peak
     holds = (
@@ -158,11 +189,12 @@ def static_cache_remedy(d: dict[str, object], run: StaticCacheRun, need: int | N
         f"{human_bytes(kv_static)} of KV, where this moment holds {human_bytes(kv_moment)}"
     )
     parts = []
-    if prefill >= steps and run.prefill_attention_bytes:
+    bound = prefill >= steps and across + in_layer > 0 and run.attention_bound
+    if prefill >= steps and across + in_layer:
         parts.append(
-            f"its prefill attends over all {run.context:,} positions: up to "
-            f"{human_bytes(run.prefill_attention_bytes)} more there, {run.attention_why}, as `kvtrace plan "
-            "--from-run RUN --cache static` prices it"
+            f"its prefill attends over all {run.positions:,} positions: {'up to ' if bound else ''}"
+            f"{human_bytes(across + in_layer)} more while its last layer attends, {run.attention_why}, as "
+            "`kvtrace plan --from-run RUN --cache static` prices it"
         )
     if reorder:
         parts.append(
@@ -182,8 +214,8 @@ def static_cache_remedy(d: dict[str, object], run: StaticCacheRun, need: int | N
             f"({human_bytes(peak)}): it preallocates {holds}{more}."
         )
     else:
-        # the prefill's attention over the positions is priced at its most (padded prompts' mask): a bound
-        bound = prefill >= steps and run.prefill_attention_bytes > 0
+        # eager's scores over the positions are priced at their most, as is the attention of a run that
+        # does not tell where its last layer attended: a bound
         up_to, to = ("up to ", "at most ") if bound else ("", "")
         text = (
             f"A static cache (cache_implementation='static') would raise the peak by {up_to}"

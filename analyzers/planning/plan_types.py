@@ -87,6 +87,12 @@ class RecordedPeak:
     # the most held beside the weights and KV during the run's prefill, which a larger prefill is priced
     # from (analyzers.planning.run_moments' `prefill_beside`); None: not told, the peak's remainder bounds it
     prefill_activations_bytes: int | None = None
+    # held beside the weights and KV while the run's last prefill layer attended, its K and V expanded to the
+    # query heads (analyzers.planning.attention_moment): what a static prefill's attention over the cache
+    # goes beside (static_prefill's `static_prefill_beside`); None: not told, beside the prefill's most
+    prefill_attention_bytes: int | None = None
+    # bytes a key position adds to that moment's CPU flash kernel blocks (attention_moment's `key_bytes`)
+    prefill_attention_key_bytes: int | None = None
     # of the prefill's, the most beside the logits over its last position and the vectors over the
     # vocabulary, which stay at a longer prompt: what a longer prompt's prefill grows in proportion to it
     # (run_moments' `prefill_prompt_bytes`); None: not told, all of the prefill's grow with the prompt

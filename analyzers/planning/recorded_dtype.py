@@ -40,6 +40,7 @@ def in_compute_dtype(rec: RecordedPeak, dtype: str) -> RecordedPeak:
 
     activations = grown(rec.activations_bytes, rec.dtype_fixed_bytes)
     prefill, update = rec.prefill_activations_bytes, rec.update_activations_bytes
+    attention = rec.prefill_attention_bytes  # a layer's tensors, none of the vocabulary's: all grow
     # what a token adds grows with the dtype too, as if none were the int64 ids: an upper bound
     context, update_context = rec.context_token_bytes, rec.update_context_token_bytes
     prompt_bytes = rec.prefill_prompt_bytes  # as if none were the int64 ids or float32: an upper bound
@@ -49,6 +50,7 @@ def in_compute_dtype(rec: RecordedPeak, dtype: str) -> RecordedPeak:
         activations_bytes=activations,
         prefill_activations_bytes=None if prefill is None else grown(prefill, rec.prefill_dtype_fixed_bytes),
         update_activations_bytes=None if update is None else grown(update, rec.update_dtype_fixed_bytes),
+        prefill_attention_bytes=None if attention is None else grown(attention, None),
         prefill_prompt_bytes=None if prompt_bytes is None else math.ceil(prompt_bytes * factor),
         prefill_moments=None,  # not told apart by dtype: `prefill_prompt_bytes`' bound stands
         context_token_bytes=None if context is None else math.ceil(context * factor),

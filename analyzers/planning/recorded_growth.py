@@ -42,7 +42,11 @@ from analyzers.planning.recorded_terms import (
     update_token_growth,
 )
 from analyzers.planning.sdpa_repeats import sdpa_copies_unmeasured, sdpa_repeats_kv
-from analyzers.planning.static_prefill import prefill_attention_bytes
+from analyzers.planning.static_prefill import (
+    prefill_attention_bytes,
+    static_prefill_beside,
+    static_prefill_parts,
+)
 
 __all__ = ["recorded_peak_at", "recorded_peak_moment"]
 
@@ -117,19 +121,19 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
         prompt_grown = rows * longer
         # a static cache's prefill: the run's prefill activations grown with the prompt, and attention's
         # tensors over the cache's length, which the run's prefill did not make
-        attention = prefill_attention_bytes(req, run, rec, batch, context, sizes.prompt)
         at_prefill = grown_with_prompt(activations + unseen, fixed, rows, longer, rec.prefill_prompt_bytes)
+        kept_prefill = 1 - freed / max(rec.activations_bytes, 1)  # fewer rows keep this share of them
         if rec.prefill_activations_bytes is not None and rec.phase == "decode":
             # measured during its prefill, as `kvtrace diagnose`'s static cache remedy takes them: not its
             # decode step's end (the logits processors' vectors). Before, the demo's Llama (8 rows, 20-token
             # padded prompt, 64 new tokens) planned static from its dynamic run said 126.22 MiB where
             # diagnose priced at most 122.29 MiB "as plan prices it" (the recording: 111.87 MiB)
             beside_prefill, prefill_fixed = _beside_prefill(run, rec)
-            kept_rows = 1 - freed / max(rec.activations_bytes, 1)
+            kept_prompt = prompt_bytes_kept(rec, kept_prefill)
             at_prefill = grown_with_prompt(
-                beside_prefill * kept_rows, prefill_fixed, rows, longer, prompt_bytes_kept(rec, kept_rows)
+                beside_prefill * kept_prefill, prefill_fixed, rows, longer, kept_prompt
             )
-        at_prefill += attention
+        at_prefill = _with_attention(req, run, rec, batch, context, at_prefill, kept_prefill, prompt_grown)
         # a step's end, holding this cache's KV, holds what the run held at its own step's end: where the
         # run peaked elsewhere (a dynamic cache's growth copy), at most its peak less its weights and final
         # KV, the logits it ended with unseen at its peak (a sliding cache planned from a dynamic run at its
@@ -293,7 +297,8 @@ def _moment_floors(
             squared = pairs_squared(req, rec)  # eager's mask and scores within their moments
             prefill = moments_grown(moments, rows * kept, longer, squared)
             attention = 0 if squared else attention
-        prefill += attention
+        if attention:
+            prefill = _with_attention(req, run, rec, batch, context, prefill, kept, early)
         floors.append((req.weights_bytes + sizes.prefill_bytes + prefill, sizes.prefill_bytes))
     return floors
 
@@ -333,6 +338,30 @@ def _reached_token_growth(rec: RecordedPeak, batch: int, context: int, scale: fl
         return 0
     tokens = min(context, rec.context) - 1
     return max(per_token * batch * tokens - math.ceil(held * scale), 0)
+
+
+def _with_attention(
+    req: PlanRequest,
+    run: PlanRequest,
+    rec: RecordedPeak,
+    batch: int,
+    context: int,
+    prefill: int,
+    kept: float,
+    grown: float,
+) -> int:
+    """The plan's prefill with attention's tensors over the positions the run's prefill did not attend
+    over (`prefill_attention_bytes`): a static cache's beside the run's last layer's attention, grown as the
+    prefill grows (`grown`, the rows times the prompt; the share `kept` of fewer rows), or its prefill's
+    most, the larger (`static_prefill_beside`, the figure `kvtrace diagnose`'s static cache remedy gives);
+    another cache's beside the prefill's most (`prefill`)."""
+    prompt = kv_sizes(req, batch, context).prompt
+    if req.cache != "static":
+        return prefill + prefill_attention_bytes(req, run, rec, batch, context, prompt)
+    across, in_layer = static_prefill_parts(req, run, rec, batch, context, prompt)
+    measured = rec.prefill_attention_bytes if run.cache != "static" else None
+    attention = None if measured is None else scaled_activations(measured * kept, None, grown)
+    return static_prefill_beside(prefill, attention, across, in_layer)
 
 
 def _beside_prefill(run: PlanRequest, rec: RecordedPeak) -> tuple[int, int | None]:

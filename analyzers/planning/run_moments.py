@@ -28,6 +28,7 @@ __all__ = [
     "prefill_held_bytes",
     "prefill_moments",
     "prefill_prompt_bytes",
+    "prefill_windows",
     "update_beside",
     "update_beside_at",
 ]
@@ -151,14 +152,14 @@ def prefill_beside_at(source: MemorySource, report: Report) -> tuple[int | None,
     beside = found[1].by_category["other"]  # allocated less weights and KV, after each event
     most: int | None = None
     most_at: int | None = None
-    for inside in _prefill_windows(source, report):
+    for inside in prefill_windows(source, report):
         at = int(inside[np.argmax(beside[inside])])
         if most is None or int(beside[at]) > most:
             most, most_at = int(beside[at]), at
     return most, most_at
 
 
-def _prefill_windows(source: MemorySource, report: Report) -> list[np.ndarray]:
+def prefill_windows(source: MemorySource, report: Report) -> list[np.ndarray]:
     """The main device's event indices of each whole prefill step of the KV log (from the step's start to
     the next step's, `step_starts`); none where the run has no KV log or timeline."""
     kv_log = source.meta.get("kv")
@@ -252,7 +253,7 @@ def outside_prefill_peak(source: MemorySource, report: Report, index: int) -> in
     found = main_timeline(source, report)
     if found is None:
         return None
-    window = next((w for w in _prefill_windows(source, report) if w[0] <= index <= w[-1]), None)
+    window = next((w for w in prefill_windows(source, report) if w[0] <= index <= w[-1]), None)
     if window is None:
         return None
     allocated = found[1].allocated
@@ -277,7 +278,7 @@ def _prefill_parts(
     dev = next((d for d in source.devices if d.device == main.device), None)
     if dev is None or dev.category is None or not bool((dev.addr >= 0).any()):
         return None
-    windows = _prefill_windows(source, report)
+    windows = prefill_windows(source, report)
     if not windows:
         return None
     vocab_units = {vocab * 4, vocab * HALF_FLOATS.get(str(geometry.get("dtype")), 4)}

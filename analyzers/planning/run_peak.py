@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from analyzers.planning.attention_moment import prefill_attention_moment
 from analyzers.planning.beam_tensors import without_beam_tensors
 from analyzers.planning.run_moments import (
     HALF_FLOATS,
@@ -71,6 +72,10 @@ class PeakMoment:
     row_activation_bytes: int | None = None
     # the most held beside the weights and KV during the run's prefill (`prefill_beside`); None: not told
     prefill_activations_bytes: int | None = None
+    # beside the weights and KV while the last prefill layer attended, and what a key adds to its CPU flash
+    # kernel's blocks (analyzers.planning.attention_moment); None: not told
+    prefill_attention_bytes: int | None = None
+    prefill_attention_key_bytes: int | None = None
     # of the prefill's, the most beside the vocabulary's one-position allocations, which a longer prompt
     # grows (`prefill_prompt_bytes`); None: not told, all grow
     prefill_prompt_bytes: int | None = None
@@ -149,6 +154,7 @@ def peak_moment(
     at_update_context = context_token_bytes(source, report, update_at, rows, prompt, context, beams)
     at_peak_prompt = prompt_row_bytes(source, report, peak_at, diagnosis.batch, prompt)
     decode = diagnosis.step_phase == "decode"
+    attention = prefill_attention_moment(source, report, diagnosis.batch, prompt)
 
     def batch_fixed(index: int | None) -> int | None:
         return batch_fixed_bytes(source, report, index, diagnosis.batch, prompt, context)
@@ -163,6 +169,8 @@ def peak_moment(
         kv_at_peak_bytes=at_peak.get("kv", 0),
         row_activation_bytes=diagnosis.row_activation_bytes,
         prefill_activations_bytes=prefill,
+        prefill_attention_bytes=attention.beside_bytes if attention is not None else None,
+        prefill_attention_key_bytes=attention.key_bytes if attention is not None else None,
         prefill_prompt_bytes=prefill_prompt_bytes(source, report, diagnosis.batch, prompt),
         prefill_moments=prefill_moments(source, report, diagnosis.batch, prompt, context),
         prefill_held_bytes=prefill_held_bytes(source, report, diagnosis.batch, prompt),

@@ -23,7 +23,10 @@ __all__ = [
     "eager_pair_sizes",
     "prefill_attention_bytes",
     "static_attention_bytes",
+    "static_attention_parts",
+    "static_prefill_beside",
     "static_prefill_bytes",
+    "static_prefill_parts",
     "unknown_padding_note",
 ]
 
@@ -132,33 +135,81 @@ def static_prefill_bytes(
     the static recording before (its mask beyond the prompt unpriced), 2.7% above after, the layer's copies
     priced beside the run's prefill peak, which did not hold them. A run that does not say its attention is
     priced as eager. 0 for another cache or where the plan's is no longer."""
+    return sum(static_prefill_parts(req, run, rec, batch, context, prompt))
+
+
+def static_prefill_parts(
+    req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int, prompt: int
+) -> tuple[int, int]:
+    """`static_prefill_bytes` as `static_attention_parts` splits it: (held across the layers, made in the
+    attending layer). The cache's positions are its max_cache_len, the context less the last new token
+    (never fed back): a static run's expanded K and V and its mask are over those, one fewer than the
+    context, which was priced before."""
     eager = rec.attn_implementation in ("eager", None)
     padded_sdpa = rec.attn_implementation == "sdpa" and rec.padded is not False
     if req.cache != "static" or not (eager or padded_sdpa):
-        return 0
+        return 0, 0
     # another cache's prefill attended over its prompt's positions (none where the run does not say it)
-    held = attended(run, rec.context) if run.cache == "static" else rec.prompt or 0
+    held = attended(run, rec.context) if run.cache == "static" else (rec.prompt or 0) + 1
     more = attended(req, context) - held
     if more <= 0:
-        return 0
+        return 0, 0
     compute = dtype_bytes_for(req.effective_compute_dtype, 1)
     heads = req.geometry.num_attention_heads
-    return static_attention_bytes(batch, more, prompt, compute, _expansion_bytes(req, compute), heads, eager)
+    expansions = _expansion_bytes(req, compute)
+    key_bytes = (rec.prefill_attention_key_bytes or 0) if run.cache != "static" else 0
+    return static_attention_parts(batch, more, prompt, compute, expansions, heads, eager, key_bytes)
 
 
 def static_attention_bytes(
     rows: int, more: int, prompt: int, compute: int, expansions: int, heads: int, eager: bool
 ) -> int:
+    """`static_attention_parts`, both together: what a static prefill holds at its most beyond the run's
+    attention (`unknown_padding_note`'s figure)."""
+    return sum(static_attention_parts(rows, more, prompt, compute, expansions, heads, eager))
+
+
+def static_attention_parts(
+    rows: int,
+    more: int,
+    prompt: int,
+    compute: int,
+    expansions: int,
+    heads: int,
+    eager: bool,
+    key_bytes: int = 0,
+) -> tuple[int, int]:
     """`static_prefill_bytes`' arithmetic over `more` positions beyond those the run's prefill attended
     over, `rows` x `prompt` tokens, `compute` bytes an element, `expansions` one layer's K and V expanded to
-    the query heads a token and row: eager's mask, expansions and 3 copies of its scores; sdpa's (padded)
-    bool mask and its compute-dtype copy, and the expansions. Shared with `kvtrace diagnose`'s static cache
-    remedy (analyzers.planning.diagnose_static_remedy), so that both price a static prefill alike."""
+    the query heads a token and row, as (held across the layers, made in the attending layer alone): sdpa's
+    (padded) bool mask, a byte a prompt token, lives through the model's forward, its compute-dtype copy
+    (`aten::where`), the expansions and, on a CPU, the flash kernel's per-thread blocks (`key_bytes` a
+    position: analyzers.planning.attention_moment) while a layer attends; eager's mask in the compute dtype
+    across the layers, its expansions and its scores at their most (`_score_bytes` a head and pair: the
+    scores, their float32 cast, the softmax) in the layer. Before, the scores were 3 float32 copies, 12
+    bytes where bf16 holds 10: the tiny Llama (bf16, 8 rows, 20-token prompt, 16 new tokens) planned static
+    from its eager dynamic run 19,200 B over the static recording, now exactly it. Shared with `kvtrace
+    diagnose`'s static cache remedy (analyzers.planning.diagnose_static_remedy), which `static_prefill_beside`
+    puts beside the same moments."""
     if more <= 0:
-        return 0
-    if not eager:  # sdpa's: a bool a prompt token and its compute-dtype copy, the expansions, no scores
-        return rows * more * (prompt * (1 + compute) + expansions)
-    return rows * more * (prompt * compute + expansions + 3 * heads * prompt * 4)
+        return 0, 0
+    if not eager:
+        return rows * more * prompt, rows * more * (prompt * compute + expansions) + key_bytes * more
+    return rows * more * prompt * compute, rows * more * (expansions + heads * prompt * _score_bytes(compute))
+
+
+def static_prefill_beside(prefill: int, attention: int | None, across: int, in_layer: int) -> int:
+    """The most a static cache's prefill holds beside its weights and KV, from a run's prefill on another
+    cache: the run's prefill most (`prefill`: its logits at the step's end, a layer's rotary or MLP) with the
+    mask held across the layers (`across`), or the run's last layer's attention (`attention`:
+    analyzers.planning.attention_moment), every layer's KV allocated by then, with that and what the layer
+    makes over the cache's positions (`in_layer`), the larger. Not told where the run attended (None), the
+    layer's go beside the prefill's most: an upper bound. Before, they always did: the demo's Llama (8
+    rows, 20-token padded prompt, 64 new tokens, sdpa) was priced at 122.29 MiB, its recording 111.87 MiB,
+    its float32 logits beside its last layer's expanded K and V, never live together. `kvtrace plan
+    --from-run --cache static` and `kvtrace diagnose`'s static cache remedy both price it here."""
+    at_attention = (prefill if attention is None else attention) + in_layer
+    return max(prefill, at_attention) + across
 
 
 def attended(req: PlanRequest, context: int) -> int:

@@ -138,6 +138,8 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         # buffers planned at their capacity) leaves the activations as measured
         row_activation_bytes=moment.row_activation_bytes if same_rows else None,
         prefill_activations_bytes=moment.prefill_activations_bytes,
+        prefill_attention_bytes=moment.prefill_attention_bytes,
+        prefill_attention_key_bytes=moment.prefill_attention_key_bytes,
         prefill_prompt_bytes=moment.prefill_prompt_bytes if same_rows else None,
         prefill_moments=moment.prefill_moments if same_rows else None,
         prefill_held_bytes=moment.prefill_held_bytes if same_rows else None,
