@@ -314,40 +314,109 @@ def trace_lead_us(dev: DeviceEvents, storages: list[_Storage]) -> float:
     """How far (µs) the trace's clock runs ahead of the KV log's, as the storages' allocations prove it (see
     `_lead_of`): the readers that place the log's sightings among the trace's events read them this much
     later, as the KV log's join does."""
+    return _lead_of(dev, storages, _allocations_at(dev, storages), sizes_are_blocks(dev))
+
+
+def sighting_fit_us(
+    dev: DeviceEvents, storages: list[_Storage], within_us: float = JOIN_TOLERANCE_US
+) -> float | None:
+    """The trace's lead (µs) over the KV log's clock that fits the storages tightest: a storage is made before
+    the log sees it and freed after, so under the true lead each storage's own allocation is the one of its
+    address live at its sighting (read that much later). Of the leads within `within_us` either way, those
+    under which the most storages have an allocation of their size (on a GPU, a block that can hold it) live
+    at their sighting, the widest unbroken run of them, and its least. None where no storage has one.
+
+    An earlier occupant of a storage's address (a same-sized projection output, freed just before the cache's
+    storage took its block) fits it under a lead some µs less. Where the other storages' own allocations came
+    long before their sightings (a host that descheduled the process before the update logged them), those
+    fit that lead too, and the occupants of the few storages seen at once line up (one forward's
+    temporaries): as many storages fit, but only while all those short-lived occupants are live, where the
+    true lead's run lasts from the tightest fit to the first storage's free."""
+    return _sighting_fit(dev, storages, _allocations_at(dev, storages), sizes_are_blocks(dev), within_us)
+
+
+def _allocations_at(dev: DeviceEvents, storages: list[_Storage]) -> dict[int, list[int]]:
+    """The indices of the allocations at the storages' addresses, by address, in time order."""
     wanted = np.fromiter({s[0] for s in storages}, dtype=np.int64)
     by_addr: dict[int, list[int]] = {}
     for idx in np.flatnonzero((dev.delta_bytes > 0) & np.isin(dev.addr, wanted)).tolist():
         by_addr.setdefault(int(dev.addr[idx]), []).append(idx)
-    return _lead_of(dev, storages, by_addr, sizes_are_blocks(dev))
+    return by_addr
 
 
 def _lead_of(
     dev: DeviceEvents, storages: list[_Storage], by_addr: dict[int, list[int]], blocks: bool
 ) -> float:
-    """How far (µs) the trace's clock runs ahead of the KV log's, as the storages prove it: a storage is made
-    before the log sees it, so one whose only allocation of its address and size within the tolerance comes
-    after its sighting puts the trace at least that much ahead, and SIGHTING_MARGIN_US more for storages the
-    log saw sooner after theirs (not capped at the tolerance: a lead just past it, which half the storages
-    still fit as read, is one `readers.trace_clock` leaves to the join). 0 where none does. Without it,
-    a storage the log saw sooner after its allocation than the clocks' error would take an earlier
-    occupant of its address (a same-sized projection output freed just before; the clocks agree to ~0.15
-    ms, and a prefill storage is seen 0.02-0.2 ms after it is made)."""
-    times = {addr: dev.ts_us[idx].tolist() for addr, idx in by_addr.items()}
-    lead = 0.0
-    for addr, nbytes, first_ns, *_rest in storages:
+    """How far (µs) the trace's clock runs ahead of the KV log's, as the storages prove it: the tightest fit
+    within the tolerance either way (`sighting_fit_us`), and SIGHTING_MARGIN_US more for storages the log
+    saw sooner after theirs than the one that fixed it; 0 where that fit is none (the clocks agree, or the
+    trace's clock runs behind). Up to the tolerance and its margin: a lead just past the tolerance, which
+    half the storages still fit as read, is one `readers.trace_clock` leaves to the join. Without it, a
+    storage the log saw sooner after its allocation than the clocks' error would take an earlier occupant of
+    its address (a same-sized projection output freed just before; the clocks agree to ~0.15 ms, and a
+    prefill storage is seen 0.02-0.2 ms after it is made). When only a storage with no other allocation of
+    its size within the tolerance could prove the lead, a prefill whose every storage had such an occupant
+    (a CPU's malloc hands a freed block back at once) had none under a base set 0.1-2 ms late, and the join
+    took the occupants."""
+    fit = _sighting_fit(dev, storages, by_addr, blocks, JOIN_TOLERANCE_US)
+    return fit + SIGHTING_MARGIN_US if fit is not None and fit > 0 else 0.0
+
+
+def _sighting_fit(
+    dev: DeviceEvents,
+    storages: list[_Storage],
+    by_addr: dict[int, list[int]],
+    blocks: bool,
+    within_us: float,
+) -> float | None:
+    """`sighting_fit_us` on the allocations `by_addr`."""
+    ts = dev.ts_us
+    released: dict[int, list[int]] = {}
+    watched = np.fromiter(by_addr, dtype=np.int64)
+    for idx in np.flatnonzero((dev.delta_bytes < 0) & np.isin(dev.addr, watched)).tolist():
+        released.setdefault(int(dev.addr[idx]), []).append(idx)
+    times = {addr: ts[idx].tolist() for addr, idx in by_addr.items()}
+    spans: list[tuple[float, int, int]] = []  # (lead, 0 from / 1 until, storage): its allocation live
+    for storage, (addr, nbytes, first_ns, *_rest) in enumerate(storages):
         at = times.get(addr)
         if not at:
             continue
         seen = first_ns / 1000.0
-        lo = bisect.bisect_left(at, seen - JOIN_TOLERANCE_US)
-        hi = bisect.bisect_right(at, seen + JOIN_TOLERANCE_US)
-        sizes = dev.delta_bytes[by_addr[addr][lo:hi]].tolist()
-        near = [
-            j for j, size in enumerate(sizes, lo) if size == nbytes or (blocks and block_holds(size, nbytes))
-        ]
-        if len(near) == 1:
-            lead = max(lead, at[near[0]] - seen)
-    return lead + SIGHTING_MARGIN_US if lead > 0 else 0.0
+        frees = released.get(addr, [])
+        # the allocations live within the range of the sighting: the last made before it, those in it
+        lo = max(0, bisect.bisect_right(at, seen - within_us) - 1)
+        for j in range(lo, bisect.bisect_right(at, seen + within_us)):
+            index = by_addr[addr][j]
+            size = int(dev.delta_bytes[index])
+            if size != nbytes and not (blocks and block_holds(size, nbytes)):
+                continue
+            freed = bisect.bisect_right(frees, index)
+            until = min(float(ts[frees[freed]]) - seen if freed < len(frees) else within_us, within_us)
+            since = max(at[j] - seen, -within_us)
+            if until >= since:
+                spans += [(since, 0, storage), (until, 1, storage)]
+    if not spans:
+        return None
+    spans.sort()  # at one lead, a span that opens there before one that closes: both live at it
+    live: dict[int, int] = {}
+    best = (0, -1.0, 0.0)  # storages live, how long, from which lead
+    run_from, run_count = spans[0][0], 0
+    for position, (at_lead, closes, storage) in enumerate(spans):
+        if closes:
+            held = live[storage] - 1
+            if held:
+                live[storage] = held
+            else:
+                del live[storage]
+        else:
+            live[storage] = live.get(storage, 0) + 1
+        if position + 1 < len(spans) and spans[position + 1][0] == at_lead:
+            continue  # the count at a lead is the one after all its spans opened and closed
+        if len(live) != run_count:
+            if (run_count, at_lead - run_from) > best[:2]:
+                best = (run_count, at_lead - run_from, run_from)
+            run_from, run_count = at_lead, len(live)
+    return best[2] if best[0] else None
 
 
 def _held_frees(dev: DeviceEvents, held: list[_Storage] | None) -> list[tuple[int, _Storage]]:

@@ -3,8 +3,10 @@ environment; kvpress itself is tested in its own environment (tests/kvpress)."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
@@ -13,7 +15,13 @@ from typing import Any
 import pytest
 import torch
 from kvlog_math import storage_lives
-from test_recorder_profiler_join import cpu_allocations, load_trace, match
+from test_recorder_profiler_join import (
+    Allocation,
+    cpu_allocations,
+    load_trace,
+    match,
+    trace_clock_lead_us,
+)
 
 import kvtrace
 from analyzers.report import build_report
@@ -175,14 +183,22 @@ def _report(run: Path) -> dict[str, Any]:
     return json.loads(out.getvalue())
 
 
-def _allocator_peak(run: Path, events: list[KvEvent]) -> int:
-    """The most bytes the KV storages of the log held at once, by the profiler's own alloc/free events."""
+def _kv_allocations(
+    run: Path, events: list[KvEvent], lead_us: float | None = None
+) -> list[Allocation | None]:
+    """The profiler's allocation of each KV storage of the log (None: none found), paired on the trace's
+    clock (`trace_clock_lead_us`; `lead_us` to pair on another, 0 for the trace's as read)."""
     trace = load_trace(next((run / "profiler").glob("*.pt.trace.json*")))
     allocations = cpu_allocations(trace)
+    lives = storage_lives(events)
+    lead = trace_clock_lead_us(allocations, lives) if lead_us is None else lead_us
+    return [match(life, allocations, lead) for life in lives]
+
+
+def _peak(allocations: list[Allocation]) -> int:
+    """The most bytes these allocations held at once, by their own alloc and free times."""
     changes: list[tuple[float, int]] = []
-    for life in storage_lives(events):
-        allocation = match(life, allocations)
-        assert allocation is not None, life
+    for allocation in allocations:
         changes.append((allocation.alloc_us, allocation.nbytes))
         if allocation.free_us is not None:
             changes.append((allocation.free_us, -allocation.nbytes))
@@ -191,6 +207,14 @@ def _allocator_peak(run: Path, events: list[KvEvent]) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def _allocator_peak(run: Path, events: list[KvEvent]) -> int:
+    """The most bytes the KV storages of the log held at once, by the profiler's own alloc/free events."""
+    allocations = _kv_allocations(run, events)
+    lives = storage_lives(events)
+    assert None not in allocations, [life for life, a in zip(lives, allocations, strict=True) if a is None]
+    return _peak([allocation for allocation in allocations if allocation is not None])
 
 
 def _record_prefill_with_hook(tmp_path: Path, layers: int, one_by_one: bool) -> Path:
@@ -258,6 +282,59 @@ def test_a_hook_copying_k_then_v_one_by_one_is_logged_at_most_one_copy_high(tmp_
     # each layer's eviction still comes before the next layer's update
     order = [(e.event, e.layer) for e in events if e.step == 1 and e.kv == "k" and e.event != "freed"]
     assert order == [(event, layer) for layer in range(ORDER_LAYERS) for event in ("created", "evicted")]
+
+
+def _set_base_late(run: Path, late_ns: int) -> None:
+    """Rewrite the run's trace with its baseTimeNanoseconds `late_ns` later, as a loaded Kineto sets it."""
+    (path,) = (run / "profiler").glob("*.pt.trace.json*")
+    trace = load_trace(path)
+    trace["baseTimeNanoseconds"] += late_ns
+    text = json.dumps(trace).encode()
+    path.write_bytes(gzip.compress(text) if path.name.endswith(".gz") else text)
+
+
+@pytest.fixture(scope="module")
+def one_by_one_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real run of the one-by-one hook, its profiler's memory events on: recorded once, for copies."""
+    return _record_prefill_with_hook(tmp_path_factory.mktemp("one_by_one"), ORDER_LAYERS, one_by_one=True)
+
+
+@pytest.mark.parametrize("late_ms", [1, 2, 4, 8])
+def test_the_allocator_peak_is_found_under_a_trace_base_set_late(
+    one_by_one_run: Path, tmp_path: Path, late_ms: int
+) -> None:
+    # GIVEN a copy of the one-by-one hook's run whose trace's baseTimeNanoseconds is late_ms late, as a
+    # loaded host's Kineto sets it now and then (each allocation read that much later)
+    edited = tmp_path / "edited"
+    shutil.copytree(one_by_one_run, edited)
+    _set_base_late(edited, late_ms * 1_000_000)
+    events = read_run(edited).kv_events
+
+    # WHEN its KV storages are paired with the trace's allocations on the trace's clock, and as read
+    got = _kv_allocations(edited, events)
+    as_read = _kv_allocations(edited, events, lead_us=0.0)
+
+    # THEN as read, some storage seen soon after its allocation (a prefill storage: tens of µs) finds none
+    # within the pairing's tolerance, or another's (the flake) ...
+    assert as_read != got
+    # ... while on the trace's clock each has the allocation it has in the run as recorded, read late_ms later
+    want = _kv_allocations(one_by_one_run, events)
+    assert None not in got and None not in want
+    found = [(a.addr, a.nbytes, a.alloc_us) for a in got if a is not None]
+    recorded = [(a.addr, a.nbytes, a.alloc_us + late_ms * 1000) for a in want if a is not None]
+    assert [f[:2] for f in found] == [r[:2] for r in recorded]
+    # (Unix-epoch µs in float64 step by 0.25 µs)
+    assert [f[2] for f in found] == pytest.approx([r[2] for r in recorded], rel=0, abs=1.0)
+    # ... and the peak is the true one, as with the base as recorded: 2 compressed layers' K and V copies
+    # (KEEP tokens), the last layer's full K and V (PROMPT tokens) and its K copy (float32, 2 KV heads of
+    # 16 dims, BATCH rows)
+    row_bytes = KV_HEADS * HEAD_DIM * 4 * BATCH
+    true_peak = (ORDER_LAYERS - 1) * 2 * KEEP * row_bytes + 2 * PROMPT * row_bytes + KEEP * row_bytes
+    assert true_peak == 2 * 2 * 8 * 256 + 2 * 17 * 256 + 8 * 256 == 18944
+    assert _allocator_peak(edited, events) == _allocator_peak(one_by_one_run, events) == true_peak
+    # ... and so does the report's memory timeline, whose KV is the analyzers' own join of the two
+    _, report = build_report(edited)
+    assert int(report.timelines[0].by_category["kv"].max()) == true_peak
 
 
 def test_evict_ranges_in_the_trace_are_not_steps(tmp_path: Path) -> None:

@@ -2,14 +2,17 @@
 
 The Chrome trace is read here with plain `json`, independently of kvtrace's trace reader. Its `[memory]`
 instant events carry `Addr` and `Bytes` (+ alloc, - free); `ts` (µs) + `baseTimeNanoseconds` / 1000 is
-Unix-epoch µs, the clock of `KvEvent.t_ns` / 1000. Addresses are reused within microseconds (often by a
-same-sized temporary), so a storage is matched on address, size *and* lifetime.
+Unix-epoch µs, the clock of `KvEvent.t_ns` / 1000, as near as Kineto sets its base: on a loaded host it
+sets it a few ms late, so a storage is looked for on the trace's clock (`trace_clock_lead_us`). Addresses
+are reused within microseconds (often by a same-sized temporary), so a storage is matched on address, size
+*and* lifetime.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 import shutil
 import threading
 from dataclasses import dataclass
@@ -23,7 +26,8 @@ from kvlog_math import StorageLife, kv_bytes, storage_lives
 from transformers import DynamicCache
 
 import kvtrace
-from analyzers.attribution import JOIN_TOLERANCE_US
+from analyzers.attribution import JOIN_TOLERANCE_US, sighting_fit_us
+from analyzers.model import DeviceEvents
 from analyzers.planning.diagnose import diagnose
 from analyzers.report import build_report
 from kvtrace.cli import main as kvtrace_main
@@ -31,7 +35,9 @@ from kvtrace.llama import build_model, cache_keyword, make_cache
 from kvtrace.run_reader import read_run
 
 NEW_TOKENS = 4
-# The profiler's clock and time.time_ns() agree within ~0.15 ms on these machines.
+# How far a storage's allocation may follow its sighting on the trace's clock (`trace_clock_lead_us`): there
+# the storage the log saw soonest after its allocation is seen at it, and the others later; the profiler's
+# clock and time.time_ns() agree within ~0.15 ms on these machines, but for Kineto's base.
 CLOCK_TOLERANCE_US = 500.0
 
 
@@ -79,11 +85,35 @@ def cpu_allocations(trace: dict) -> dict[int, list[Allocation]]:
     return lives
 
 
-def match(life: StorageLife, allocations: dict[int, list[Allocation]]) -> Allocation | None:
-    """The allocation at the storage's address, of its size, live from its first to its last KV event: of
-    several (the next layer's storage of the same size may take the address within the clock tolerance,
-    on a fast machine), the one made nearest the storage's first sighting."""
-    first_us, last_us = life.first_ns / 1000, life.last_use_ns / 1000
+def trace_clock_lead_us(allocations: dict[int, list[Allocation]], lives: list[StorageLife]) -> float:
+    """How far (µs) the trace's clock, as read, runs ahead of the KV log's: Kineto sets its
+    `baseTimeNanoseconds` now and then a few ms late on a loaded host, which puts every allocation past its
+    storage's sighting. Found as the analyzers' join finds it (`attribution.sighting_fit_us`: the least lead
+    of the widest run under which the most storages have an allocation of their address and size live at
+    their sighting), over any lead: the storage seen soonest after its allocation is seen at it. 0 where no
+    storage has an allocation in the trace."""
+    made = [a for runs in allocations.values() for a in runs]
+    changes = sorted(  # at one instant a free first, as the allocator goes
+        [(a.alloc_us, a.addr, a.nbytes) for a in made]
+        + [(a.free_us, a.addr, -a.nbytes) for a in made if a.free_us is not None]
+    )
+    trace = DeviceEvents(
+        device="cpu",
+        ts_us=np.array([c[0] for c in changes], dtype=np.float64),
+        addr=np.array([c[1] for c in changes], dtype=np.int64),
+        delta_bytes=np.array([c[2] for c in changes], dtype=np.int64),
+    )
+    storages = [(life.addr, life.storage_bytes, life.first_ns, -1, life.key[1], life.key[2], life.key[0])
+                for life in lives]  # fmt: skip
+    return sighting_fit_us(trace, storages, within_us=math.inf) or 0.0
+
+
+def match(life: StorageLife, allocations: dict[int, list[Allocation]], lead_us: float) -> Allocation | None:
+    """The allocation at the storage's address, of its size, live from its first to its last KV event (read
+    on the trace's clock: `lead_us` later, `trace_clock_lead_us`): of several (the next layer's storage of
+    the same size may take the address within the clock tolerance, on a fast machine), the one made nearest
+    the storage's first sighting."""
+    first_us, last_us = life.first_ns / 1000 + lead_us, life.last_use_ns / 1000 + lead_us
     candidates = [
         a
         for a in allocations.get(life.addr, [])
@@ -117,11 +147,12 @@ def test_every_kv_storage_is_a_profiled_allocation(tiny_model, prompt_batch, tmp
     # Two layers x K and V, a new storage every step.
     assert len(lives) >= 2 * 2 * NEW_TOKENS
 
-    # THEN each storage was allocated, at its size, before its first event ...
-    unmatched = [life for life in lives if match(life, allocations) is None]
+    # THEN each storage was allocated, at its size, before its first event (on the trace's clock) ...
+    lead_us = trace_clock_lead_us(allocations, lives)
+    unmatched = [life for life in lives if match(life, allocations, lead_us) is None]
     assert not unmatched, f"{len(unmatched)}/{len(lives)} KV storages without an allocation: {unmatched[:3]}"
     for life in lives:
-        allocation = match(life, allocations)
+        allocation = match(life, allocations, lead_us)
         assert allocation is not None
         if allocation.free_us is None:
             # ... and where the trace has no free, the storage outlived the profiler (the recorder logs
@@ -129,11 +160,11 @@ def test_every_kv_storage_is_a_profiled_allocation(tiny_model, prompt_batch, tmp
             assert life.freed_ns is None or life.freed_phase == "end", life
         else:
             # ... and freed after its last event, no later than the recorder saw it go.
-            assert allocation.free_us >= life.last_use_ns / 1000 - CLOCK_TOLERANCE_US, life
+            assert allocation.free_us >= life.last_use_ns / 1000 + lead_us - CLOCK_TOLERANCE_US, life
             if life.freed_ns is not None:
-                assert allocation.free_us <= life.freed_ns / 1000 + CLOCK_TOLERANCE_US, life
+                assert allocation.free_us <= life.freed_ns / 1000 + lead_us + CLOCK_TOLERANCE_US, life
     if cache is not None:
-        still_allocated = [life for life in lives if match(life, allocations).free_us is None]
+        still_allocated = [life for life in lives if match(life, allocations, lead_us).free_us is None]
         assert len(still_allocated) == 2 * 2  # the cache the caller holds: K and V of two layers
     del cache
 
@@ -167,6 +198,16 @@ def run_with_kept_cache(tiny_model, prompt_batch, tmp_path_factory) -> Path:
 def _trace_of(run_dir: Path) -> tuple[Path, dict]:
     (path,) = sorted((run_dir / "profiler").glob("*.pt.trace.json*"))
     return path, load_trace(path)
+
+
+def _kv_allocations(run_dir: Path) -> tuple[dict[int, list[Allocation]], list[StorageLife], float]:
+    """The run's trace's allocations (as read), its KV storages, and how far the trace's clock runs ahead of
+    the log's (`trace_clock_lead_us`), by which each storage finds its own allocation. The lags the helpers
+    below take from them stay as read: what they add to the base puts the trace where they mean against
+    the log's clock, whatever lead the recorded base had."""
+    allocations = cpu_allocations(_trace_of(run_dir)[1])
+    lives = storage_lives(read_run(run_dir).kv_events)
+    return allocations, lives, trace_clock_lead_us(allocations, lives)
 
 
 def _write_trace(path: Path, trace: dict) -> None:
@@ -249,10 +290,10 @@ def _lead_onto_an_earlier_occupant(run_dir: Path) -> float:
     sighting and an earlier, same-sized occupant of its address (a prefill projection's output, freed
     just before the cache's storage was made there) at the sighting; 0 when the run has none within the
     join's tolerance. Read from the trace with plain json and the log's own events."""
-    allocations = cpu_allocations(_trace_of(run_dir)[1])
+    allocations, lives, lead_us = _kv_allocations(run_dir)
     leads = []
-    for life in storage_lives(read_run(run_dir).kv_events):
-        own = match(life, allocations)
+    for life in lives:
+        own = match(life, allocations, lead_us)
         seen_us = life.first_ns / 1000
         earlier = [
             a.alloc_us
@@ -280,10 +321,10 @@ def _lead_just_past_the_tolerance(run_dir: Path) -> float:
     (`readers.trace_clock`), while a storage the log saw sooner after its allocation, one with an earlier
     same-sized occupant of its address, falls past it; 0 when the run has no such storage. Read from the
     trace with plain json and the log's own events."""
-    allocations = cpu_allocations(_trace_of(run_dir)[1])
+    allocations, lives, lead_us = _kv_allocations(run_dir)
     lags, crowded = [], []  # each storage's sighting - its allocation; those of storages with an earlier one
-    for life in storage_lives(read_run(run_dir).kv_events):
-        own = match(life, allocations)
+    for life in lives:
+        own = match(life, allocations, lead_us)
         if own is None:
             continue
         lag = life.first_ns / 1000 - own.alloc_us
@@ -355,11 +396,11 @@ def _cut_before(run_dir: Path, alloc_us: float, frees_of_earlier: bool = True) -
 
 
 def _owned_lags(run_dir: Path) -> list[tuple[float, float, int]]:
-    """(sighting - allocation, allocation, bytes) of each KV storage the trace holds (µs, Unix-epoch)."""
-    allocations = cpu_allocations(_trace_of(run_dir)[1])
+    """(sighting - allocation, allocation, bytes) of each KV storage the trace holds (µs, the allocation
+    as the trace reads)."""
+    allocations, lives, lead_us = _kv_allocations(run_dir)
     return [(life.first_ns / 1000 - own.alloc_us, own.alloc_us, life.storage_bytes)
-            for life in storage_lives(read_run(run_dir).kv_events)
-            if (own := match(life, allocations)) is not None]  # fmt: skip
+            for life in lives if (own := match(life, allocations, lead_us)) is not None]  # fmt: skip
 
 
 def _just_past_the_tolerance_from(owned: list[tuple[float, float, int]], cut_at: float) -> float:
@@ -503,11 +544,11 @@ def test_a_cache_begun_on_another_thread_is_not_added_twice_under_a_trace_just_p
     # recorded model's storages, while half of them still fit as read (the trace is not moved), so that those
     # of the listed cache that the log saw sooner after their allocation fall past it, as read
     _, trace = _trace_of(reference)
-    allocations = cpu_allocations(trace)
+    allocations, lives, lead_us = _kv_allocations(reference)
     lags: dict[bool, list[float]] = {True: [], False: []}  # listed? -> sighting - allocation of each storage
     untraced = 0
-    for life in storage_lives(read_run(reference).kv_events):
-        own = match(life, allocations)
+    for life in lives:
+        own = match(life, allocations, lead_us)
         if own is None:
             assert life.key[0] == listed, "only the listed cache's storages may be missing from the trace"
             untraced += 1
