@@ -259,7 +259,7 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
         k, expert_width = geom.experts_per_token, geom.expert_intermediate_size
         own = f"its last MoE layer holds {_MOE_TEXT[act.moment].format(k=k, width=expert_width)}"
         if act.moment != "shared expert":
-            own += f", beside its router's logits (R x {geom.experts}), top-k weights and the sort's indices"
+            own += f", with its router's logits (R x {geom.experts}), top-k weights and the sort's indices"
         if geom.shared_intermediate_size and act.moment != "shared expert":
             own += " and the shared expert's output (R x hidden)"
     elif act.moment == "rotary":

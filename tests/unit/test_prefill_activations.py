@@ -165,7 +165,8 @@ def test_a_model_the_estimate_does_not_cover_keeps_its_old_plan_and_says_so() ->
 
 def test_gpt_neox_is_planned_where_its_mlp_outweighs_its_unmeasured_attention() -> None:
     # GIVEN GPT-NeoX's layout (an up/down gelu MLP: 2 tensors of intermediate_size a token at its peak) on the
-    # small shape, its attention under sdpa not derived (its tiny model held 9.3 to 10.4 hidden states a token)
+    # small shape, its attention under sdpa not derived (its tiny model held 9.3 to 10.4 hidden states a
+    # token)
     neox = replace(SMALL, mlp_matrices=2, ungated_mlp_widths=2, fused_qkv=True, attention_unmeasured=True)
     # THEN at 4 x hidden (NeoX's own ratio) its MLP's 8 hidden states a token outweigh it: planned, the up
     # projection and its activation beside the stream, the embeddings, cos and sin and positions
