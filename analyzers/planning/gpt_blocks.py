@@ -56,6 +56,14 @@ _QKV_BIAS_FLAG = {"glm": True, "glm4": True, "glm4_moe": False}
 _QK_NORMED = frozenset({"hunyuan_v1_dense", "hunyuan_v1_moe", "dots1"})
 # Llama-style families whose q and k norms hold a weight per head, not one head_dim vector for all heads
 _QK_NORM_PER_HEAD = frozenset({"olmo2", "olmo3", "olmoe"})
+# Up/down MLPs whose prefill the planner estimates, from families whose layer otherwise holds a Llama's (RoPE,
+# a layer's input, residual and normed input; GPT-NeoX's and Phi's attention beside the MLP holds as much):
+# their config class's activation, and the tensors of R x intermediate_size each activation leaves live (the
+# up projection, the activation's output and its temporaries), as kvtrace measured them in transformers 5.25
+_UNGATED_PREFILL_ACTIVATION = {
+    "gpt_neox": "gelu", "phi": "gelu_new", "starcoder2": "gelu_pytorch_tanh", "arcee": "relu2",
+}  # fmt: skip
+_ACTIVATION_WIDTHS = {"gelu": 2, "gelu_pytorch_tanh": 2, "relu2": 3, "gelu_new": 4}
 # The keys of the learned position table's length (GPT-2's attribute_map: max_position_embeddings)
 _POSITIONS_KEYS = {
     "gpt2": ("n_positions", "max_position_embeddings"),
@@ -84,6 +92,24 @@ def gpt_block_fields(
     (`add_cross_attention`) is refused: it belongs to an encoder-decoder model whose cross-attention weights
     and cache a plan does not size."""
     get = fields.get
+    block = _gpt_or_llama_fields(fields, model_type, hidden, positive_int, where)
+    activation = _UNGATED_PREFILL_ACTIVATION.get(model_type)
+    sequential = model_type == "gpt_neox" and not get("use_parallel_residual", True)  # not measured
+    if block.get("mlp_matrices") == 2 and activation is not None and not sequential:
+        widths = _ACTIVATION_WIDTHS.get(str(get("hidden_act", activation)), 0)
+        block.update({"ungated_mlp_widths": widths} if widths else {})
+    return block
+
+
+def _gpt_or_llama_fields(
+    fields: dict[str, Any],
+    model_type: str,
+    hidden: int,
+    positive_int: Callable[[str, Any], int],
+    where: str,
+) -> dict[str, Any]:
+    """`gpt_block_fields` but the prefill's MLP widths."""
+    get = fields.get
     if model_type not in GPT_FAMILIES:
         return _llama_style_fields(get, model_type)
     if get("add_cross_attention"):
@@ -93,11 +119,13 @@ def gpt_block_fields(
         )
     block: dict[str, Any] = {"mlp_matrices": 2, "norm_bias": True, "attention_bias": True, "mlp_bias": True}
     if model_type == "gpt_neox":  # attention_bias: its fused qkv and dense projections; the MLP's always
-        return {**block, "attention_bias": bool(get("attention_bias", True))}
+        neox = {"attention_bias": bool(get("attention_bias", True)), "fused_qkv": True}
+        return {**block, **neox, "attention_unmeasured": True}
     if model_type == "bloom":
         return {**block, "embedding_norm": True}
     if model_type == "phi":  # one norm before attention and MLP, which run side by side
-        return {**block, "layer_norms": 1, "qk_norm": bool(get("qk_layernorm", False)), "lm_head_bias": True}
+        phi = {"layer_norms": 1, "qk_norm": bool(get("qk_layernorm", False)), "lm_head_bias": True}
+        return {**block, **phi, "rotary_slices_kept": True, "attention_unmeasured": True}
     if model_type in ("gptj", "codegen"):  # Phi's shape: one norm, q, k, v (fused in CodeGen) unbiased
         return {**block, "layer_norms": 1, "attention_bias": False, "lm_head_bias": True}
     if model_type == "ctrl":  # sinusoidal positions (a buffer, not weights), a biased lm_head

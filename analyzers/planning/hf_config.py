@@ -61,6 +61,13 @@ _FP32_ROUTERS = frozenset(
 FP32_ROUTERS_SINCE = (5, 25)
 _FP32_ROUTERS_BEFORE = frozenset({"ernie4_5_moe", "hunyuan_v1_moe"})  # ERNIE strict, HunYuan built so
 _SCORE_BIAS_IN_DTYPE_BEFORE = frozenset({"deepseek_v3", "dots1"})
+# Families whose MoE prefill the planner estimates (`moe_prefill`), by the dtype their router's top-k weights
+# keep (Qwen's and OLMoE's cast back to the model's, Mixtral's float32), and their config class's default
+# `num_experts_per_tok`
+_EXPERT_ROUTING = {
+    "mixtral": ("float32", 2), "qwen2_moe": ("compute", 4), "qwen3_moe": ("compute", 8),
+    "olmoe": ("compute", 8),
+}  # fmt: skip
 # Decoder families whose transformers model keeps no cache (OpenAIGPTModel.forward takes no past_key_values)
 _NO_KV_CACHE = frozenset({"openai-gpt"})
 _FOUR_X_MLP = {"n_embd", "n_layer", "multi_query", "new_decoder_architecture"}  # configs whose MLP is 4x
@@ -226,6 +233,10 @@ def geometry_from_config(
     else:
         experts = _experts(fields, model_type, layers, positive_int)
     dense_size = experts.pop("intermediate_size", None)  # the dense layers' MLP, when not intermediate_size
+    if experts.get("moe_layers") and model_type in _EXPERT_ROUTING:
+        routing, default_top_k = _EXPERT_ROUTING[model_type]
+        top_k = positive_int("num_experts_per_tok", fields.get("num_experts_per_tok", default_top_k))
+        experts.update(expert_routing=routing, experts_per_token=top_k)
     block = gpt_block_fields(fields, model_type, hidden, positive_int, str(config_path))
     buffers = buffer_fields(
         fields, model_type, layers=layers, head_dim=head_dim, full_head_dim=global_head_dim,
@@ -277,6 +288,8 @@ def geometry_from_config(
         cross_kv_layers=encoder_decoder.decoder_layers if encoder_decoder is not None else 0,
         encoder_length=encoder_decoder.encoder_length if encoder_decoder is not None else None,
         cache_off_by=_cache_off_by(config_path, fields),
+        # Qwen2MoeConfig sets a window of 0 where use_sliding_window is off, and Qwen2MoeModel masks it anyway
+        window_zero_mask=model_type == "qwen2_moe" and sliding_window is None,
         compressed=compressed,
         **block,
         **gemma,

@@ -42,15 +42,31 @@ projections. At the rotary moment it takes the place of Llama's three projection
 Planned for Llama-style decoders, the planner's dense families whose MLP is gated (gate, up and down: Llama,
 Mistral, Qwen, Gemma...); a sliding window under sdpa adds its bool mask over T x T (transformers cannot skip
 it once the prompt reaches the window), its copy in the compute dtype, which torch's sdpa makes of a bool
-mask, for the rows, and K and V expanded to the query heads (a mask turns `enable_gqa` off). Not planned
-(`unplanned_reason`): mixtures of experts, latent attention, an up/down MLP without a gate (GPT-2 style),
-per-layer shapes (Gemma 3n, 4), encoder-decoders, DeepSeek-V4's compressed attention.
+mask, for the rows, and K and V expanded to the query heads (a mask turns `enable_gqa` off).
+
+Measured on their tiny models too (tests/integration/test_plan_moe_prefill.py):
+- the mixtures of experts of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, whose layers are a Llama's but for
+  the experts (`moe_prefill`: S = R x k rows whatever the router chose); Qwen2-MoE also holds, across its
+  layers, the mask of window 0 its model makes and no layer reads (`window_zero_mask`);
+- up/down MLPs without a gate (`ungated_mlp_widths`): the up projection beside its activation's output and
+  temporaries, 2 x R x intermediate_size for gelu (GPT-NeoX, StarCoder2's gelu_pytorch_tanh), 3 for relu2
+  (Arcee: relu, then its square), 4 for gelu_new's tanh formula (Phi), beside a Llama's stream (GPT-NeoX's
+  and Phi's attention output beside their parallel MLP holds what Llama's residual does). Under eager,
+  GPT-NeoX keeps its fused q, k and v projection (`fused_qkv`), Phi its q and k projections beside their
+  turned parts (`rotary_slices_kept`), to the attention's end. Their attention under sdpa is not derived
+  (`attention_unmeasured`): planned only where their MLP outweighs it (`_attention_may_peak`).
+
+Not planned (`unplanned_reason`): other mixtures of experts (DeepSeek's, PhiMoE's, GraniteMoE's, GPT-OSS's,
+Llama 4's routers), latent attention, other up/down MLPs (GPT-2's learned positions and Bloom's ALiBi
+attention hold what a Llama's does not), per-layer shapes (Gemma 3n, 4), encoder-decoders, DeepSeek-V4's
+compressed attention.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from analyzers.planning.moe_prefill import moe_moments
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
 from analyzers.units import human_bytes
 
@@ -66,6 +82,7 @@ __all__ = [
 ATTENTIONS = ("sdpa", "eager")
 POSITION_ROW_BYTES = 16  # generate()'s int64 position ids and their copy, a row and token
 FLOAT32 = 4
+ATTENTION_UNMEASURED_WIDTHS = 8  # `_attention_may_peak`
 
 
 @dataclass(frozen=True)
@@ -83,13 +100,14 @@ def unplanned_reason(geom: ModelGeometry) -> str | None:
     """Why the planner does not estimate this model's prefill (None: it does): its layers are not a
     Llama's, whose tensors the estimate counts."""
     reasons = (
-        (geom.moe_layers > 0, "its mixture-of-experts layers"),
+        (geom.moe_layers > 0 and geom.expert_routing is None, "its mixture-of-experts layers"),
         (geom.mla is not None, "its latent attention"),
         (geom.compressed is not None, "its compressed attention"),
         (geom.cross_kv_layers > 0, "its encoder"),
         (geom.layer_shapes is not None, "its layers of different widths"),
         (geom.attention_experts > 0, "its attention experts"),
-        (geom.mlp_matrices != 3, "its MLP without a gate"),
+        (geom.mlp_matrices != 3 and not geom.ungated_mlp_widths, "its MLP without a gate"),
+        (_attention_may_peak(geom), "its attention beside an MLP this narrow (not measured)"),
         # a geometry read from a model's cache buffers alone (`plan --from-run` of a hand-written decoder)
         (geom.hidden_size <= 0, "a hidden size and MLP, which nothing of the model says"),
     )
@@ -97,6 +115,14 @@ def unplanned_reason(geom: ModelGeometry) -> str | None:
         if applies:
             return what
     return None
+
+
+def _attention_may_peak(geom: ModelGeometry) -> bool:
+    """Whether GPT-NeoX's or Phi's unmeasured attention may outweigh its MLP at the prefill: the tiny models
+    held 9.3 to 10.4 hidden states a token at their attention (an MLP of a quarter of hidden), and their MLP
+    holds 3 beside its own tensors, so those must reach 8 x hidden a token (GPT-NeoX's 4 x MLP, Phi's 2 x)."""
+    own = geom.ungated_mlp_widths * geom.intermediate_size
+    return geom.attention_unmeasured and own < ATTENTION_UNMEASURED_WIDTHS * geom.hidden_size
 
 
 def eager_score_bytes(compute: int) -> int:
@@ -143,10 +169,14 @@ def prefill_activations(
     held = rows * (hidden * s + 2 * (geom.rotary_dim or head_dim) * s + POSITION_ROW_BYTES)
     # a layer after the first has its input apart from the embeddings
     later = 1 if geom.num_layers > 1 else 0
-    # the MLP's tensors of R x intermediate_size at once: a fused gate_up's output (two) or gate's and up's
-    mlp_widths = 4 if geom.fused_gate_up else 3
+    # the MLP's tensors of R x intermediate_size at once: a fused gate_up's output (two) or gate's and up's;
+    # an up/down MLP's up projection and its activation's
+    mlp_widths = geom.ungated_mlp_widths if geom.mlp_matrices == 2 else 4 if geom.fused_gate_up else 3
     # a fused qkv's output, kept until the attention returns (its K and V are copied into the cache)
     qkv = rows * (q_width + 2 * kv_width) * s if geom.fused_qkv else 0
+    if geom.rotary_slices_kept:  # Phi's q and k projections and their turned parts, to the attention's end
+        turned = (heads + geom.num_kv_heads) * (geom.rotary_dim or head_dim)
+        qkv += rows * (q_width + kv_width + turned) * s
     # (moment, residual stream, the moment's own tensors)
     moments = [
         ("mlp", rows * hidden * s * (2 + later), mlp_widths * rows * geom.intermediate_size * s),
@@ -155,23 +185,44 @@ def prefill_activations(
         # of 4 layers, head_dim twice hidden / heads, was planned one layer's prompt KV over its recording)
         ("rotary", rows * hidden * s * (1 + later), rows * s * 4 * q_width),
     ]
+    if geom.moe_layers:  # its MoE layers' moments, beside the same stream as a dense MLP's
+        if geom.moe_layers == geom.num_layers:
+            moments.pop(0)
+        moments[:0] = [
+            (name, rows * hidden * s * (2 + later), own) for name, own in moe_moments(geom, s, rows)
+        ]
+    feedforward = len(moments) - 1  # the moments before the rotary's, in the MLP or the experts
     masks = _masks(geom, prompt, padded, attention == "eager")
     if attention == "eager":
-        held += masks * pairs * s  # the float masks, every layer's
+        held += (masks + geom.window_zero_mask) * pairs * s  # the float masks, every layer's
         probabilities = pairs * heads * s  # a layer's returned weights, kept through its MLP
-        name, stream, own = moments[0]
-        moments[0] = (name, stream, own + probabilities)
+        for index in range(feedforward):
+            name, stream, own = moments[index]
+            moments[index] = (name, stream, own + probabilities)
         # at the softmax: the rotated q, K and V expanded, the scores
         scores = pairs * heads * eager_score_bytes(s) + rows * q_width * s + expanded + qkv
         moments.append(("scores", rows * hidden * s * (1 + later), scores))
-    elif masks:
-        held += masks * (pairs if padded else prompt * prompt)  # bool, one for every head (and row, unpadded)
+    else:  # bool masks, one for every head (and row, unpadded); Qwen2-MoE's of window 0 read by no layer
+        held += (masks + geom.window_zero_mask) * (pairs if padded else prompt * prompt)
+    if attention != "eager" and masks:
         # a masked layer's sdpa: the rotated q, K and V expanded, the mask in the compute dtype (torch's sdpa
         # turns a bool mask into one, for every row), the output and its float32 log-sum-exp
         masked = pairs * s + 2 * rows * q_width * s + expanded + batch * heads * prompt * FLOAT32 + qkv
         moments.append(("mask", rows * hidden * s * (1 + later), masked))
     name, stream, own = max(moments, key=lambda moment: moment[1] + moment[2])
     return PrefillActivations(held + stream + own, name, held, stream, own)
+
+
+# The MoE moments (`moe_prefill`) in words: S = R x k, a row for each token's k experts
+_MOE_TEXT = {
+    "experts": "its experts' gathered inputs (R x {k} x hidden) and their gate and up projections "
+    "(4 x R x {k} x {width}: the projection, twice that wide, the gate's activation and the product)",
+    "expert outputs": "its experts' gathered inputs, down projections, their products with the routing "
+    "weights and those reordered (4 x R x {k} x hidden)",
+    "expert sum": "its experts' gathered inputs, down projections, weighted outputs (3 x R x {k} x hidden) "
+    "and their sum over the {k} experts",
+    "shared expert": "its shared expert's gate and up projections (3 x R x its width)",
+}
 
 
 def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
@@ -188,11 +239,29 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
             f"its last layer's MLP holds 4 x R x {geom.intermediate_size:,} (its fused gate and up "
             "projection, twice that wide, the activation of the gate and the product)"
         )
+    elif act.moment == "mlp" and geom.mlp_matrices == 2:
+        temporaries = geom.ungated_mlp_widths - 2
+        what = (
+            f", its activation and {temporaries} of the activation's temporaries"
+            if temporaries
+            else " and its activation"
+        )
+        own = (
+            f"its last layer's MLP holds {geom.ungated_mlp_widths} x R x {geom.intermediate_size:,} (the up "
+            f"projection{what})"
+        )
     elif act.moment == "mlp":
         own = (
             f"its last layer's MLP holds 3 x R x {geom.intermediate_size:,} (the activation of the gate "
             "projection, the up projection and their product)"
         )
+    elif act.moment in _MOE_TEXT:
+        k, expert_width = geom.experts_per_token, geom.expert_intermediate_size
+        own = f"its last MoE layer holds {_MOE_TEXT[act.moment].format(k=k, width=expert_width)}"
+        if act.moment != "shared expert":
+            own += f", with its router's logits (R x {geom.experts}), top-k weights and the sort's indices"
+        if geom.shared_intermediate_size and act.moment != "shared expert":
+            own += " and the shared expert's output (R x hidden)"
     elif act.moment == "rotary":
         streams = "3 hidden states" if geom.num_layers > 1 else "2 hidden states"
         stream_names = "the embeddings, the layer's input and the normed input"
@@ -210,11 +279,20 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
         )
     if act.moment in ("mask", "scores") and geom.fused_qkv:
         own += ", and its fused q, k and v projection, kept until the attention returns"
+    if act.moment in ("mask", "scores") and geom.rotary_slices_kept:
+        own += ", and its q and k projections beside their turned parts, kept until the attention returns"
     return (
         f"{own} beside {streams} of {width} ({stream_names}), the rotary cos and sin "
         f"(R x {geom.rotary_dim or geom.head_dim} "
         "each) and 16 B of position ids a token"
     )
+
+
+def _layer_kind(geom: ModelGeometry) -> str:
+    """Which of transformers' layers the estimate follows: a Llama's, or its MLP or MoE in another's."""
+    if geom.moe_layers:
+        return "Llama layer with this family's MoE block"
+    return "Llama layer with this family's up/down MLP" if geom.mlp_matrices == 2 else "Llama layer"
 
 
 def prefill_note(geom: ModelGeometry, compute_dtype: str, batch: int, prompt: int) -> str:
@@ -245,8 +323,8 @@ def prefill_note(geom: ModelGeometry, compute_dtype: str, batch: int, prompt: in
         f"prefill activations: generate() runs the {prompt:,}-token prompt of {batch} row"
         f"{'s' if batch != 1 else ''} through the model in one forward (R = {rows:,} rows x tokens). "
         f"{moment[0].upper()}{moment[1:]}, in {compute_dtype}: {human_bytes(act.peak_bytes)} beside the "
-        "weights and every layer's KV of the prompt. That is transformers 5.25's Llama layer as kvtrace "
-        "measured it, whatever version the layout line names. Planned for sdpa "
+        f"weights and every layer's KV of the prompt. That is transformers 5.25's {_layer_kind(geom)} as "
+        "kvtrace measured it, whatever version the layout line names. Planned for sdpa "
         "attention (transformers' default: on a GPU its flash and memory-efficient kernels hold no prompt x "
         f"prompt scores) and unpadded prompts: {' and '.join(extras)}. Not in it: the last position's "
         "logits and the CUDA context (the reserve's), generate()'s prefill_chunk_size"

@@ -97,6 +97,14 @@ class ModelGeometry:
     expert_bias: bool = False  # GPT-OSS: a bias on each expert's matrices and on its router
     moe_output_bias: bool = False  # JetMoE: a bias on the MoE's output (hidden)
     expert_score_bias: bool = False  # ERNIE 4.5: a learned correction of each expert's routing score
+    # The prefill's MoE layers (`moe_prefill`): experts each token runs (`num_experts_per_tok`), and the
+    # router's top-k weights' dtype where measured: "compute" (Qwen-MoE, OLMoE) or "float32" (Mixtral); None:
+    # a router whose prefill the planner does not estimate
+    experts_per_token: int = 0
+    expert_routing: str | None = None
+    # Qwen2-MoE without `use_sliding_window`: its sliding window is 0, and its model makes a bool mask of that
+    # window for every prompt (none can be skipped), which no layer reads but the prefill holds
+    window_zero_mask: bool = False
     # JetMoE's mixture of attention: this many experts, each a q and an output projection of num_kv_heads x
     # head_dim, with a router and a bias on the output; K and V from one projection all experts share
     attention_experts: int = 0
@@ -125,10 +133,20 @@ class ModelGeometry:
     # GPT-2-style blocks (GPT-2, GPT-BigCode, Falcon, OPT, GPT-NeoX, Bloom, Phi, GPT-J, CodeGen), Llama-style
     # ones laid out otherwise (StableLM, StarCoder2, OLMo, Cohere, MPT...: `gpt_blocks`), and bias flags
     mlp_matrices: int = 3  # gate, up and down (Llama); 2: up and down
+    # An up/down MLP's tensors of R x intermediate_size live at its activation in a prefill (the up projection
+    # and the activation's temporaries: 2 for gelu, 3 for relu2, 4 for gelu_new); 0: not measured
+    ungated_mlp_widths: int = 0
     # One matmul where Llama has several, whose output the layer keeps whole while it runs (a prefill's
-    # activations): Phi-3's `qkv_proj` (its q, k and v are views of it) and Phi-3's and GLM's `gate_up_proj`
+    # activations): Phi-3's `qkv_proj` and GPT-NeoX's `query_key_value` (q, k and v are views of it) and
+    # Phi-3's and GLM's `gate_up_proj`
     fused_qkv: bool = False
     fused_gate_up: bool = False
+    # Phi's partial RoPE: its q and k projections stay whole (their unturned slices are views of them) beside
+    # their turned parts, until the attention returns (a prefill's activations)
+    rotary_slices_kept: bool = False
+    # GPT-NeoX's and Phi's attention under sdpa, whose prefill moment kvtrace has not derived (measured: some
+    # 9 to 10 hidden states a token): their prefill is planned only where their MLP's moment outweighs it
+    attention_unmeasured: bool = False
     # the part of each head RoPE turns, where not all of it (GLM's half, Phi-4-mini's 3/4; None: head_dim):
     # the width of the prefill's rotary cos and sin
     rotary_dim: int | None = None

@@ -161,3 +161,20 @@ def test_a_model_the_estimate_does_not_cover_keeps_its_old_plan_and_says_so() ->
     assert result.prefill_activations_bytes is None and result.activations_bytes == 0
     assert result.peak_bytes == result.weights_bytes + result.kv_peak_bytes + result.reserve_bytes
     assert any(note.startswith("prefill activations are not estimated for moe") for note in result.notes)
+
+
+def test_gpt_neox_is_planned_where_its_mlp_outweighs_its_unmeasured_attention() -> None:
+    # GIVEN GPT-NeoX's layout (an up/down gelu MLP: 2 tensors of intermediate_size a token at its peak) on the
+    # small shape, its attention under sdpa not derived (its tiny model held 9.3 to 10.4 hidden states a
+    # token)
+    neox = replace(SMALL, mlp_matrices=2, ungated_mlp_widths=2, fused_qkv=True, attention_unmeasured=True)
+    # THEN at 4 x hidden (NeoX's own ratio) its MLP's 8 hidden states a token outweigh it: planned, the up
+    # projection and its activation beside the stream, the embeddings, cos and sin and positions
+    four_x = prefill_activations(replace(neox, intermediate_size=4 * 64), "fp32", 2, 100)
+    rows = 2 * 100
+    assert four_x is not None and four_x.moment == "mlp"
+    assert four_x.peak_bytes == rows * (64 * 4 + 2 * 16 * 4 + 16) + rows * (3 * 64 + 2 * 256) * 4
+    # AND narrower it is not: the attention may peak, which the plan would not see
+    narrow = replace(neox, intermediate_size=4 * 64 - 1)
+    assert unplanned_reason(narrow) == "its attention beside an MLP this narrow (not measured)"
+    assert prefill_activations(narrow, "fp32", 2, 100) is None

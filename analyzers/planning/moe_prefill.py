@@ -1,0 +1,71 @@
+"""What a mixture-of-experts layer holds at a prefill's worst moment, for `prefill_activations`: pure
+arithmetic, no torch.
+
+Read from transformers 5.25's Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (`models/<family>/modeling_<family>.py`
+and `integrations/moe.py`) and checked against kvtrace's recordings of them
+(tests/integration/test_plan_moe_prefill.py). Their experts run `grouped_mm_experts_forward`, transformers'
+default `experts_implementation`: every token's k (`num_experts_per_tok`) expert rows are gathered, sorted
+by expert, and run through one grouped matmul a projection, so what it holds is S = R x k rows whatever the
+router chose (R = batch x prompt tokens); no figure here depends on the routing. In the compute dtype's
+bytes s, and the router's top-k weights' w (Qwen's and OLMoE's cast back to s, Mixtral's kept float32):
+
+- through the experts: the router's logits (R x experts in s, kept in the block's `_`), its top-k weights
+  and int64 indices (R x k each), the sorted expert ids and the permutation (S int64 each), the sorted
+  weights (S in w), histc's 4-byte copy of the ids (S) and its per-expert counts and offsets (4 B each);
+- "experts": the gathered rows (S x hidden) beside the gate and up projections' output (S x 2 x
+  expert_intermediate_size) and, at their product, the gate's activation and the product: 4 x S x I;
+- "expert outputs": the gathered rows and the down projection's output (S x hidden in s each), its product
+  with the weights and that reordered (S x hidden each in the wider of s and w), and the inverse permutation
+  (S int64): 2 x S x hidden x s + 2 x S x hidden x max(s, w), the usual peak where 3 x hidden > 4 x I;
+- "expert sum": the same but the reordered product summed over k (R x hidden in max(s, w)) and, from a
+  wider w, its cast back to s; the peak only where k is 1 and w is wider than s.
+
+Qwen2-MoE runs its gated shared expert (3 x R x its width, "shared expert", before the router) first and
+keeps its output (R x hidden) through the routed experts. A model's dense layers (Qwen's `mlp_only_layers`)
+have a Llama MLP's moment; the plan takes the largest of every kind of layer's, as if in the last layer: where
+a dense layer before the last peaks, over the recording by the KV of the layers after it, which it has not
+written yet (a Qwen3-MoE of 3 layers, its middle one dense: one layer's prompt KV).
+Not planned: `experts_implementation="eager"`, whose loop holds each expert's tokens (as the router chose)
+and a one-hot of R x k x (experts + 1) int64, and other routers (DeepSeek's groups, PhiMoE's sparsemixer,
+GraniteMoE's, GPT-OSS's, Llama 4's), whose layers are not these.
+"""
+
+from __future__ import annotations
+
+from analyzers.planning.presets import ModelGeometry
+
+__all__ = ["ROUTING_BYTES", "moe_moments"]
+
+# The router's top-k weights: "compute" cast back to the compute dtype (Qwen-MoE, OLMoE), "float32" kept so
+# (Mixtral), which makes their products with the experts' outputs float32 too
+ROUTING_BYTES = {"compute": 0, "float32": 4}
+INT64 = 8
+INT32 = 4  # histc's copy of the sorted ids (float32 on a CPU, int32 on CUDA), its counts and offsets
+
+
+def moe_moments(geom: ModelGeometry, s: int, rows: int) -> list[tuple[str, int]]:
+    """The MoE layer's moments (name, bytes beside the residual stream and what the model holds across its
+    layers) for `rows` tokens in a compute dtype of `s` bytes (module docstring)."""
+    hidden, experts, width = geom.hidden_size, geom.experts, geom.expert_intermediate_size
+    k = geom.experts_per_token
+    w = ROUTING_BYTES[geom.expert_routing or "compute"] or s
+    wide = max(s, w)
+    pairs = rows * k  # S: a row per token and chosen expert
+    shared_out = rows * hidden * s if geom.shared_intermediate_size else 0
+    routing = (
+        rows * experts * s
+        + rows * k * (w + INT64)
+        + pairs * (2 * INT64 + w + INT32)
+        + experts * 2 * INT32
+        + shared_out
+    )
+    gathered = pairs * hidden * s
+    cast_back = rows * hidden * s if wide != s else 0
+    moments = [
+        ("experts", routing + gathered + 4 * pairs * width * s),
+        ("expert outputs", routing + 2 * gathered + 2 * pairs * hidden * wide + pairs * INT64),
+        ("expert sum", routing + 2 * gathered + (pairs + rows) * hidden * wide + cast_back + pairs * INT64),
+    ]
+    if geom.shared_intermediate_size:
+        moments.append(("shared expert", 3 * rows * geom.shared_intermediate_size * s))
+    return moments
