@@ -32,7 +32,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvtrace import format as fmt
-from tests.vllm.vllm_cli import HOLD_STEP_ENV, STOP_DELAY_ENV
+from tests.vllm.vllm_cli import HELD_SUFFIX, HOLD_STEP_ENV, STOP_DELAY_ENV
 from tests.vllm.workload import (
     BLOCK_BYTES,
     BLOCK_SIZE,
@@ -264,13 +264,16 @@ def test_ctrl_c_under_a_step_ends_the_run_interrupted_not_raised(
     pool = ThreadPoolExecutor(REQUESTS)
     try:
         _wait_healthy(server, port, log)
+        # The worker runs 3 steps, then holds its 4th: a Ctrl-C sent on the worker's word that it holds one
+        # comes under a step however loaded the machine (a hold begun on the test's sight of 3 steps in the
+        # run's log came after the last step there, and the Ctrl-C with no request left to stop)
+        hold.write_text("3")
         sent = [pool.submit(_complete, port, tiny_model_dir, ids) for ids in prompt_token_ids()]
-        steps = run_dir / fmt.ENGINE_STEPS
+        held = Path(str(hold) + HELD_SUFFIX)
         deadline = time.monotonic() + START_S
-        while not (steps.exists() and steps.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+        while not held.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        hold.touch()
-        time.sleep(2.0)  # the worker is in the step it holds
+        assert held.exists(), f"the worker never held a step:\n{log.read_text(errors='replace')[-5000:]}"
         os.killpg(server.pid, signal.SIGINT)
         _wait_stopped(server, log)
     finally:
@@ -283,11 +286,11 @@ def test_ctrl_c_under_a_step_ends_the_run_interrupted_not_raised(
     # THEN the run ends `interrupted` by the SIGINT, with what raised in the step (it ended `exception`,
     # RuntimeError: cancelled, as if the engine had failed)
     ended = json.loads((run_dir / fmt.MANIFEST).read_text())["ended"]
-    assert (ended["status"], ended["signal"]) == ("interrupted", "SIGINT"), ended
+    assert (ended["status"], ended.get("signal")) == ("interrupted", "SIGINT"), ended
     # vLLM's own account of the step, kept
     assert (ended["type"], ended["message"]) == ("RuntimeError", "cancelled")
     assert "RuntimeError: cancelled" in log.read_text(errors="replace")
-    last = _jsonl(steps)[-1]
+    last = _jsonl(run_dir / fmt.ENGINE_STEPS)[-1]
     assert last["raised"] is True
     # AND the report says so, and reads the run's steps up to the stop
     report = _kvtrace("report", str(run_dir), "--json", "--no-export")

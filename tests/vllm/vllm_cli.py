@@ -7,8 +7,9 @@ one lookup as vLLM's platform check does (`vllm.platforms.vllm_version_matches_s
 
 `KVTRACE_TEST_STOP_DELAY_S=S`: the engine core takes S seconds to act on a stop, as one whose GPU step is in
 flight when the signal comes (it handles the stop between steps); the tiny CPU model's steps take ~10 ms.
-`KVTRACE_TEST_HOLD_STEP_FILE=PATH`: while PATH exists, vLLM's worker holds the step it is running (a long GPU
-step, on the tiny model), so that a signal can be sent under a step.
+`KVTRACE_TEST_HOLD_STEP_FILE=PATH`: once PATH exists, vLLM's worker runs as many steps as PATH says (a number;
+none when empty), then holds the next one (a long GPU step, on the tiny model) while PATH exists, and says so
+by making PATH.held: a signal sent once that exists comes under a step, however slowly the machine runs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 STOP_DELAY_ENV = "KVTRACE_TEST_STOP_DELAY_S"
 HOLD_STEP_ENV = "KVTRACE_TEST_HOLD_STEP_FILE"
+HELD_SUFFIX = ".held"  # PATH + this: made as the worker begins to hold its step
 HOLD_STEP_MAX_S = 120.0
 
 
@@ -41,8 +43,19 @@ def _hold_steps(path: str) -> None:
     from vllm.v1.worker.gpu_worker import Worker
 
     execute_model = Worker.execute_model
+    ran = [0]  # steps run since PATH appeared
 
     def held(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                let_through = int(fh.read().strip() or 0)
+        except FileNotFoundError:
+            return execute_model(self, *args, **kwargs)
+        ran[0] += 1
+        if ran[0] <= let_through:
+            return execute_model(self, *args, **kwargs)
+        with open(path + HELD_SUFFIX, "w", encoding="utf-8"):
+            pass
         deadline = time.monotonic() + HOLD_STEP_MAX_S
         while os.path.exists(path) and time.monotonic() < deadline:  # a signal's SystemExit ends it too
             time.sleep(0.02)
