@@ -78,4 +78,9 @@ def stop_engine_cores(
                     limit_s - waited,
                 )
                 said = True
-        connection.wait([proc.sentinel for proc in alive], timeout=_POLL_S)
+        ended = connection.wait([proc.sentinel for proc in alive], timeout=_POLL_S)
+        for proc in alive:
+            if proc.sentinel in ended:
+                # Its sentinel closes a moment before it can be reaped: `is_alive` would still say so, and
+                # each look come at once
+                proc.join()
