@@ -23,7 +23,8 @@ process only:
   `--shutdown-timeout 0`, the default) aborts its requests and SIGTERMs then SIGKILLs the engine core at
   once, mostly before its loop has ended: the run stayed `running`, read as a process that died. The
   engine core gets `SHUTDOWN_GRACE_S` to exit on its own instead, as vLLM gives its processes when no
-  timeout is set (the run is closed in well under a second; vLLM's worker teardown takes longer).
+  timeout is set (the run is closed in well under a second; vLLM's worker teardown takes longer), and
+  more while it still holds its run open: a step in flight ends first (`vllm_shutdown`).
 
 Modules not imported yet are patched when they are imported (a `sys.meta_path` finder), so registering
 early costs nothing. Options: `KVTRACE_PROFILER=1` runs torch.profiler too (off by default: a server runs
@@ -41,14 +42,13 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 ENV_DIR = "KVTRACE_DIR"
 ENV_OVERWRITE = "KVTRACE_OVERWRITE"
 _ENGINE_CORE_MODULE = "vllm.v1.engine.core"
 _ENGINE_UTILS_MODULE = "vllm.v1.engine.utils"
-# What vLLM's process manager waits for its processes when given no timeout (`vllm.v1.utils.shutdown`).
-SHUTDOWN_GRACE_S = 5.0
 _STATE: dict[str, Any] = {}
 _log = logging.getLogger("kvtrace.vllm")
 
@@ -132,7 +132,8 @@ def _finish_at_loop_exit(original: Any) -> Any:
 
 
 def _patch_shutdown_grace(module: Any) -> None:
-    """The front end's side of closing the run: give the engine core time to reach `EngineCore.shutdown`."""
+    """The front end's side of closing the run: the engine core gets the time it takes to close its run
+    (`vllm_shutdown.stop_engine_cores`) before vLLM's shutdown kills what is left."""
     cls = getattr(module, "CoreEngineProcManager", None)
     if cls is None or cls.__dict__.get("_kvtrace_patched"):
         return
@@ -140,15 +141,44 @@ def _patch_shutdown_grace(module: Any) -> None:
     original = cls.shutdown
 
     def shutdown(self: Any, timeout: float | None = None) -> Any:
+        if self.__dict__.get("_kvtrace_stopping"):
+            # Another thread's call while the first waits (vLLM's liveness monitor, as the engine core
+            # exits): vLLM's own shutdown would SIGKILL it within 5 s, its run perhaps still open
+            return None
+        finalizer = getattr(self, "_finalizer", None)
         # `--shutdown-timeout 0` (vLLM's default): requests aborted, the engine core SIGKILLed at once
-        if timeout == 0 and getattr(self, "_request_shutdown_timeout", None) == 0:
-            vllm_grace = module.get_engine_process_shutdown_timeout(0, 0) or 0  # ROCm: 15 s, else 0
-            timeout = max(SHUTDOWN_GRACE_S, vllm_grace)
-            _log.info("kvtrace: the engine core has up to %.0f s to close its run at $%s", timeout, ENV_DIR)
+        if (
+            timeout == 0
+            and getattr(self, "_request_shutdown_timeout", None) == 0
+            and getattr(finalizer, "alive", False)  # not shut down already
+        ):
+            self.__dict__["_kvtrace_stopping"] = True
+            stopped = getattr(self, "manager_stopped", None)
+            if stopped is not None:
+                stopped.set()  # as vLLM's shutdown does first: an engine core's exit is no failure now
+            _stop_engine_cores(module, self.processes)
         return original(self, timeout)
 
     shutdown.__wrapped__ = original  # type: ignore[attr-defined]
     cls.shutdown = shutdown
+
+
+def _stop_engine_cores(module: Any, processes: list[Any]) -> None:
+    """SIGTERM the engine cores and wait while they close their runs, vLLM's own grace at least (ROCm:
+    15 s), at most vLLM's bound on a step; never fails vLLM's shutdown."""
+    from kvtrace.integrations.vllm_shutdown import SHUTDOWN_GRACE_S, STEP_TIMEOUT_S, stop_engine_cores
+
+    try:
+        vllm_grace = module.get_engine_process_shutdown_timeout(0, 0) or 0  # ROCm: 15 s, else 0
+        step_timeout = getattr(getattr(module, "envs", None), "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", None)
+        grace = max(SHUTDOWN_GRACE_S, vllm_grace)
+        limit = grace + float(step_timeout if step_timeout is not None else STEP_TIMEOUT_S)
+        _log.info(
+            "kvtrace: the engine core has %.0f s to exit, more while its run at $%s is open", grace, ENV_DIR
+        )
+        stop_engine_cores(processes, Path(os.environ[ENV_DIR]), grace, limit)
+    except Exception as exc:  # vLLM's shutdown goes on: it SIGKILLs what is left
+        _log.warning("kvtrace: not waiting for the engine core to close its run: %s", exc)
 
 
 def _wrap_step(original: Any) -> Any:
