@@ -165,14 +165,20 @@ def _patch_shutdown_grace(module: Any) -> None:
 
 def _stop_engine_cores(module: Any, processes: list[Any]) -> None:
     """SIGTERM the engine cores and wait while they close their runs, vLLM's own grace at least (ROCm:
-    15 s), at most vLLM's bound on a step; never fails vLLM's shutdown."""
-    from kvtrace.integrations.vllm_shutdown import SHUTDOWN_GRACE_S, STEP_TIMEOUT_S, stop_engine_cores
+    15 s), at most vLLM's bound on a step or a minute past the grace; never fails vLLM's shutdown."""
+    from kvtrace.integrations.vllm_shutdown import (
+        SHUTDOWN_GRACE_S,
+        STEP_TIMEOUT_S,
+        STEP_WAIT_S,
+        stop_engine_cores,
+    )
 
     try:
         vllm_grace = module.get_engine_process_shutdown_timeout(0, 0) or 0  # ROCm: 15 s, else 0
         step_timeout = getattr(getattr(module, "envs", None), "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", None)
         grace = max(SHUTDOWN_GRACE_S, vllm_grace)
-        limit = grace + float(step_timeout if step_timeout is not None else STEP_TIMEOUT_S)
+        step_s = float(step_timeout if step_timeout is not None else STEP_TIMEOUT_S)
+        limit = grace + min(step_s, STEP_WAIT_S)
         _log.info(
             "kvtrace: the engine core has %.0f s to exit, more while its run at $%s is open", grace, ENV_DIR
         )

@@ -12,8 +12,9 @@ stayed `running`.
 So the wait ends on the event it is for: the engine core gets `SHUTDOWN_GRACE_S` to exit on its own, as
 before, and past that as long as it still holds its run open (the run's lock, `kvtrace.run_lock`), up to
 vLLM's own bound on a step (`VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS`, 300 s by default: a step that takes
-longer raises in the engine core, which then closes its run as it dies of it). Torch-free and vLLM-free:
-vLLM's objects are passed in.
+longer raises in the engine core, which then closes its run as it dies of it), and at most `STEP_WAIT_S`
+(a minute: a step that long is hung, and Ctrl-C should not hold the user for vLLM's five). Torch-free
+and vLLM-free: vLLM's objects are passed in.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ from pathlib import Path
 from kvtrace.format import rank_dirs
 from kvtrace.run_lock import holder
 
-__all__ = ["SHUTDOWN_GRACE_S", "STEP_TIMEOUT_S", "run_holders", "stop_engine_cores"]
+__all__ = ["SHUTDOWN_GRACE_S", "STEP_TIMEOUT_S", "STEP_WAIT_S", "run_holders", "stop_engine_cores"]
 
 # What vLLM's process manager waits for its processes when given no timeout (`vllm.v1.utils.shutdown`)
 SHUTDOWN_GRACE_S = 5.0
 # vLLM's default bound on a step's wait for its workers (`VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS`)
 STEP_TIMEOUT_S = 300.0
+# The longest a stop waits past its grace for a step in flight: a slow step (9-11 s measured on a loaded
+# host, a long prefill) ends within it; one that does not is hung, and a user who pressed Ctrl-C is not
+# held five minutes for it (the run is then left as a process that died, which `kvtrace report` says)
+STEP_WAIT_S = 60.0
 _POLL_S = 0.1
 # Under vLLM's logger: its handlers show the line beside the server's own shutdown lines, where a user looks
 _log = logging.getLogger("vllm.kvtrace")
@@ -49,7 +54,7 @@ def stop_engine_cores(
     procs: Sequence[BaseProcess],
     run_dir: Path,
     grace_s: float = SHUTDOWN_GRACE_S,
-    limit_s: float = STEP_TIMEOUT_S + SHUTDOWN_GRACE_S,
+    limit_s: float = STEP_WAIT_S + SHUTDOWN_GRACE_S,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """SIGTERM the engine core processes, as vLLM's shutdown does, and wait for them to exit: `grace_s` at
