@@ -21,15 +21,21 @@ from kvtrace.cli import main
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
 
 
-def test_an_export_given_to_report_diagnose_or_compare_is_named_with_the_query_that_reads_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # GIVEN an export directory written by `kvtrace export` from a copy of a sample run
+def _exported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Path]:
+    """A copy of a sample run, and the export directory `kvtrace export` writes from it."""
     run = tmp_path / "run"
     shutil.copytree(SAMPLES / "dynamic_b2", run)
     tables = tmp_path / "tables"
     assert main(["export", str(run), "-q", "-o", str(tables)]) == 0
     capsys.readouterr()
+    return run, tables
+
+
+def test_an_export_given_to_report_diagnose_or_compare_is_named_with_the_query_that_reads_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an export directory written by `kvtrace export` from a copy of a sample run
+    run, tables = _exported(tmp_path, capsys)
     said = (
         f"{tables}: a kvtrace export (Parquet tables), not a run, trace or snapshot: read it with "
         f'`kvtrace query {tables} "SQL"`'
@@ -54,11 +60,7 @@ def test_a_table_or_part_of_an_export_is_named_with_the_query_that_reads_its_exp
 ) -> None:
     # GIVEN an export directory written by `kvtrace export` from a copy of a sample run, one of its tables
     # (a folder of Parquet parts), one of those parts, and a copy of that part on its own
-    run = tmp_path / "run"
-    shutil.copytree(SAMPLES / "dynamic_b2", run)
-    tables = tmp_path / "tables"
-    assert main(["export", str(run), "-q", "-o", str(tables)]) == 0
-    capsys.readouterr()
+    _, tables = _exported(tmp_path, capsys)
     (part,) = (tables / "kv_events").glob("part-*.parquet")
     lone = shutil.copy(part, tmp_path / "lone.parquet")
     query = f'read it with `kvtrace query {tables} "SQL"`'

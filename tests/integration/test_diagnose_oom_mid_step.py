@@ -26,6 +26,7 @@ from analyzers.units import human_bytes
 from kvtrace.cli import main
 from kvtrace.llama import build_model
 from tests.hf_versions import needs_fp8_cache
+from tests.late_trace import TOLERANCE_US, late_copy, own_lags_us
 from tests.tiny import raising_before_layer, tiny_size
 
 LAYERS, KV_HEADS, HEAD_DIM, BATCH, FP32 = 4, 2, 16, 2, 4
@@ -120,39 +121,6 @@ def test_prefill_oom_prices_a_token_at_every_kv_layer(tmp_path: Path) -> None:
     assert int4["saved_bytes"] == kv - _int4_bytes(held, prompt)
 
 
-# The join's tolerance (analyzers.attribution.JOIN_TOLERANCE_US): a trace's allocation up to this long after
-# the KV log's sighting of its storage is still the storage's
-TOLERANCE_US = 2000
-
-
-def _own_lags_us(run: Path) -> list[float]:
-    """µs from each KV storage's own allocation (the latest of its address and size before its sighting) to
-    its sighting in the KV log. Read with plain json."""
-    (trace,) = (run / "profiler").glob("*.pt.trace.json")
-    data = json.loads(trace.read_text())
-    base_us = data["baseTimeNanoseconds"] / 1000
-    made: dict[tuple[int, int], list[float]] = {}
-    for event in data["traceEvents"]:
-        args = event.get("args", {})
-        if event.get("name") == "[memory]" and args.get("Bytes", 0) > 0:
-            made.setdefault((args["Addr"], args["Bytes"]), []).append(event["ts"] + base_us)
-    seen: dict[tuple[int, int], float] = {}
-    for line in (run / "kv_events.jsonl").read_text().splitlines():
-        event = json.loads(line)
-        seen.setdefault((event["addr"], event["storage_bytes"]), event["t_ns"] / 1000)
-    return [min(sighting - t for t in made[key] if t <= sighting) for key, sighting in seen.items()]
-
-
-def _late_copy(run: Path, copy: Path, lead_us: int) -> Path:
-    """A copy of `run` whose trace's clock runs `lead_us` ahead of the KV log's (its base set that late)."""
-    shutil.copytree(run, copy)
-    (trace,) = (copy / "profiler").glob("*.pt.trace.json")
-    data = json.loads(trace.read_text())
-    data["baseTimeNanoseconds"] += lead_us * 1000
-    trace.write_text(json.dumps(data))
-    return copy
-
-
 def test_a_prefill_oom_under_a_trace_clock_set_a_few_ms_late_keeps_its_kv(tmp_path: Path) -> None:
     # GIVEN the prefill OOM of the test above (4 KV storages: its first 2 layers' K and V), and copies of it
     # whose trace's clock base is set late, as a loaded host's Kineto base has been seen: every 50 µs from
@@ -164,13 +132,13 @@ def test_a_prefill_oom_under_a_trace_clock_set_a_few_ms_late_keeps_its_kv(tmp_pa
     _record_oom(run, prompt, new_tokens=6, forward=0, layer=reached)
     kv = prompt * reached * PER * BATCH
     assert json.loads(_cli("diagnose", str(run), "--json"))["kv_bytes"] == kv
-    first = math.floor((max(_own_lags_us(run)) + TOLERANCE_US) / 50 + 1) * 50
+    first = math.floor((max(own_lags_us(run)) + TOLERANCE_US) / 50 + 1) * 50
     leads = range(first, 8001, 50)
 
     # WHEN each is diagnosed
     got = {}
     for lead_us in leads:
-        copy = _late_copy(run, tmp_path / f"late{lead_us}", lead_us)
+        copy = late_copy(run, tmp_path / f"late{lead_us}", lead_us)
         got[lead_us] = json.loads(_cli("diagnose", str(copy), "--json"))["kv_bytes"]
         shutil.rmtree(copy)
 

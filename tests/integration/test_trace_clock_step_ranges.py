@@ -16,7 +16,6 @@ update: no two updates' storages agree on a shift), or all by one (`even`: they 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -31,11 +30,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 import kvtrace
 from kvtrace.llama import build_model, cache_keyword
 from tests.cli_json import report_json
+from tests.late_trace import TOLERANCE_US, late_copy, own_lags_us
 from tests.tiny import tiny_size
 
 LAYERS, KV_HEADS, HEAD_DIM, FP32 = 3, 2, 16, 4
 BATCH, PROMPT, NEW = 1, 64, 3
-TOLERANCE_US = 2000  # analyzers.attribution.JOIN_TOLERANCE_US
 EVEN_S = 0.03
 
 
@@ -85,42 +84,13 @@ def even_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _record(tmp_path_factory.mktemp("even") / "run", lambda n: EVEN_S)
 
 
-def _own_lags_us(run: Path) -> list[float]:
-    """Each KV storage's sighting less the latest allocation of its address and size before it (µs), the
-    trace's clock as its base sets it."""
-    (trace,) = (run / "profiler").glob("*.pt.trace.json")
-    data = json.loads(trace.read_text())
-    base_us = data["baseTimeNanoseconds"] / 1000
-    made: dict[tuple[int, int], list[float]] = {}
-    for event in data["traceEvents"]:
-        args = event.get("args", {})
-        if event.get("name") == "[memory]" and args.get("Bytes", 0) > 0:
-            made.setdefault((args["Addr"], args["Bytes"]), []).append(event["ts"] + base_us)
-    seen: dict[tuple[int, int], float] = {}
-    for line in (run / "kv_events.jsonl").read_text().splitlines():
-        event = json.loads(line)
-        if event.get("storage_bytes"):
-            seen.setdefault((event["addr"], event["storage_bytes"]), event["t_ns"] / 1000)
-    return [min(sighting - t for t in made[key] if t <= sighting) for key, sighting in seen.items()]
-
-
-def _late_copy(run: Path, copy: Path, lead_us: int) -> Path:
-    """A copy of `run` whose trace's clock runs `lead_us` ahead of the run's (its base set that late)."""
-    shutil.copytree(run, copy)
-    (trace,) = (copy / "profiler").glob("*.pt.trace.json")
-    data = json.loads(trace.read_text())
-    data["baseTimeNanoseconds"] += lead_us * 1000
-    trace.write_text(json.dumps(data))
-    return copy
-
-
 def test_a_late_trace_clock_on_a_loaded_host_keeps_every_kv_storage(
     uneven_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN the run, whose KV storages the log saw 4 ms or more after their allocation, each update's by its
     # own time, but layer 0's prefill K and V, seen at once
     held_run = uneven_run
-    lags = sorted(_own_lags_us(held_run))
+    lags = sorted(own_lags_us(held_run))
     storages = LAYERS * 2 * (1 + NEW - 1)  # the prefill's, then one more per layer, K and V, each decode
     assert len(lags) == storages and lags[1] < TOLERANCE_US / 4 and lags[2] > 4000
     as_read = report_json(held_run, capsys)
@@ -133,7 +103,7 @@ def test_a_late_trace_clock_on_a_loaded_host_keeps_every_kv_storage(
     # WHEN each is reported
     got = {}
     for lead_us in leads:
-        copy = _late_copy(held_run, tmp_path / f"late{lead_us}", lead_us)
+        copy = late_copy(held_run, tmp_path / f"late{lead_us}", lead_us)
         report = report_json(copy, capsys)
         got[lead_us] = (report["categories_at_peak"], report["notes"])
         shutil.rmtree(copy)
@@ -149,7 +119,7 @@ def test_a_trace_on_a_loaded_host_whose_base_is_right_stays_where_it_is(
     # GIVEN a run whose KV storages the log saw EVEN_S after their allocation or a little more (but layer 0's
     # first two), so that most agree on a shift of the trace by about EVEN_S (on a quiet host, within 2 ms
     # of each other), though its base is as Kineto set it
-    lags = sorted(_own_lags_us(even_run))
+    lags = sorted(own_lags_us(even_run))
     assert lags[1] < TOLERANCE_US / 4 and lags[2] > EVEN_S * 1e6
     # WHEN it is reported
     report = report_json(even_run, capsys)
