@@ -1,0 +1,78 @@
+"""A run's KV log is read with progress, as its trace was: a light-mode run (`profiler=False`) has no trace,
+and its log alone is long (135 MB for 4,000 tokens of 32 layers, read for a minute or more), so `report`,
+`diagnose` and `compare` read it with no bar at all. One bar covers the KV log, then the trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from analyzers.readers.run_dir import read_run_source
+from tests.tiny import record_generate, tiny_size
+
+SAMPLE = Path(__file__).resolve().parents[2] / "sample_traces" / "dynamic_b2"
+
+
+def _calls(run: Path) -> list[tuple[int, int]]:
+    calls: list[tuple[int, int]] = []
+    read_run_source(run, progress=lambda done, total: calls.append((done, total)))
+    return calls
+
+
+def test_a_light_runs_kv_log_is_read_with_progress(tmp_path: Path) -> None:
+    # GIVEN a light-mode run of a tiny Llama 3 (2 layers): its KV log, and no trace
+    from kvtrace.llama import build_model
+
+    run = tmp_path / "light"
+    record_generate(build_model(tiny_size(2)), run, batch=1, prompt=4, new_tokens=3, profiler=False)
+    assert not (run / "profiler").exists()
+    kv_bytes = (run / "kv_events.jsonl").stat().st_size
+    # 2 layers x K,V: created at the prefill; each of the 2 decode steps a new storage grown and the old one
+    # freed; the last freed at the end
+    assert len((run / "kv_events.jsonl").read_text().splitlines()) == 2 * 2 * (1 + 2 * 2 + 1)
+
+    # WHEN its source is read THEN the progress reaches the log's bytes, its total from the first call
+    calls = _calls(run)
+    assert calls, "no progress at all: a light run's read was silent"
+    assert calls[-1] == (kv_bytes, kv_bytes)
+    assert {total for _, total in calls} == {kv_bytes}
+
+
+def test_a_traced_run_reads_its_kv_log_then_its_trace_under_one_total() -> None:
+    # GIVEN a run with both: its KV log's bytes and its trace's (the sample, recorded with the profiler on)
+    kv_bytes = (SAMPLE / "kv_events.jsonl").stat().st_size
+    traces = sorted((SAMPLE / "profiler").glob("*.pt.trace.json.gz"))
+    assert len(traces) == 1
+    both = kv_bytes + traces[0].stat().st_size
+
+    # WHEN it is read THEN every call has both files' total; the KV log ends at its bytes, the trace at both
+    calls = _calls(SAMPLE)
+    assert {total for _, total in calls} == {both}
+    assert (kv_bytes, both) in calls
+    assert calls[-1] == (both, both)
+    dones = [done for done, _ in calls]
+    assert dones == sorted(dones)
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "last-line-cut"])
+def test_a_kv_log_read_a_line_at_a_time_keeps_every_line_and_drops_a_cut_last_one(
+    tmp_path: Path, cut: bool
+) -> None:
+    # GIVEN the sample's run, copied, with (or without) a last KV line cut where a killed writer stopped
+    import shutil
+
+    from kvtrace.run_reader import read_run
+
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLE, run)
+    lines = (run / "kv_events.jsonl").read_text().splitlines(keepends=True)
+    manifest = (run / "manifest.json").read_text()
+    if cut:
+        (run / "kv_events.jsonl").write_text("".join(lines) + lines[-1][:25])
+        (run / "manifest.json").write_text(manifest.replace('"status": "ok"', '"status": "running"'))
+
+    # WHEN it is read THEN every whole line is an event, and the cut one is said, not an error
+    read = read_run(run)
+    assert len(read.kv_events) == len(lines)
+    assert read.truncated is cut
