@@ -76,3 +76,39 @@ def test_a_kv_log_read_a_line_at_a_time_keeps_every_line_and_drops_a_cut_last_on
     read = read_run(run)
     assert len(read.kv_events) == len(lines)
     assert read.truncated is cut
+
+
+def test_plan_from_a_light_run_reads_its_kv_log_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a light-mode run of a tiny Llama 3, and the run reader counted (the real one runs)
+    import json
+
+    import analyzers.planning.run_defaults as run_defaults
+    import analyzers.readers.run_dir as run_dir
+    from kvtrace.cli import main
+    from kvtrace.llama import build_model
+
+    run = tmp_path / "light"
+    record_generate(build_model(tiny_size(2)), run, batch=1, prompt=4, new_tokens=3, profiler=False)
+    reads: list[Path] = []
+    for module in (run_dir, run_defaults):
+        real = module.read_run
+
+        def counted(path: Path, *args: object, real: object = real, **kwargs: object) -> object:
+            reads.append(Path(path))
+            return real(path, *args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(module, "read_run", counted)
+
+    # WHEN it is planned from
+    assert main(["plan", "--from-run", str(run), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+
+    # THEN its KV log was read once (for the run's defaults), not a second time for a report whose only use
+    # is to say that the run has no allocator events, which its note says as the report would
+    assert reads == [run]
+    said = "the run has no allocator events (it was recorded with profiler=False): its activations are unseen"
+    assert [n for n in notes if n.startswith("the run has no allocator events")] == [
+        f"{said}, so the reserve stands for them"
+    ]
