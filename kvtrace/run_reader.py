@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kvtrace.collector import collector_paused
 from kvtrace.errors import (
     KvtraceError,
     link_problem,
@@ -106,6 +107,11 @@ def read_run(path: str | os.PathLike[str], progress: Callable[[int, int], None] 
     complete event; `Run.truncated` and the manifest's `ended` say so. `progress(done, total)`: how far into
     the KV log reading has got (characters of `total`, its bytes), the run's long read.
     """
+    with collector_paused():  # millions of objects made, none of them in a cycle
+        return _read_run(path, progress)
+
+
+def _read_run(path: str | os.PathLike[str], progress: Callable[[int, int], None] | None) -> Run:
     refuse_unnamed_path(path)  # before pathlib reads "" as the current folder
     root = Path(path)
     manifest_path = root / MANIFEST

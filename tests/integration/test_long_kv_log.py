@@ -112,3 +112,46 @@ def test_plan_from_a_light_run_reads_its_kv_log_once(
     assert [n for n in notes if n.startswith("the run has no allocator events")] == [
         f"{said}, so the reserve stands for them"
     ]
+
+
+def test_reading_a_run_pauses_the_cycle_collector_and_restores_it() -> None:
+    # GIVEN the sample run (its KV lines and its trace's events, each read into objects), the collector's runs
+    # counted
+    import gc
+
+    from analyzers.report import load_source
+    from kvtrace.run_reader import read_run
+
+    lines = len((SAMPLE / "kv_events.jsonl").read_text().splitlines())
+    assert lines == 256
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        """A collection that starts inside the reading (one may follow it, the objects made then counted)."""
+        import sys
+
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename != __file__:
+            if frame.f_code.co_name == "__exit__":  # as the pause ends: the collector on again
+                return
+            if frame.f_code.co_name in ("read_run", "_read_run", "load_source", "_load_source"):
+                if phase == "start":
+                    collections.append(info["generation"])
+                return
+            frame = frame.f_back  # type: ignore[assignment]
+
+    gc.callbacks.append(count)
+    try:
+        # WHEN it is read, and read and attributed, with the collector on
+        assert gc.isenabled()
+        run = read_run(SAMPLE)
+        source = load_source(SAMPLE)
+    finally:
+        gc.callbacks.remove(count)
+
+    # THEN no collection walked the objects while they were being made, every line is an event, and the
+    # collector is on again
+    assert collections == []
+    assert len(run.kv_events) == lines
+    assert source.meta["kv"] is not None
+    assert gc.isenabled()
