@@ -11,6 +11,7 @@ and the cache's torch.cat growing with the context); pass `--runs` to time runs 
 
     OMP_NUM_THREADS=1 python benchmarks/kv_log_scale.py --tokens 1000,4000 --keep runs/scale
     python benchmarks/kv_log_scale.py --runs runs/scale/light-1000,runs/scale/light-4000
+    PYTHONPATH=../other-tree python benchmarks/kv_log_scale.py --runs ...   # that tree's commands
 
 No figure is asserted: this prints a table, it is not a test.
 """
@@ -48,10 +49,12 @@ def _record(out: Path, new_tokens: int) -> None:
     subprocess.run([sys.executable, "-c", code, str(out), str(new_tokens)], check=True, env=env, cwd=ROOT)
 
 
-def _measure(argv: list[str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS in MiB, exit status) of one child process."""
+def _measure(argv: list[str], cwd: Path) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in MiB, exit status) of one child process, run in `cwd`: `python -m` puts its
+    working folder first on sys.path, so a child started in a checkout would run that checkout's code,
+    whatever PYTHONPATH names (as when comparing two trees)."""
     start = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
@@ -112,7 +115,7 @@ def main() -> int:
             for name, argv in _commands(run, Path(tmp)):
                 if wanted and not any(name.startswith(w) for w in wanted):
                     continue
-                wall, rss, status = _measure([*kvtrace, *argv])
+                wall, rss, status = _measure([*kvtrace, *argv], Path(tmp))
                 extra = ""
                 if name.startswith("report -o") and status == 0:
                     extra = f" (page {(Path(tmp) / 'page.html').stat().st_size / 1e6:.1f} MB)"
