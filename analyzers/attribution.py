@@ -21,6 +21,7 @@ Four methods, and each event says which one decided it (`DeviceEvents.method`):
 from __future__ import annotations
 
 import bisect
+import itertools
 from typing import Any
 
 import numpy as np
@@ -110,17 +111,21 @@ def _pair_frees(dev: DeviceEvents, alloc_index: np.ndarray) -> np.ndarray:
     result = np.full(alloc_index.shape[0], -1, dtype=np.int64)
     if alloc_index.size == 0:
         return result
-    wanted = set(int(a) for a in dev.addr[alloc_index])
+    alloc_addrs = dev.addr[alloc_index].tolist()
+    wanted = set(alloc_addrs)
     frees_by_addr: dict[int, list[int]] = {}
-    for i in np.nonzero(dev.delta_bytes < 0)[0]:
-        a = int(dev.addr[i])
+    free_index = np.flatnonzero(dev.delta_bytes < 0)
+    for a, i in zip(dev.addr[free_index].tolist(), free_index.tolist(), strict=True):
         if a in wanted:
-            frees_by_addr.setdefault(a, []).append(int(i))
-    for j, i in enumerate(alloc_index):
-        candidates = frees_by_addr.get(int(dev.addr[i]), [])
-        pos = int(np.searchsorted(np.asarray(candidates, dtype=np.int64), i, side="right"))
-        if pos < len(candidates):
-            result[j] = candidates[pos]
+            frees_by_addr.setdefault(a, []).append(i)
+    # Each address's frees are in index order: a bisect of its list, not an array made of it per allocation
+    # (an address a long run reuses thousands of times made that quadratic)
+    for j, (a, i) in enumerate(zip(alloc_addrs, alloc_index.tolist(), strict=True)):
+        candidates = frees_by_addr.get(a)
+        if candidates:
+            pos = bisect.bisect_right(candidates, i)
+            if pos < len(candidates):
+                result[j] = candidates[pos]
     return result
 
 
@@ -228,13 +233,12 @@ def _join_kv_log(
     {index in `storages`: the time (µs) of its free} for those whose free the trace holds."""
     kv_addrs = {s[0] for s in storages}
     alloc_mask = dev.delta_bytes > 0
-    by_addr: dict[int, list[int]] = {}
     at_kv = np.isin(dev.addr, np.fromiter(kv_addrs, dtype=np.int64))
-    for idx in np.nonzero(alloc_mask & at_kv)[0]:
-        by_addr.setdefault(int(dev.addr[idx]), []).append(int(idx))
-    frees_at: dict[int, list[int]] = {}
-    for idx in np.nonzero((dev.delta_bytes < 0) & at_kv)[0]:
-        frees_at.setdefault(int(dev.addr[idx]), []).append(int(idx))
+    allocations = _AddrEvents(dev, np.flatnonzero(alloc_mask & at_kv))
+    by_addr, times_at, sizes_at = allocations.indices, allocations.times, allocations.sizes
+    frees_at = _AddrEvents(dev, np.flatnonzero((dev.delta_bytes < 0) & at_kv)).indices
+    # Whether an address's allocations are in time order, where a bisect may find the sighting
+    ordered = {addr: all(a <= b for a, b in itertools.pairwise(t)) for addr, t in times_at.items()}
     matched_allocs: list[int] = []
     matched_storages: list[int] = []
     layers: list[int] = []
@@ -252,21 +256,11 @@ def _join_kv_log(
         # first within the clocks' tolerance after it. A later one at the same address, inside the
         # tolerance, is the next step's. The sighting is read on the trace's clock: `lead` later.
         seen = first_ns / 1000.0 + lead
-        limit = seen + JOIN_TOLERANCE_US
-        released = frees_at.get(addr, [])
-        best = -1
-        for i in candidates:  # time-ordered
-            if ts[i] > limit:
-                break
-            size = int(dev.delta_bytes[i])
-            if size != nbytes and not (blocks and block_holds(size, nbytes)):
-                continue
-            if ts[i] > seen and best >= 0:
-                break
-            freed = bisect.bisect_right(released, i)
-            if ts[i] <= seen and freed < len(released) and ts[released[freed]] < seen - JOIN_TOLERANCE_US:
-                continue  # allocated and released well before the sighting: an earlier occupant
-            best = i
+        join = _Join(seen, nbytes, blocks, frees_at.get(addr, []), ts)
+        if ordered[addr]:
+            best = join.sorted_best(candidates, times_at[addr], sizes_at[addr])
+        else:
+            best = join.scanned_best(candidates, times_at[addr], sizes_at[addr])
         if best >= 0:
             matched_allocs.append(best)
             matched_storages.append(storage)
@@ -308,6 +302,76 @@ def _join_kv_log(
         if held_index is not None:
             freed_at[held_index] = float(ts[free])
     return freed_at
+
+
+class _AddrEvents:
+    """Events (`indices`, ascending) grouped by address, each group in index order with its times and sizes
+    as lists: read from numpy one scalar at a time, or one small array per address, they were most of the
+    join's time on a long run."""
+
+    def __init__(self, dev: DeviceEvents, indices: np.ndarray) -> None:
+        self.indices: dict[int, list[int]] = {}
+        self.times: dict[int, list[float]] = {}
+        self.sizes: dict[int, list[int]] = {}
+        columns = (dev.addr[indices], indices, dev.ts_us[indices], dev.delta_bytes[indices])
+        for addr, index, at, size in zip(*(column.tolist() for column in columns), strict=True):
+            if addr not in self.indices:
+                self.indices[addr], self.times[addr], self.sizes[addr] = [], [], []
+            self.indices[addr].append(index)
+            self.times[addr].append(at)
+            self.sizes[addr].append(size)
+
+
+class _Join:
+    """Which of an address's allocations is one KV storage's: the latest of its size by the sighting `seen`
+    that was not released well before it, else the first of its size after it within the tolerance."""
+
+    def __init__(self, seen: float, nbytes: int, blocks: bool, released: list[int], ts: np.ndarray) -> None:
+        self.seen = seen
+        self.nbytes = nbytes
+        self.blocks = blocks
+        self.released = released  # the address's frees, in index order
+        self.ts = ts
+
+    def _fits(self, size: int) -> bool:
+        return size == self.nbytes or (self.blocks and block_holds(size, self.nbytes))
+
+    def _gone_before(self, index: int) -> bool:
+        """Allocated and released well before the sighting: an earlier occupant of the address."""
+        freed = bisect.bisect_right(self.released, index)
+        return freed < len(self.released) and self.ts[self.released[freed]] < self.seen - JOIN_TOLERANCE_US
+
+    def scanned_best(self, candidates: list[int], times: list[float], sizes: list[int]) -> int:
+        """In the candidates' order, stopping at the first past the tolerance (times out of order)."""
+        limit = self.seen + JOIN_TOLERANCE_US
+        best = -1
+        for i, at, size in zip(candidates, times, sizes, strict=True):
+            if at > limit:
+                break
+            if not self._fits(size):
+                continue
+            if at > self.seen and best >= 0:
+                break
+            if at <= self.seen and self._gone_before(i):
+                continue
+            best = i
+        return best
+
+    def sorted_best(self, candidates: list[int], times: list[float], sizes: list[int]) -> int:
+        """As `scanned_best` where `times` are in order: back from the sighting, then on within the
+        tolerance, so that a storage costs the candidates near its sighting, not all its address had (a
+        long run reuses an address thousands of times)."""
+        by_sighting = bisect.bisect_right(times, self.seen)
+        for k in range(by_sighting - 1, -1, -1):
+            if self._fits(sizes[k]) and not self._gone_before(candidates[k]):
+                return candidates[k]
+        limit = self.seen + JOIN_TOLERANCE_US
+        for k in range(by_sighting, len(candidates)):
+            if times[k] > limit:
+                break
+            if self._fits(sizes[k]):
+                return candidates[k]
+        return -1
 
 
 def trace_lead_us(dev: DeviceEvents, storages: list[_Storage]) -> float:

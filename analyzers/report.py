@@ -11,6 +11,7 @@ from analyzers.model import MemorySource
 from analyzers.readers.sources import ProgressFn
 from analyzers.summary import Report, summarize
 from analyzers.trace_coverage import all_memory_events_damaged
+from kvtrace.collector import collector_paused
 from kvtrace.errors import KvtraceError
 
 
@@ -23,6 +24,11 @@ def load_source(path: str | os.PathLike[str], progress: ProgressFn | None = None
     read it as a trace profiled without `profile_memory=True`. `kvtrace report` reads it (`build_report`
     with `keep_events=False`) and gives the same in its notes.
     """
+    with collector_paused():  # a long run's events: millions of objects, none of them in a cycle
+        return _load_source(path, progress)
+
+
+def _load_source(path: str | os.PathLike[str], progress: ProgressFn | None) -> MemorySource:
     from analyzers.readers.sources import classify_path, open_source, profiler_traces_in, runs_in
     from kvtrace.run_layout import is_run_group
 

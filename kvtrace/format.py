@@ -199,6 +199,15 @@ class WeightRecord:
         return fields
 
 
+def profiler_traces(root: Path) -> list[Path]:
+    """The torch.profiler traces in the run directory `root`, by name (the last is the one read)."""
+    folder = root / PROFILER_DIR
+    if not folder.is_dir():
+        return []
+    names = (".pt.trace.json", ".pt.trace.json.gz")
+    return sorted(p for p in folder.iterdir() if p.name.endswith(names) and p.is_file())
+
+
 @dataclass
 class Run:
     """A run directory read back: the manifest and every complete line of every log."""
@@ -234,11 +243,7 @@ class Run:
         return self.manifest.get("ended", {}).get("status") in ("ok", "exception")
 
     def profiler_traces(self) -> list[Path]:
-        folder = self.path / PROFILER_DIR
-        if not folder.is_dir():
-            return []
-        names = (".pt.trace.json", ".pt.trace.json.gz")
-        return sorted(p for p in folder.iterdir() if p.name.endswith(names) and p.is_file())
+        return profiler_traces(self.path)
 
     def snapshots(self) -> list[Path]:
         # Regular files only: a named pipe called *.pickle would hang the first read.

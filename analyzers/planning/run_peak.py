@@ -120,6 +120,24 @@ class PeakMoment:
     encoder_pass: tuple[tuple[int, int], ...] | None = None
 
 
+def _recorded_without_profiler(root: Path) -> bool:
+    """A run (not a group) whose manifest says `profiler=False` and that holds no trace: its source is its KV
+    log alone, for that cause (`readers.run_dir`'s first), as its manifest says without its log being read."""
+    import json
+
+    from kvtrace.format import MANIFEST, profiler_traces
+    from kvtrace.run_layout import is_run_group
+
+    if is_run_group(root):
+        return False
+    try:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError, RecursionError):  # the report's reader says what is wrong with it
+        return False
+    options = manifest.get("options") if isinstance(manifest, dict) else None
+    return isinstance(options, dict) and options.get("profiler") is False and not profiler_traces(root)
+
+
 def peak_moment(
     path: str | Path, prompt: int | None = None, context: int | None = None, encoder_tokens: int | None = None
 ) -> PeakMoment | str:
@@ -130,6 +148,10 @@ def peak_moment(
     from analyzers.planning.encoder_pass import encoder_pass_moments
     from analyzers.report import build_report
 
+    if _recorded_without_profiler(Path(path)):
+        # What the report below would say of it, without reading its KV log again (plan --from-run has read
+        # it for its defaults: a minute more on a long run's, to learn that the run has no trace)
+        return f"the run has no allocator events (it was recorded with profiler=False){UNSEEN_ENDS[0]}"
     source, report = build_report(path, timelines=True)
     main = report.main_device
     if source.kv_log_only or main is None:
