@@ -25,7 +25,6 @@ from analyzers.model import (
     WEIGHTS,
     MemorySource,
 )
-from analyzers.readers.safe_pickle import gc_paused
 from analyzers.readers.snapshot import (
     PLAIN_MAX_ENTRIES,
     PlainDevice,
@@ -37,6 +36,7 @@ from analyzers.readers.snapshot_pools import peak_slack, pools_at
 from analyzers.readers.sources import ProgressFn
 from analyzers.stack_rules import RULES, frame_rule_matches
 from analyzers.summary import DeviceSummary, KvSummary, Report, clock_time, summarize
+from kvtrace.collector import collector_paused
 
 __all__ = ["plain_snapshot_report"]
 
@@ -48,7 +48,7 @@ def plain_snapshot_report(path: str, progress: ProgressFn | None = None) -> tupl
     timelines."""
     from analyzers.attribution import attribute
 
-    with gc_paused():
+    with collector_paused():
         data = load_snapshot(path, progress)
         traces = data.get("device_traces") or []
         if sum(map(len, traces)) > PLAIN_MAX_ENTRIES or not all(map(plain_trace_ok, traces)):

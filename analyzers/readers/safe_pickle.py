@@ -9,7 +9,6 @@ that needs one is not a snapshot. Gzip-compressed pickles are read too (detected
 
 from __future__ import annotations
 
-import gc
 import os
 import pickle
 import struct
@@ -20,6 +19,7 @@ from contextlib import contextmanager
 from types import TracebackType
 
 from analyzers.readers.sources import ProgressFn, open_input
+from kvtrace.collector import collector_paused
 from kvtrace.errors import KvtraceError
 
 __all__ = ["load_pickle"]
@@ -102,19 +102,6 @@ def _stray_bytearray_line_dropped() -> Iterator[None]:
                 sys.excepthook = _hook_before[0]  # type: ignore[assignment]
 
 
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building millions of plain containers: they hold no cycles
-    to free, yet each allocation threshold re-scans all of them (it halves the time of a big snapshot)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def load_pickle(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> object:
     """The plain-data object stored in the pickle at `path` (plain or gzip-compressed).
 
@@ -130,7 +117,7 @@ def load_pickle(path: str | os.PathLike[str], progress: ProgressFn | None = None
             # Protocols 0 and 1 have no header: a dict there opens with these (torch writes protocol >= 2).
             raise KvtraceError(f"{name}: not a pickle (starts with {first!r}, no protocol header)")
         try:
-            with gc_paused(), _stray_bytearray_line_dropped():
+            with collector_paused(), _stray_bytearray_line_dropped():
                 return _DataOnlyUnpickler(stream).load()
         except _RefusedGlobal as exc:
             raise KvtraceError(

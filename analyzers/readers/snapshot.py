@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from analyzers.model import MemorySource
-from analyzers.readers.safe_pickle import gc_paused, load_pickle
+from analyzers.readers.safe_pickle import load_pickle
 from analyzers.readers.snapshot_entries import (
     KNOWN_KEYS,
     PLAIN_MAX_ENTRIES,
@@ -49,6 +49,7 @@ from analyzers.readers.snapshot_entries import (
 )
 from analyzers.readers.snapshot_replay import PlainDevice, replay_device
 from analyzers.readers.sources import ProgressFn
+from kvtrace.collector import collector_paused
 from kvtrace.errors import KvtraceError, shown_integer
 
 # c10::DeviceIndex is an int16 (int8 before torch 2.3): no dump names a device past it, and a damaged one's
@@ -120,7 +121,7 @@ def read_snapshot(path: str | os.PathLike[str], progress: ProgressFn | None = No
     One `DeviceEvents` ("cuda:N") per device that has segments or trace entries; `segments` describes
     the allocator state at the dump, `ooms` and "oom"/"snapshot" markers come from the trace.
     """
-    with gc_paused():
+    with collector_paused():
         name = str(path)
         return snapshot_source(name, load_snapshot(name, progress))
 
