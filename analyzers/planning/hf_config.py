@@ -236,7 +236,9 @@ def geometry_from_config(
     if experts.get("moe_layers") and model_type in _EXPERT_ROUTING:
         routing, default_top_k = _EXPERT_ROUTING[model_type]
         top_k = positive_int("num_experts_per_tok", fields.get("num_experts_per_tok", default_top_k))
-        experts.update(expert_routing=routing, experts_per_token=top_k)
+        experts.update(
+            expert_routing=routing, experts_per_token=top_k, experts_implementation=_experts_forward(fields)
+        )
     block = gpt_block_fields(fields, model_type, hidden, positive_int, str(config_path))
     buffers = buffer_fields(
         fields, model_type, layers=layers, head_dim=head_dim, full_head_dim=global_head_dim,
@@ -378,12 +380,23 @@ def _experts(
         moe = [kind == "sparse" for kind in kinds]
     return {
         "moe_layers": sum(moe),
+        "layer_moe": tuple(moe),
         "experts": experts,
         "expert_intermediate_size": size,
         "shared_intermediate_size": shared,
         "shared_expert_gate": bool(get("shared_expert_intermediate_size")) and not get("n_routed_experts"),
         "expert_score_bias": model_type == "ernie4_5_moe",  # its float32 score correction, a parameter
     }
+
+
+def _experts_forward(fields: dict[str, Any]) -> str | None:
+    """The experts' forward a config names, as PreTrainedConfig reads it: "experts_implementation", a name
+    or a dict of them whose "" entry is the model's own; None where it names none or grouped_mm (the
+    default)."""
+    named = fields.get("experts_implementation")
+    if isinstance(named, dict):
+        named = named.get("")
+    return named if isinstance(named, str) and named != "grouped_mm" else None
 
 
 def _llama4_experts(

@@ -21,13 +21,15 @@ bytes s, and the router's top-k weights' w (Qwen's and OLMoE's cast back to s, M
   wider w, its cast back to s; the peak only where k is 1 and w is wider than s.
 
 Qwen2-MoE runs its gated shared expert (3 x R x its width, "shared expert", before the router) first and
-keeps its output (R x hidden) through the routed experts. A model's dense layers (Qwen's `mlp_only_layers`)
-have a Llama MLP's moment; the plan takes the largest of every kind of layer's, as if in the last layer: where
-a dense layer before the last peaks, over the recording by the KV of the layers after it, which it has not
-written yet (a Qwen3-MoE of 3 layers, its middle one dense: one layer's prompt KV).
-Not planned: `experts_implementation="eager"`, whose loop holds each expert's tokens (as the router chose)
-and a one-hot of R x k x (experts + 1) int64, and other routers (DeepSeek's groups, PhiMoE's sparsemixer,
-GraniteMoE's, GPT-OSS's, Llama 4's), whose layers are not these.
+keeps its output (R x hidden) through the routed experts. A model's dense layers (Qwen's `mlp_only_layers`,
+`decoder_sparse_step`) have a Llama MLP's moment; `prefill_activations` weighs each kind in its own last
+layer (`ModelGeometry.layer_moe`), with the KV of the layers up to it alone and, in layer 0, no input apart
+from the embeddings (before, both as in the last layer: a Qwen3-MoE of 2 layers, its first dense and 1,024
+wide, planned 512 KB over its recording).
+Not planned: `experts_implementation="eager"` (or another than grouped_mm) where a config.json names it,
+whose loop holds each expert's tokens (as the router chose) and a one-hot of R x k x (experts + 1) int64:
+the plan says so instead of pricing grouped_mm's; and other routers (DeepSeek's groups, PhiMoE's
+sparsemixer, GraniteMoE's, GPT-OSS's, Llama 4's), whose layers are not these.
 """
 
 from __future__ import annotations

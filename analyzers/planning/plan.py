@@ -39,6 +39,7 @@ from analyzers.planning.plan_kv import (
     peak_at,
     plan_peak,
     prefill_at,
+    prompt_kv_by_layer,
 )
 from analyzers.planning.plan_render import format_text, to_json
 from analyzers.planning.plan_types import (
@@ -49,7 +50,7 @@ from analyzers.planning.plan_types import (
     PlanResult,
     Remedy,
 )
-from analyzers.planning.prefill_activations import prefill_note
+from analyzers.planning.prefill_note import prefill_note
 from analyzers.planning.quantized_weights import quantized_weights_note
 from analyzers.planning.recorded_notes import padding_note, prefill_bound_note, quantized_prefill_note
 from analyzers.planning.size_text import parse_size
@@ -231,7 +232,8 @@ def _notes(req: PlanRequest) -> tuple[str, ...]:
     prompt = req.prompt if req.prompt is not None else req.context - 1  # prefill_at's
     activations = None
     if req.recorded is None:
-        activations = prefill_note(geom, req.effective_compute_dtype, req.batch, prompt)
+        layer_kv = prompt_kv_by_layer(req, req.batch, prompt)
+        activations = prefill_note(geom, req.effective_compute_dtype, req.batch, prompt, layer_kv)
     notes = (cache_off, estimate, quantized, geom.kv_note, activations, prefill, quantize, encoder, padding)
     model_notes = tuple(note for note in notes if note)
     limit = geom.max_position_embeddings

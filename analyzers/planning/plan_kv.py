@@ -103,6 +103,7 @@ __all__ = [
     "peak_at",
     "plan_peak",
     "prefill_at",
+    "prompt_kv_by_layer",
 ]
 
 FP8_SCALE_BYTES = 4  # Fp8QuantizedLayer's per-tensor scale: one float32 for K and one for V, per layer
@@ -417,11 +418,28 @@ def prefill_at(req: PlanRequest, batch: int, context: int) -> tuple[int, Prefill
     if req.recorded is not None:
         return None
     prompt = req.prompt if req.prompt is not None else context - 1
-    activations = prefill_activations(req.geometry, req.effective_compute_dtype, batch, prompt)
+    activations = prefill_activations(
+        req.geometry,
+        req.effective_compute_dtype,
+        batch,
+        prompt,
+        layer_kv_bytes=prompt_kv_by_layer(req, batch, prompt),
+    )
     if activations is None:
         return None
     kv = kv_sizes(replace(req, prompt=prompt, context=context), batch, context).prefill_bytes
-    return kv, activations
+    return kv - activations.unwritten_kv_bytes, activations
+
+
+def prompt_kv_by_layer(req: PlanRequest, batch: int, prompt: int) -> tuple[int, ...]:
+    """The prompt KV each layer's cache writes as the prefill reaches it, in order, where a cache grows
+    layer by layer (dynamic or sliding: a sliding layer holds the whole prompt until the first decode step):
+    a prefill's moment in a layer before the last holds the KV of the layers up to it alone. Empty for a
+    cache allocated whole at the start (static), and for a quantized or DeepSeek-V4's, which are priced as
+    if every layer held the prompt throughout, the most they can."""
+    if req.cache not in ("dynamic", "sliding") or req.geometry.compressed is not None:
+        return ()
+    return tuple(dtype_bytes_for(req.kv_dtype, prompt * (k + v)) for _, k, v in _layers(req, batch))
 
 
 def plan_peak(req: PlanRequest, batch: int, context: int) -> PlanPeak:

@@ -28,9 +28,12 @@ In the compute dtype's bytes s, with R = B x T:
   self.self_attn(...)`) until the layer ends, through its MLP.
 
 The peak is the largest of those moments in the last layer (which holds every layer's KV), with what is held
-across the layers. Not in it: the prompt's ids and mask the caller made (16 B a row and token), the last
-position's logits and the logits processors' vectors (a few rows x vocabulary floats, after the layers free
-their activations), allocator rounding and the CUDA context (the reserve).
+across the layers; in a mixture of experts with dense layers too, the largest of each kind's in its own last
+layer, weighed with the KV of the layers up to it where a dynamic cache writes it layer by layer
+(`layer_kv_bytes`), and in layer 0 without an input apart from the embeddings. Not in it: the prompt's ids
+and mask the caller made (16 B a row and token), the last position's logits and the logits processors'
+vectors (a few rows x vocabulary floats, after the layers free their activations), allocator rounding and
+the CUDA context (the reserve).
 
 Fused projections (`ModelGeometry.fused_qkv`, `fused_gate_up`), measured on transformers 5.25's Phi-3 and
 GLM: a fused `gate_up_proj` keeps its 2 x R x intermediate_size output whole (gate and up are its halves)
@@ -64,18 +67,17 @@ compressed attention.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from analyzers.planning.moe_prefill import moe_moments
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
-from analyzers.units import human_bytes
 
 __all__ = [
     "ATTENTIONS",
     "PrefillActivations",
     "eager_score_bytes",
     "prefill_activations",
-    "prefill_note",
     "unplanned_reason",
 ]
 
@@ -90,10 +92,14 @@ class PrefillActivations:
     """The most a prefill holds beside the weights and the KV, in bytes, and its parts."""
 
     peak_bytes: int
-    moment: str  # where in the last layer: "mlp", "rotary", "scores" (eager), "mask" (sdpa with a window)
+    moment: str  # where in its layer: "mlp", "rotary", "scores" (eager), "mask" (sdpa with a window)...
     held_bytes: int  # of peak_bytes, held across the layers: embeddings, cos and sin, positions, a mask
     stream_bytes: int  # the residual stream's hidden states at that moment
     layer_bytes: int  # the moment's own tensors (the MLP's three, the rotary's, the scores...)
+    layer: int = 0  # the layer it is in: the last, but for a dense layer's or an MoE layer's before it
+    # the prompt KV of the layers after `layer`, which they have not written yet (`layer_kv_bytes`): the
+    # plan's KV at this moment is every layer's less this
+    unwritten_kv_bytes: int = 0
 
 
 def unplanned_reason(geom: ModelGeometry) -> str | None:
@@ -101,6 +107,7 @@ def unplanned_reason(geom: ModelGeometry) -> str | None:
     Llama's, whose tensors the estimate counts."""
     reasons = (
         (geom.moe_layers > 0 and geom.expert_routing is None, "its mixture-of-experts layers"),
+        (geom.experts_implementation is not None, _experts_forward_reason(geom.experts_implementation)),
         (geom.mla is not None, "its latent attention"),
         (geom.compressed is not None, "its compressed attention"),
         (geom.cross_kv_layers > 0, "its encoder"),
@@ -115,6 +122,18 @@ def unplanned_reason(geom: ModelGeometry) -> str | None:
         if applies:
             return what
     return None
+
+
+def _experts_forward_reason(named: str | None) -> str:
+    """Why experts run another way than grouped_mm are not estimated: eager's loop holds each expert's
+    tokens, as many as the router sent it, which no config tells (the tiny Qwen3-MoE's held 1.29 MB less than
+    grouped_mm's estimate of it, tests/integration/test_plan_moe_prefill.py)."""
+    if named == "eager":
+        return (
+            'its experts_implementation="eager" (a loop over the experts, whose tensors follow the tokens '
+            "the router sends each: grouped_mm, transformers' default, is the one estimated)"
+        )
+    return f"its experts_implementation={named!r} (grouped_mm, transformers' default, is the one estimated)"
 
 
 def _attention_may_peak(geom: ModelGeometry) -> bool:
@@ -151,10 +170,14 @@ def prefill_activations(
     prompt: int,
     attention: str = "sdpa",
     padded: bool = False,
+    layer_kv_bytes: Sequence[int] = (),
 ) -> PrefillActivations | None:
     """The prefill's activations at its worst moment for `batch` rows of `prompt` tokens (module
     docstring); None for a model `unplanned_reason` names. `padded`: prompts padded to one length (an
-    attention_mask with zeros), which makes sdpa's masks of every row."""
+    attention_mask with zeros), which makes sdpa's masks of every row. `layer_kv_bytes`: the prompt KV each
+    layer's cache writes as the prefill reaches it (a dynamic cache's), so that a moment in a layer before the
+    last is weighed without the KV of the layers after it; empty, every layer's is held throughout (a
+    preallocated cache's)."""
     if unplanned_reason(geom) is not None:
         return None
     if attention not in ATTENTIONS:
@@ -167,8 +190,6 @@ def prefill_activations(
     # K and V expanded to the query heads (repeat_kv), where a mask or eager makes them; none without GQA
     expanded = 2 * rows * q_width * s if geom.num_kv_heads < heads else 0
     held = rows * (hidden * s + 2 * (geom.rotary_dim or head_dim) * s + POSITION_ROW_BYTES)
-    # a layer after the first has its input apart from the embeddings
-    later = 1 if geom.num_layers > 1 else 0
     # the MLP's tensors of R x intermediate_size at once: a fused gate_up's output (two) or gate's and up's;
     # an up/down MLP's up projection and its activation's
     mlp_widths = geom.ungated_mlp_widths if geom.mlp_matrices == 2 else 4 if geom.fused_gate_up else 3
@@ -177,155 +198,66 @@ def prefill_activations(
     if geom.rotary_slices_kept:  # Phi's q and k projections and their turned parts, to the attention's end
         turned = (heads + geom.num_kv_heads) * (geom.rotary_dim or head_dim)
         qkv += rows * (q_width + kv_width + turned) * s
-    # (moment, residual stream, the moment's own tensors)
-    moments = [
-        ("mlp", rows * hidden * s * (2 + later), mlp_widths * rows * geom.intermediate_size * s),
-        # the layer's k and v projections are live here too, but its cache update has not run: they stand
-        # for the last layer's KV, which the plan counts with every layer's (before, counted twice: a Qwen3
-        # of 4 layers, head_dim twice hidden / heads, was planned one layer's prompt KV over its recording)
-        ("rotary", rows * hidden * s * (1 + later), rows * s * 4 * q_width),
-    ]
-    if geom.moe_layers:  # its MoE layers' moments, beside the same stream as a dense MLP's
-        if geom.moe_layers == geom.num_layers:
-            moments.pop(0)
-        moments[:0] = [
-            (name, rows * hidden * s * (2 + later), own) for name, own in moe_moments(geom, s, rows)
-        ]
-    feedforward = len(moments) - 1  # the moments before the rotary's, in the MLP or the experts
+    last = geom.num_layers - 1
+    dense_at, moe_at = _last_of_each_kind(geom)
+
+    def stream(layer: int, states: int) -> int:
+        """`states` hidden states, and a layer's input after the first (the embeddings are the first's)."""
+        return rows * hidden * s * (states + (1 if layer > 0 else 0))
+
+    # (moment, its layer, residual stream, the moment's own tensors)
+    moments: list[tuple[str, int, int, int]] = []
+    if dense_at is not None:
+        moments.append(("mlp", dense_at, stream(dense_at, 2), mlp_widths * rows * geom.intermediate_size * s))
+    if moe_at is not None:  # its MoE layers' moments, beside the same stream as a dense MLP's
+        moments[:0] = [(name, moe_at, stream(moe_at, 2), own) for name, own in moe_moments(geom, s, rows)]
+    feedforward = len(moments)  # the moments in the MLP or the experts
+    # the layer's k and v projections are live here too, but its cache update has not run: they stand for the
+    # last layer's KV, which the plan counts with every layer's (before, counted twice: a Qwen3 of 4 layers,
+    # head_dim twice hidden / heads, was planned one layer's prompt KV over its recording)
+    moments.append(("rotary", last, stream(last, 1), rows * s * 4 * q_width))
     masks = _masks(geom, prompt, padded, attention == "eager")
     if attention == "eager":
         held += (masks + geom.window_zero_mask) * pairs * s  # the float masks, every layer's
         probabilities = pairs * heads * s  # a layer's returned weights, kept through its MLP
         for index in range(feedforward):
-            name, stream, own = moments[index]
-            moments[index] = (name, stream, own + probabilities)
+            name, layer, states, own = moments[index]
+            moments[index] = (name, layer, states, own + probabilities)
         # at the softmax: the rotated q, K and V expanded, the scores
         scores = pairs * heads * eager_score_bytes(s) + rows * q_width * s + expanded + qkv
-        moments.append(("scores", rows * hidden * s * (1 + later), scores))
+        moments.append(("scores", last, stream(last, 1), scores))
     else:  # bool masks, one for every head (and row, unpadded); Qwen2-MoE's of window 0 read by no layer
         held += (masks + geom.window_zero_mask) * (pairs if padded else prompt * prompt)
     if attention != "eager" and masks:
         # a masked layer's sdpa: the rotated q, K and V expanded, the mask in the compute dtype (torch's sdpa
         # turns a bool mask into one, for every row), the output and its float32 log-sum-exp
         masked = pairs * s + 2 * rows * q_width * s + expanded + batch * heads * prompt * FLOAT32 + qkv
-        moments.append(("mask", rows * hidden * s * (1 + later), masked))
-    name, stream, own = max(moments, key=lambda moment: moment[1] + moment[2])
-    return PrefillActivations(held + stream + own, name, held, stream, own)
+        moments.append(("mask", last, stream(last, 1), masked))
+    unwritten = _unwritten_kv(geom, layer_kv_bytes)
+    name, layer, states, own = max(moments, key=lambda moment: moment[2] + moment[3] - unwritten(moment[1]))
+    return PrefillActivations(held + states + own, name, held, states, own, layer, unwritten(layer))
 
 
-# The MoE moments (`moe_prefill`) in words: S = R x k, a row for each token's k experts
-_MOE_TEXT = {
-    "experts": "its experts' gathered inputs (R x {k} x hidden) and their gate and up projections "
-    "(4 x R x {k} x {width}: the projection, twice that wide, the gate's activation and the product)",
-    "expert outputs": "its experts' gathered inputs, down projections, their products with the routing "
-    "weights and those reordered (4 x R x {k} x hidden)",
-    "expert sum": "its experts' gathered inputs, down projections, weighted outputs (3 x R x {k} x hidden) "
-    "and their sum over the {k} experts",
-    "shared expert": "its shared expert's gate and up projections (3 x R x its width)",
-}
+def _last_of_each_kind(geom: ModelGeometry) -> tuple[int | None, int | None]:
+    """The last dense layer and the last MoE layer (None: none of that kind), where each kind's largest
+    moment is, the layers after it holding no more of the prompt than those before. Where the config does
+    not say which layers are which (`layer_moe`), both as the last layer: the most either can hold."""
+    last = geom.num_layers - 1
+    if not geom.moe_layers:
+        return last, None
+    if geom.moe_layers >= geom.num_layers:
+        return None, last
+    kinds = geom.layer_moe
+    if kinds is None or len(kinds) != geom.num_layers:
+        return last, last
+    dense = [index for index, moe in enumerate(kinds) if not moe]
+    moe = [index for index, moe in enumerate(kinds) if moe]
+    return (dense[-1] if dense else None), (moe[-1] if moe else None)
 
 
-def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
-    """What the moment holds, in words and widths."""
-    streams = "4 hidden states" if geom.num_layers > 1 else "3 hidden states"
-    stream_names = (
-        "the embeddings, the layer's input, its residual and the normed input"
-        if geom.num_layers > 1
-        else "the embeddings (the layer's input), its residual and the normed input"
-    )
-    width = f"R x {geom.hidden_size:,}"
-    if act.moment == "mlp" and geom.fused_gate_up:
-        own = (
-            f"its last layer's MLP holds 4 x R x {geom.intermediate_size:,} (its fused gate and up "
-            "projection, twice that wide, the activation of the gate and the product)"
-        )
-    elif act.moment == "mlp" and geom.mlp_matrices == 2:
-        temporaries = geom.ungated_mlp_widths - 2
-        what = (
-            f", its activation and {temporaries} of the activation's temporaries"
-            if temporaries
-            else " and its activation"
-        )
-        own = (
-            f"its last layer's MLP holds {geom.ungated_mlp_widths} x R x {geom.intermediate_size:,} (the up "
-            f"projection{what})"
-        )
-    elif act.moment == "mlp":
-        own = (
-            f"its last layer's MLP holds 3 x R x {geom.intermediate_size:,} (the activation of the gate "
-            "projection, the up projection and their product)"
-        )
-    elif act.moment in _MOE_TEXT:
-        k, expert_width = geom.experts_per_token, geom.expert_intermediate_size
-        own = f"its last MoE layer holds {_MOE_TEXT[act.moment].format(k=k, width=expert_width)}"
-        if act.moment != "shared expert":
-            own += f", with its router's logits (R x {geom.experts}), top-k weights and the sort's indices"
-        if geom.shared_intermediate_size and act.moment != "shared expert":
-            own += " and the shared expert's output (R x hidden)"
-    elif act.moment == "rotary":
-        streams = "3 hidden states" if geom.num_layers > 1 else "2 hidden states"
-        stream_names = "the embeddings, the layer's input and the normed input"
-        own = (
-            f"its last layer's rotary embedding holds q ({geom.num_attention_heads} heads x {geom.head_dim}) "
-            "four times (the projection, its products with cos and sin, its rotated half), its k and v "
-            "counted as its KV, which its cache has not copied yet,"
-        )
-    else:  # "mask": a masked layer's sdpa
-        streams = "3 hidden states" if geom.num_layers > 1 else "2 hidden states"
-        stream_names = "the embeddings, the layer's input and the normed input"
-        own = (
-            "its last masked layer's sdpa holds its mask in the compute dtype for every row (prompt x "
-            "prompt), the rotated q, the output, and K and V expanded to the query heads"
-        )
-    if act.moment in ("mask", "scores") and geom.fused_qkv:
-        own += ", and its fused q, k and v projection, kept until the attention returns"
-    if act.moment in ("mask", "scores") and geom.rotary_slices_kept:
-        own += ", and its q and k projections beside their turned parts, kept until the attention returns"
-    return (
-        f"{own} beside {streams} of {width} ({stream_names}), the rotary cos and sin "
-        f"(R x {geom.rotary_dim or geom.head_dim} "
-        "each) and 16 B of position ids a token"
-    )
-
-
-def _layer_kind(geom: ModelGeometry) -> str:
-    """Which of transformers' layers the estimate follows: a Llama's, or its MLP or MoE in another's."""
-    if geom.moe_layers:
-        return "Llama layer with this family's MoE block"
-    return "Llama layer with this family's up/down MLP" if geom.mlp_matrices == 2 else "Llama layer"
-
-
-def prefill_note(geom: ModelGeometry, compute_dtype: str, batch: int, prompt: int) -> str:
-    """The plan's note on its prefill activations: the formula at the prompt planned, what it assumes
-    (sdpa, unpadded, one forward) and what eager attention or padded prompts would add; or why the model's
-    are not estimated."""
-    why = unplanned_reason(geom)
-    act = prefill_activations(geom, compute_dtype, batch, prompt)
-    if why is not None or act is None:
-        return (
-            f"prefill activations are not estimated for {geom.name}: the estimate counts a Llama layer's "
-            f"tensors, not {why}; the reserve stands for them (record a run and plan it --from-run to "
-            "measure them)"
-        )
-    rows = batch * prompt
-    eager = prefill_activations(geom, compute_dtype, batch, prompt, "eager")
-    padded = prefill_activations(geom, compute_dtype, batch, prompt, padded=True)
-    assert eager is not None and padded is not None
-    more_eager = human_bytes(eager.peak_bytes - act.peak_bytes)
-    extras = [f"eager attention holds {more_eager} more (its mask and a layer's scores over prompt x prompt)"]
-    if batch > 1:
-        more_padded = human_bytes(padded.peak_bytes - act.peak_bytes)
-        extras.append(f"padded prompts {more_padded} more (sdpa's mask over prompt x prompt, K, V expanded)")
-    moment = _moment_text(geom, act)
-    # one sentence a step of the reasoning, which the text sets on lines of their own: the first was some
-    # 650 characters
-    return (
-        f"prefill activations: generate() runs the {prompt:,}-token prompt of {batch} row"
-        f"{'s' if batch != 1 else ''} through the model in one forward (R = {rows:,} rows x tokens). "
-        f"{moment[0].upper()}{moment[1:]}, in {compute_dtype}: {human_bytes(act.peak_bytes)} beside the "
-        f"weights and every layer's KV of the prompt. That is transformers 5.25's {_layer_kind(geom)} as "
-        "kvtrace measured it, whatever version the layout line names. Planned for sdpa "
-        "attention (transformers' default: on a GPU its flash and memory-efficient kernels hold no prompt x "
-        f"prompt scores) and unpadded prompts: {' and '.join(extras)}. Not in it: the last position's "
-        "logits and the CUDA context (the reserve's), generate()'s prefill_chunk_size"
-    )
+def _unwritten_kv(geom: ModelGeometry, layer_kv_bytes: Sequence[int]) -> Callable[[int], int]:
+    """Bytes of prompt KV the layers after a layer have not written when the prefill is in it; none where the
+    KV is not given layer by layer, or not for every layer (a model whose layers share KV)."""
+    if len(layer_kv_bytes) != geom.num_layers:
+        return lambda layer: 0
+    return lambda layer: sum(layer_kv_bytes[layer + 1 :])

@@ -90,6 +90,9 @@ class ModelGeometry:
     # as weights, though only a few run per token), plus shared experts of `shared_intermediate_size` in
     # all. The other layers' MLP is `intermediate_size` (Llama 4's `intermediate_size_mlp`).
     moe_layers: int = 0
+    # Which layers those are, in order (the config's `mlp_only_layers`, `decoder_sparse_step`...; None: not
+    # told): a prefill's dense and MoE layers each peak in their own last layer (`prefill_activations`)
+    layer_moe: tuple[bool, ...] | None = None
     experts: int = 0
     expert_intermediate_size: int = 0
     shared_intermediate_size: int = 0
@@ -102,6 +105,9 @@ class ModelGeometry:
     # a router whose prefill the planner does not estimate
     experts_per_token: int = 0
     expert_routing: str | None = None
+    # the experts' forward a config.json names (its "experts_implementation", which transformers honours when
+    # it loads the config: "eager", "batched_mm"...); None: transformers' default, grouped_mm, the one planned
+    experts_implementation: str | None = None
     # Qwen2-MoE without `use_sliding_window`: its sliding window is 0, and its model makes a bool mask of that
     # window for every prompt (none can be skipped), which no layer reads but the prefill holds
     window_zero_mask: bool = False

@@ -5,11 +5,15 @@ recorder on tiny random-weight models of each whose MLP or experts make the pref
 Before, a plan from their config counted none: a note said so and, with `--reserve 0`, the plan was the
 weights and the KV alone (the Qwen3-MoE here: 1.35 MB planned, 4.54 MB recorded). Now each is within 64 B of
 its recording. Transformers' default experts (`grouped_mm`) run S = R x k rows (R = rows x prompt tokens, k
-experts a token) whatever the router chose, so no figure here depends on the random routing.
+experts a token) whatever the router chose, so no figure here depends on the random routing. A Qwen3-MoE with
+dense layers too peaks in the last layer of the kind that holds most, with the KV of the layers up to it (its
+plan priced both kinds as the last layer: up to 511,976 B over); experts a config runs eagerly are not priced
+as grouped_mm's.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,13 +81,15 @@ def _plan_recorded(
     return report, cli_json([*argv, *shape], capsys)
 
 
-def _assert_planned_as_recorded(report: Any, planned: Any, activations: int, s: int = FP32) -> None:
-    """The plan's prefill is `activations` beside the weights and every layer's prompt KV (in `s` bytes),
-    the moment the recording peaked at, a few scalars below it."""
+def _assert_planned_as_recorded(
+    report: Any, planned: Any, activations: int, s: int = FP32, kv_layers: int = LAYERS
+) -> None:
+    """The plan's prefill is `activations` beside the weights and `kv_layers` layers' prompt KV (in `s`
+    bytes), the moment the recording peaked at, a few scalars below it."""
     at_peak = report["categories_at_peak"]
     assert planned["prefill_activations_bytes"] == planned["activations_bytes"] == activations
     assert 0 <= at_peak["other"] - activations <= SCALARS
-    assert planned["kv_at_peak_bytes"] == at_peak["kv"] == LAYERS * 2 * KV_HEADS * HEAD_DIM * s * ROWS
+    assert planned["kv_at_peak_bytes"] == at_peak["kv"] == kv_layers * 2 * KV_HEADS * HEAD_DIM * s * ROWS
     assert planned["weights_bytes"] == at_peak["weights"]
     assert 0 <= report["peak_allocated_bytes"] - planned["peak_bytes"] <= SCALARS
     assert not [note for note in planned["notes"] if note.startswith("prefill activations are not")]
@@ -177,6 +183,86 @@ def test_qwen2_moe_holds_its_shared_expert_and_an_unread_mask_of_window_0(
     # layer reads (prompt x prompt), beside the experts' moment
     activations = _held(FP32) + PROMPT * PROMPT + _stream(FP32) + own()
     _assert_planned_as_recorded(report, planned, activations)
+
+
+def _qwen3_moe(layers: int, dense: list[int], dense_width: int) -> Any:
+    """A Qwen3-MoE whose experts (16 wide, 2 a token) are as in the tests above, its `dense` layers a Llama
+    MLP of `dense_width` (`mlp_only_layers`)."""
+    return transformers.Qwen3MoeConfig(
+        **_LLAMA | {"num_hidden_layers": layers}, head_dim=HEAD_DIM, intermediate_size=dense_width,
+        num_experts=EXPERTS, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=dense,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("layers", "dense", "dense_width", "kv_layers", "own"),
+    [
+        # a dense layer 0 of 1,024 wide peaks: its MLP's three tensors beside its residual and normed input
+        # (its input is the embeddings), and layer 0's KV alone (before: 512,000 B over, the last layer's
+        # stream and KV)
+        (2, [0], 1024, 1, lambda: 2 * ROWS * HIDDEN * FP32 + 3 * ROWS * 1024 * FP32),
+        # the middle one of three, beside the stream of a later layer, with two layers' KV (before: 256,000 B
+        # over, the third layer's KV)
+        (3, [1], 1024, 2, lambda: _stream(FP32) + 3 * ROWS * 1024 * FP32),
+        # a narrow dense last layer: the MoE layer 0 peaks, its experts after their down projections (before:
+        # 512,000 B over)
+        (2, [1], 32, 1, lambda: 2 * ROWS * HIDDEN * FP32 + _routing(FP32, FP32, 2) + _expert_outputs(2)),
+    ],
+    ids=["dense-first", "dense-middle", "moe-first"],
+)
+def test_a_moe_models_dense_and_moe_layers_each_peak_in_their_own_layer(
+    layers: int,
+    dense: list[int],
+    dense_width: int,
+    kv_layers: int,
+    own: Callable[[], int],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN a Qwen3-MoE whose layers in `dense` are a Llama MLP, the rest its experts
+    report, planned = _plan_recorded(_qwen3_moe(layers, dense, dense_width), tmp_path, "fp32", capsys)
+    # THEN its prefill peaks in the last layer of the kind that holds most, with the KV of the layers up to
+    # it, which the plan counts there, where it counted every layer's and the last layer's stream
+    activations = _held(FP32) + own()
+    _assert_planned_as_recorded(report, planned, activations, kv_layers=kv_layers)
+
+
+def test_experts_a_config_runs_eagerly_are_not_priced_as_grouped_mm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the Qwen3-MoE above, its config.json naming experts_implementation="eager", which transformers
+    # honours when it loads the config: its experts run a loop over the experts, not grouped_mm
+    config = transformers.Qwen3MoeConfig(
+        **_LLAMA, head_dim=HEAD_DIM, intermediate_size=128, num_experts=EXPERTS, num_experts_per_tok=2,
+        moe_intermediate_size=16,
+    )  # fmt: skip
+    config.save_pretrained(tmp_path / "config")
+    config_file = tmp_path / "config" / "config.json"
+    fields = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(fields | {"experts_implementation": "eager"}))
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path / "config")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(loaded).eval()
+    assert model.config._experts_implementation == "eager"
+    record_generate(model, tmp_path / "run", BATCH, PROMPT, NEW)
+    other = report_json(tmp_path / "run", capsys)["categories_at_peak"]["other"]
+    # THEN what it held is not grouped_mm's (3,320,032 B: the tests above): the loop holds what the router
+    # sends each expert (2,026,788 B here, seed 0)
+    grouped_mm = _held(FP32) + _stream(FP32) + _routing(FP32, FP32, 2) + _expert_outputs(2)
+    assert abs(other - grouped_mm) > 100_000
+    # AND its plan says its prefill is not estimated, and why, where it priced grouped_mm's
+    argv = ["plan", "--config", str(tmp_path / "config"), "--dtype", "fp32", "--batch", str(BATCH)]
+    shape = ["--context", str(PROMPT + NEW), "--prompt", str(PROMPT), "--reserve", "0", "--json"]
+    planned = cli_json([*argv, *shape], capsys)
+    assert planned["prefill_activations_bytes"] is None
+    (note,) = [note for note in planned["notes"] if note.startswith("prefill activations are not")]
+    assert 'its experts_implementation="eager" (a loop over the experts' in note
+    # AND a config that names none is planned for grouped_mm, its note saying eager is not estimated
+    config_file.write_text(json.dumps(fields))
+    default = cli_json([*argv, *shape], capsys)
+    assert default["prefill_activations_bytes"] == grouped_mm
+    (note,) = [note for note in default["notes"] if note.startswith("prefill activations:")]
+    assert "Planned for transformers' default experts (grouped_mm); a model loaded with " in note
 
 
 @pytest.mark.parametrize(

@@ -178,3 +178,25 @@ def test_gpt_neox_is_planned_where_its_mlp_outweighs_its_unmeasured_attention() 
     narrow = replace(neox, intermediate_size=4 * 64 - 1)
     assert unplanned_reason(narrow) == "its attention beside an MLP this narrow (not measured)"
     assert prefill_activations(narrow, "fp32", 2, 100) is None
+
+
+def test_a_dense_layer_before_the_moe_ones_is_weighed_with_the_kv_written_by_then() -> None:
+    # GIVEN SMALL with three layers, the first dense (its MLP 256 wide), the others Qwen-style experts (16
+    # wide, 2 a token), and a dynamic cache's prompt KV of 1,000 B a layer
+    moe = replace(
+        SMALL, num_layers=3, moe_layers=2, experts=4, expert_intermediate_size=16, experts_per_token=2,
+        expert_routing="compute",
+    )  # fmt: skip
+    dense_first = replace(moe, layer_moe=(False, True, True))
+    act = prefill_activations(dense_first, "fp32", 2, 100, layer_kv_bytes=(1000, 1000, 1000))
+    # THEN its MLP peaks in layer 0: three of 256 beside its residual and normed input (its input is the
+    # embeddings), the KV of the two layers after it not written yet
+    rows = 2 * 100
+    held = rows * (64 * 4 + 2 * 16 * 4 + 16)
+    assert act is not None and (act.moment, act.layer, act.unwritten_kv_bytes) == ("mlp", 0, 2000)
+    assert act.peak_bytes == held + rows * (2 * 64 + 3 * 256) * 4
+    # AND where the config does not say which layers are dense, as in the last layer: the most it can hold
+    unknown = prefill_activations(moe, "fp32", 2, 100, layer_kv_bytes=(1000, 1000, 1000))
+    assert unknown is not None and unknown.moment == "mlp"
+    assert (unknown.layer, unknown.unwritten_kv_bytes) == (2, 0)
+    assert unknown.peak_bytes == held + rows * (3 * 64 + 3 * 256) * 4
