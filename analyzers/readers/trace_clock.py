@@ -317,9 +317,9 @@ def _moves(found: ClockShift) -> bool:
     from moving, and the KV cache was counted as other. Where some storages' own allocations fit as read
     (a lead just past the tolerance), the join places them (`analyzers.attribution`), as far as it looks
     for a lead (LEAD_REACH_US, either way; the shift, less the margin, puts the storage seen soonest after
-    its allocation at its sighting): 2.4-2.9 ms ahead, the storages seen at once fell past it while half
+    its allocation at its sighting): 2.1-2.9 ms ahead, the storages seen at once fell past it while half
     the others fit as read, the lead the join found was those others', and a one-by-one eviction's KV peak
-    read 12,800-16,896 B, not 18,944."""
+    read 12,544-16,896 B, not 18,944."""
     agreed = found.covered >= 2 and 2 * found.covered >= found.with_allocation
     if not agreed or abs(found.shift_us) <= WINDOW_US:
         return False

@@ -3,12 +3,12 @@
 
 The hook (test_evictions' `keep_last`, one by one) frees each layer's full K and V a forward's attention
 after the log saw them, and the next layer's projection outputs, of the same size, may take their
-addresses a few hundred µs later. Set behind (its base early), a trace read as it was put each sighting
-that much late: 2.2-2.4 ms behind, past the join's tolerance, the full K and V were taken for released
-before their sighting and lost (16,896 B, not 18,944), 1-2.2 ms behind the next layer's projection output
-was taken for a storage (21,248 B). 2.4-2.9 ms ahead, the storages seen at once fell out of the join's fit
-while half the others fit as read (the trace not moved), and its lead was theirs (12,800-16,896 B). A
-forward as fast as an idle host's brings the next occupants within those ms: recorded on one thread.
+addresses within a ms. Without the step ranges, a trace set behind (its base early) was read as it was, each
+sighting that much late: 2.2-2.4 ms behind, past the join's tolerance, a full K or V was taken for released
+before its sighting and lost (12,288-16,896 B, not 18,944), 1-2.2 ms behind the next layer's projection
+output was taken for a storage (21,248 B). 2.1-2.9 ms ahead, the storages seen at once fell out of the
+join's fit while half the others fit as read (the trace not moved), and its lead was theirs (12,544-16,896
+B). A forward as fast as an idle host's brings the next occupants within those ms: recorded on one thread.
 """
 
 from __future__ import annotations
