@@ -58,7 +58,7 @@ SIGHTING_MARGIN_US = 500.0
 LEAD_REACH_US = JOIN_TOLERANCE_US + SIGHTING_MARGIN_US
 # `source.meta` key: the trace's lead (µs) over the KV log's clock that kvtrace's step ranges measured, after
 # `readers.trace_clock` moved the trace by it (its fraction of a µs) or left it (within SIGHTING_MARGIN_US).
-# Where set, the join reads each sighting that much later and finds no lead of its own (`_lead_of`)
+# Where set, the join reads each sighting at most that much later (`_lead_of`)
 RANGES_LEAD = "trace_ranges_lead_us"
 # `source.meta` key: float64 per KV log storage (`KvLogAnalysis.storages`), the µs of the trace's free of it
 # on its own device (NaN: none in the trace)
@@ -391,9 +391,7 @@ def trace_lead_us(dev: DeviceEvents, storages: list[_Storage], ranges_lead_us: f
     (`ranges_lead_us`, `source.meta[RANGES_LEAD]`), else as the storages' allocations prove it (see
     `_lead_of`): the readers that place the log's sightings among the trace's events read them this much
     later, as the KV log's join does."""
-    if ranges_lead_us is not None:
-        return ranges_lead_us
-    return _lead_of(dev, storages, _allocations_at(dev, storages), sizes_are_blocks(dev))
+    return _lead_of(dev, storages, _allocations_at(dev, storages), sizes_are_blocks(dev), ranges_lead_us)
 
 
 def sighting_fit_us(
@@ -430,11 +428,13 @@ def _lead_of(
     blocks: bool,
     ranges_lead_us: float | None = None,
 ) -> float:
-    """How far (µs) the trace's clock runs ahead of the KV log's: as kvtrace's step ranges measured it where
-    they placed the trace (`ranges_lead_us`), else as the storages prove it: the tightest fit within
-    LEAD_REACH_US either way (`sighting_fit_us`), and SIGHTING_MARGIN_US more for storages the log saw sooner
-    after theirs than the one that fixed it; no less than 0 where that fit is within the margin behind (a
-    clock that agrees: the sightings read as they are).
+    """How far (µs) the trace's clock runs ahead of the KV log's, as the storages prove it: the tightest fit
+    within LEAD_REACH_US either way (`sighting_fit_us`), and SIGHTING_MARGIN_US more for storages the log
+    saw sooner after theirs than the one that fixed it; no less than 0 where that fit is within the margin
+    behind (a clock that agrees: the sightings read as they are). Where kvtrace's step ranges placed the
+    trace, the lead they measured (`ranges_lead_us`), or less where the storages say so: a range's start
+    less its step's sample is never less than the lead, but it is more by the µs between the two, which a
+    loaded host may stretch to ms.
 
     A storage's own allocation comes before the log sees it, so a sighting read later than its true time
     still finds it, read earlier it finds an earlier occupant of its address (a same-sized projection output
@@ -448,12 +448,13 @@ def _lead_of(
     sighting at its address, was taken for it (a one-by-one eviction's KV peak read 21,248 B, not 18,944).
     The reach is as far as `readers.trace_clock` leaves a trace unmoved: past 2 ms the storages seen at once
     fell out of the fit, and the lead found was another's."""
-    if ranges_lead_us is not None:
-        return ranges_lead_us
     fit = _sighting_fit(dev, storages, by_addr, blocks, LEAD_REACH_US)
-    if fit is None:
-        return 0.0
-    return fit + SIGHTING_MARGIN_US if fit > 0 else min(0.0, fit + SIGHTING_MARGIN_US)
+    from_fit = None
+    if fit is not None:
+        from_fit = fit + SIGHTING_MARGIN_US if fit > 0 else min(0.0, fit + SIGHTING_MARGIN_US)
+    if ranges_lead_us is None:
+        return from_fit or 0.0
+    return ranges_lead_us if from_fit is None else min(ranges_lead_us, from_fit)
 
 
 def _sighting_fit(

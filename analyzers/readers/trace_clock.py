@@ -283,8 +283,8 @@ def _align_by_ranges(source: MemorySource, lead_us: float, fault: str | None, st
     """Put the trace on the run's clock by the lead its step ranges measured: left as read within
     SIGHTING_MARGIN_US (the join places storages that close), moved beyond it, with a note where the base
     is no clock base or is more than QUIET_LEAD_US off. The lead left (`RANGES_LEAD`: the µs the ranges
-    measured, or their fraction) is the KV log's join's: a range opens just after its step's sample, so each
-    sighting read that much later is read at most those µs late, where the storages' fit reads up to
+    measured, or their fraction) bounds the KV log's join's: a range opens just after its step's sample, so
+    each sighting read that much later is read at most those µs late, where the storages' fit reads up to
     SIGHTING_MARGIN_US late (the next occupant of a storage's address may come sooner)."""
     if abs(lead_us) <= SIGHTING_MARGIN_US:
         source.meta[RANGES_LEAD] = lead_us

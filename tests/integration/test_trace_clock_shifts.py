@@ -9,6 +9,8 @@ before its sighting and lost (12,288-16,896 B, not 18,944), 1-2.2 ms behind the 
 output was taken for a storage (21,248 B). 2.1-2.9 ms ahead, the storages seen at once fell out of the
 join's fit while half the others fit as read (the trace not moved), and its lead was theirs (12,544-16,896
 B). A forward as fast as an idle host's brings the next occupants within those ms: recorded on one thread.
+How soon they come is the host's to say (a loaded one puts them tens of ms on, and the old join got every
+lead right); tests/unit/test_join_lead_behind.py holds one such run's events.
 """
 
 from __future__ import annotations
