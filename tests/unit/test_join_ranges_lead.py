@@ -1,6 +1,6 @@
-"""Where kvtrace's step ranges placed a trace, the KV log's join reads each sighting by the lead they
-measured, not by the storages' fit: a storage freed soon after its sighting keeps its own allocation, not
-the next same-sized one at its address.
+"""Where kvtrace's step ranges placed a trace, the KV log's join reads each sighting no later than the lead
+they measured, not SIGHTING_MARGIN_US past the storages' fit: a storage freed soon after its sighting keeps
+its own allocation, not the next same-sized one at its address.
 
 The storages' fit reads every sighting up to SIGHTING_MARGIN_US late, past the tightest fit. A storage whose
 own allocation came more than the join's tolerance before its sighting (an eviction's copy, which the log
@@ -8,7 +8,7 @@ sees at the next layer's update) does not take part in that fit, and when the st
 seen (a second press) and a same-sized allocation (the next layer's projection output) takes its address
 within that margin, read that late its sighting falls after the newcomer: the join took it, and the
 storage's own allocation was counted as other. A range opens just after its step's sample reads the run's
-clock, so the lead it measures is at most those µs late.
+clock, so the lead it measures is at most those µs late. (Built for the case: no recorded run showed it.)
 """
 
 from __future__ import annotations
