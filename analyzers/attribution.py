@@ -53,6 +53,13 @@ JOIN_TOLERANCE_US = 2000.0
 # storage only if it came that soon after the sighting at the same address and size: the next occupant of
 # a KV storage's address comes a step or more later.
 SIGHTING_MARGIN_US = 500.0
+# How far (µs) either way the join looks for the trace's lead over the KV log's clock (`_lead_of`): as far
+# as `readers.trace_clock` leaves a trace's clock unmoved, a shift of up to the tolerance past the margin
+LEAD_REACH_US = JOIN_TOLERANCE_US + SIGHTING_MARGIN_US
+# `source.meta` key: the trace's lead (µs) over the KV log's clock that kvtrace's step ranges measured, after
+# `readers.trace_clock` moved the trace by it (its fraction of a µs) or left it (within SIGHTING_MARGIN_US).
+# Where set, the join reads each sighting at most that much later (`_lead_of`)
+RANGES_LEAD = "trace_ranges_lead_us"
 # `source.meta` key: float64 per KV log storage (`KvLogAnalysis.storages`), the µs of the trace's free of it
 # on its own device (NaN: none in the trace)
 KV_FREES = "kv_free_us"
@@ -167,7 +174,8 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
             _join_weight_changes(dev, weight_changes)
         if kv_storages:
             held = (source.meta.get("kv_held_before_trace") or {}).get(dev.device)
-            for storage, freed_us in _join_kv_log(dev, kv_storages, held).items():
+            ranges_lead = source.meta.get(RANGES_LEAD)
+            for storage, freed_us in _join_kv_log(dev, kv_storages, held, ranges_lead).items():
                 named = storage_devices[storage] if storage < len(storage_devices) else ""
                 if not named or normal_device(named) == dev.device:
                     frees_us[storage] = freed_us
@@ -225,12 +233,16 @@ def _join_weight_changes(dev: DeviceEvents, changes: list[Any]) -> None:
 
 
 def _join_kv_log(
-    dev: DeviceEvents, storages: list[_Storage], held: list[_Storage] | None = None
+    dev: DeviceEvents,
+    storages: list[_Storage],
+    held: list[_Storage] | None = None,
+    ranges_lead_us: float | None = None,
 ) -> dict[int, float]:
     """Mark as KV the allocation of each storage of the KV log that the trace holds, and its free; and the
     free of each storage `held` before the trace (`readers.kv_before_trace`): the first event at its address,
     the trace's or one the reader added, which takes it out of the level before the first event. Returns
-    {index in `storages`: the time (µs) of its free} for those whose free the trace holds."""
+    {index in `storages`: the time (µs) of its free} for those whose free the trace holds. `ranges_lead_us`:
+    the lead kvtrace's step ranges measured (RANGES_LEAD), taken as the join's."""
     kv_addrs = {s[0] for s in storages}
     alloc_mask = dev.delta_bytes > 0
     at_kv = np.isin(dev.addr, np.fromiter(kv_addrs, dtype=np.int64))
@@ -246,7 +258,7 @@ def _join_kv_log(
     caches: list[int] = []
     ts = dev.ts_us
     blocks = sizes_are_blocks(dev)
-    lead = _lead_of(dev, storages, by_addr, blocks)
+    lead = _lead_of(dev, storages, by_addr, blocks, ranges_lead_us)
     for storage, (addr, nbytes, first_ns, _last_ns, layer, kv, cache) in enumerate(storages):
         candidates = by_addr.get(addr)
         if not candidates:
@@ -374,11 +386,12 @@ class _Join:
         return -1
 
 
-def trace_lead_us(dev: DeviceEvents, storages: list[_Storage]) -> float:
-    """How far (µs) the trace's clock runs ahead of the KV log's, as the storages' allocations prove it (see
+def trace_lead_us(dev: DeviceEvents, storages: list[_Storage], ranges_lead_us: float | None = None) -> float:
+    """How far (µs) the trace's clock runs ahead of the KV log's, as kvtrace's step ranges measured it
+    (`ranges_lead_us`, `source.meta[RANGES_LEAD]`), else as the storages' allocations prove it (see
     `_lead_of`): the readers that place the log's sightings among the trace's events read them this much
     later, as the KV log's join does."""
-    return _lead_of(dev, storages, _allocations_at(dev, storages), sizes_are_blocks(dev))
+    return _lead_of(dev, storages, _allocations_at(dev, storages), sizes_are_blocks(dev), ranges_lead_us)
 
 
 def sighting_fit_us(
@@ -409,21 +422,39 @@ def _allocations_at(dev: DeviceEvents, storages: list[_Storage]) -> dict[int, li
 
 
 def _lead_of(
-    dev: DeviceEvents, storages: list[_Storage], by_addr: dict[int, list[int]], blocks: bool
+    dev: DeviceEvents,
+    storages: list[_Storage],
+    by_addr: dict[int, list[int]],
+    blocks: bool,
+    ranges_lead_us: float | None = None,
 ) -> float:
     """How far (µs) the trace's clock runs ahead of the KV log's, as the storages prove it: the tightest fit
-    within the tolerance either way (`sighting_fit_us`), and SIGHTING_MARGIN_US more for storages the log
-    saw sooner after theirs than the one that fixed it; 0 where that fit is none (the clocks agree, or the
-    trace's clock runs behind). Up to the tolerance and its margin: a lead just past the tolerance, which
-    half the storages still fit as read, is one `readers.trace_clock` leaves to the join. Without it, a
-    storage the log saw sooner after its allocation than the clocks' error would take an earlier occupant of
-    its address (a same-sized projection output freed just before; the clocks agree to ~0.15 ms, and a
-    prefill storage is seen 0.02-0.2 ms after it is made). When only a storage with no other allocation of
-    its size within the tolerance could prove the lead, a prefill whose every storage had such an occupant
-    (a CPU's malloc hands a freed block back at once) had none under a base set 0.1-2 ms late, and the join
-    took the occupants."""
-    fit = _sighting_fit(dev, storages, by_addr, blocks, JOIN_TOLERANCE_US)
-    return fit + SIGHTING_MARGIN_US if fit is not None and fit > 0 else 0.0
+    within LEAD_REACH_US either way (`sighting_fit_us`), and SIGHTING_MARGIN_US more for storages the log
+    saw sooner after theirs than the one that fixed it; no less than 0 where that fit is within the margin
+    behind (a clock that agrees: the sightings read as they are). Where kvtrace's step ranges placed the
+    trace, the lead they measured (`ranges_lead_us`), or less where the storages say so: a range's start
+    less its step's sample is never less than the lead, but it is more by the µs between the two, which a
+    loaded host may stretch to ms.
+
+    A storage's own allocation comes before the log sees it, so a sighting read later than its true time
+    still finds it, read earlier it finds an earlier occupant of its address (a same-sized projection output
+    freed just before: the clocks agree to ~0.15 ms, a prefill storage is seen 0.02-0.2 ms after it is made),
+    and read later than the storage's free, the next occupant. The margin reads every sighting at most that
+    much late; a range's start less its step's sample, at least the lead, at most the µs between the two.
+    When only a storage with no other allocation of its size within the tolerance could prove the lead, a
+    prefill whose every storage had such an occupant (a CPU's malloc hands a freed block back at once) had
+    none under a base set 0.1-2 ms late, and the join took the occupants. A trace whose clock ran behind was
+    read as it was: 1-2.4 ms late, the next layer's same-sized projection output, 0.9 ms after a storage's
+    sighting at its address, was taken for it (a one-by-one eviction's KV peak read 21,248 B, not 18,944).
+    The reach is as far as `readers.trace_clock` leaves a trace unmoved: past 2 ms the storages seen at once
+    fell out of the fit, and the lead found was another's."""
+    fit = _sighting_fit(dev, storages, by_addr, blocks, LEAD_REACH_US)
+    from_fit = None
+    if fit is not None:
+        from_fit = fit + SIGHTING_MARGIN_US if fit > 0 else min(0.0, fit + SIGHTING_MARGIN_US)
+    if ranges_lead_us is None:
+        return from_fit or 0.0
+    return ranges_lead_us if from_fit is None else min(ranges_lead_us, from_fit)
 
 
 def _sighting_fit(

@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.attribution import JOIN_TOLERANCE_US, sizes_are_blocks, smallest_block, trace_lead_us
+from analyzers.attribution import (
+    JOIN_TOLERANCE_US,
+    RANGES_LEAD,
+    sizes_are_blocks,
+    smallest_block,
+    trace_lead_us,
+)
 from analyzers.eviction_markers import step_marks
 from analyzers.kv_log import KvLogAnalysis, analyze_run_kv_log
 from analyzers.model import (
@@ -379,8 +385,11 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         # On a CPU, their KV storages join the trace's events from the KV log; elsewhere (a GPU's totals
         # count them already) the note says where their KV is counted
         added: dict[int, int] = {}
+        ranges_lead = source.meta.get(RANGES_LEAD)
         for dev in source.devices:
-            for cache, count in add_untraced_kv(dev, run.kv_events, kv.storages, untraced).items():
+            for cache, count in add_untraced_kv(
+                dev, run.kv_events, kv.storages, untraced, ranges_lead
+            ).items():
                 added[cache] = added.get(cache, 0) + count
         # On a CPU whose trace held every storage of theirs (the caches went on on the recording thread),
         # nothing is missing: no note
@@ -422,7 +431,7 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             weights_counted = True
         # (that KV until the log's `freed` line for it: a CPU trace lacks the free, which is added)
         # how far the trace's clock runs ahead of the log's: one scan of the device's events for both
-        lead = trace_lead_us(dev, storages) if traced and len(dev) else 0.0
+        lead = trace_lead_us(dev, storages, source.meta.get(RANGES_LEAD)) if traced and len(dev) else 0.0
         held_kv = kv_held_before_trace(dev, storages, run.kv_events, found, lead) if traced else []
         if any(s[3] >= 0 for s in held_kv):
             add_kv_frees(dev, held_kv, run.kv_events, lead)

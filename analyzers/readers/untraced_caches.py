@@ -74,19 +74,23 @@ def _traced(dev: DeviceEvents, storages: list[Storage], lead_us: float) -> set[t
 
 
 def add_untraced_kv(
-    dev: DeviceEvents, kv_events: list[Any], storages: list[Storage], caches: set[int]
+    dev: DeviceEvents,
+    kv_events: list[Any],
+    storages: list[Storage],
+    caches: set[int],
+    ranges_lead_us: float | None = None,
 ) -> dict[int, int]:
     """Give a CPU device's events the storages of `caches` (another thread's) that its trace lacks: each
     allocated at the KV log's first sighting and freed at its `freed` line, in the log's order (a growth's
     new storage before the old one's free, as `analyzers.kv_log` replays them). Returns cache -> storages
-    added."""
+    added. `ranges_lead_us`: the trace's lead kvtrace's step ranges measured (`attribution.RANGES_LEAD`)."""
     mine = [s for s in storages if s[6] in caches]
     if not mine or not adds_untraced_kv(dev):
         return {}
     # How far the trace's clock runs ahead of the log's, as the storages it surely holds prove it (the
     # other caches'); the listed caches' own where there are none (those it holds prove it as well)
     recorded = [s for s in storages if s[6] not in caches]
-    skip = _traced(dev, mine, trace_lead_us(dev, recorded or mine))
+    skip = _traced(dev, mine, trace_lead_us(dev, recorded or mine, ranges_lead_us))
     rows: list[tuple[float, int, int]] = []  # (time, address, signed bytes), in the log's order
     live: dict[int, int] = {}  # address -> bytes, of the storages being added
     held: set[int] = set()  # addresses of their live storages left as they are (traced, or not a CPU's)
