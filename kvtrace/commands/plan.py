@@ -357,6 +357,9 @@ class PlanCommand(Command):
             "with another (default: with --from-run the run's, else the installed one)",
         )
         parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+        parser.add_argument(
+            "-q", "--quiet", action="store_true", help="no progress bar (--from-run: while its trace is read)"
+        )
         vllm = parser.add_argument_group(
             "vLLM (--engine vllm)",
             "KV blocks and maximum concurrency as vLLM computes them at start. transformers' own flags are "
@@ -602,8 +605,11 @@ class PlanCommand(Command):
         moment = None
         if run is not None and run.context is not None:
             from analyzers.planning.run_peak import peak_moment
+            from kvtrace.commands.progress import reading
 
-            found = peak_moment(args.from_run, run.prompt, run.context, run.encoder_tokens)
+            # its trace read as `report` reads it, with the bar report draws on a terminal for a big one
+            with reading(f"reading {Path(args.from_run).name}", getattr(args, "quiet", False)) as update:
+                found = peak_moment(args.from_run, run.prompt, run.context, run.encoder_tokens, update)
             if isinstance(found, str):
                 run = replace(run, notes=(*run.notes, found))
             else:
