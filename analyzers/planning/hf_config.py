@@ -4,6 +4,7 @@ context the model takes."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ _EXPERT_ROUTING = {
 }  # fmt: skip
 # Decoder families whose transformers model keeps no cache (OpenAIGPTModel.forward takes no past_key_values)
 _NO_KV_CACHE = frozenset({"openai-gpt"})
+_HUB_REPO_PREFIX = "models--"  # huggingface_hub's cache: models--ORG--NAME/snapshots/REV/config.json
 _FOUR_X_MLP = {"n_embd", "n_layer", "multi_query", "new_decoder_architecture"}  # configs whose MLP is 4x
 _REQUIRED_FIELDS = (
     "num_hidden_layers",
@@ -203,7 +205,7 @@ def geometry_from_config(
     if compressed is not None:  # DeepSeek-V4: every layer keeps a window (its default 128) beside the rest
         sliding_window = positive_int("sliding_window", fields.get("sliding_window", 128))
         slides = (True,) * layers
-    name = fields.get("_name_or_path") or config_path.resolve().parent.name or str(config_path)
+    name = fields.get("_name_or_path") or _name_of_folder(config_path)
     kv_layers = len(slides) if slides is not None else (layers - len(reused) if reused else None)
     cross = cross_attention_layers(fields.get)
     kv_note = None
@@ -297,6 +299,17 @@ def geometry_from_config(
         **gemma,
         **buffers,
     )
+
+
+def _name_of_folder(config_path: Path) -> str:
+    """The model's name where its config does not say it: its folder's as given, links not followed (a
+    Hugging Face cache's `snapshots/REV/config.json` is a link into `blobs/`: the plan was named "blobs"),
+    and for such a snapshot the repository's, `models--ORG--NAME` read as ORG/NAME."""
+    folder = Path(os.path.abspath(config_path)).parent
+    repo = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and repo.startswith(_HUB_REPO_PREFIX):
+        return repo.removeprefix(_HUB_REPO_PREFIX).replace("--", "/")
+    return folder.name or str(config_path)
 
 
 def _weights_note(raw: dict[str, Any], model_type: str, shape: EncoderDecoderShape | None) -> str | None:

@@ -33,6 +33,7 @@ from analyzers.units import human_bytes
 if TYPE_CHECKING:
     from analyzers.model import MemorySource
     from analyzers.planning.plan_types import PrefillMoment
+    from analyzers.readers.sources import ProgressFn
     from analyzers.summary import Report
 
 __all__ = [
@@ -139,11 +140,16 @@ def _recorded_without_profiler(root: Path) -> bool:
 
 
 def peak_moment(
-    path: str | Path, prompt: int | None = None, context: int | None = None, encoder_tokens: int | None = None
+    path: str | Path,
+    prompt: int | None = None,
+    context: int | None = None,
+    encoder_tokens: int | None = None,
+    progress: ProgressFn | None = None,
 ) -> PeakMoment | str:
     """The run's peak moment, or why it has none to plan from (a sentence for the plan's notes); `prompt`
     and `context`, the run's generate() call's, tell its token tensors apart (`token_row_bytes`);
-    `encoder_tokens`, an encoder-decoder run's input length, its encoder pass's (`encoder_pass_moments`)."""
+    `encoder_tokens`, an encoder-decoder run's input length, its encoder pass's (`encoder_pass_moments`);
+    `progress`, called as its trace is read (bytes read, total), the bar `report` draws."""
     from analyzers.planning.diagnose import diagnose
     from analyzers.planning.encoder_pass import encoder_pass_moments
     from analyzers.report import build_report
@@ -152,7 +158,7 @@ def peak_moment(
         # What the report below would say of it, without reading its KV log again (plan --from-run has read
         # it for its defaults: a minute more on a long run's, to learn that the run has no trace)
         return f"the run has no allocator events (it was recorded with profiler=False){UNSEEN_ENDS[0]}"
-    source, report = build_report(path, timelines=True)
+    source, report = build_report(path, progress=progress, timelines=True)
     main = report.main_device
     if source.kv_log_only or main is None:
         # Why, as the report's note says it: a run recorded with the profiler on may have lost its trace

@@ -46,6 +46,8 @@ LEFT_OUT_WHY = (
     "left out: in a folder only run directories, *.pt.trace.json[.gz] and *.pickle are read; name the file "
     "to export it"
 )
+# `kvtrace sweep --out OUT` writes OUT/sweep.json, a table of the runs it records in OUT/runs/
+_SWEEP_TABLE = "sweep.json"
 # The recorder's logs: a folder holding one but no manifest is a damaged run, found as a problem.
 _RUN_LOGS = frozenset({KV_EVENTS, MEMORY_SAMPLES, WEIGHTS})
 # What stat says of a name that is no input and no problem: a link to nothing, a loop of links.
@@ -168,7 +170,10 @@ class FolderSearch:
 
 def _maybe_an_input(path: Path) -> bool:
     """Whether a file a folder search passes over may be a trace, snapshot or timeline (not a run group's
-    own group.json)."""
+    own group.json, nor `kvtrace sweep`'s table of its points, whose runs are read: the note said "name
+    the file to export it" of a sweep.json that no reader takes)."""
     if path.name == GROUP_MARKER and is_run_group(path.parent):
+        return False
+    if path.name == _SWEEP_TABLE and (path.parent / "runs").is_dir():
         return False
     return path.name.endswith(_MAYBE_INPUT_SUFFIXES)

@@ -128,7 +128,10 @@ class DemoCommand(Command):
         )
         parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
         parser.add_argument(
-            "-q", "--quiet", action="store_true", help="no progress bar while the report reads"
+            "-q",
+            "--quiet",
+            action="store_true",
+            help="no progress bars (generate()'s steps, the report's reading)",
         )
         parser.add_argument("--press", help="a kvpress eviction press (needs kvpress, transformers<5.3)")
         parser.add_argument(
@@ -179,6 +182,7 @@ class DemoCommand(Command):
             from kvtrace.integrations.presses import make_press
 
             press = make_press(args.press, args.compression if args.compression is not None else 0.5)
+        from kvtrace.commands.generate_bar import generate_bar
         from kvtrace.llama import (
             DEFAULT_PROMPTS,
             build_model,
@@ -222,17 +226,24 @@ class DemoCommand(Command):
             ) as recording,
             press_context,
         ):
+            bar = generate_bar(args.new_tokens, args.beams, getattr(args, "quiet", False))
+            if bar is not None:
+                extra["streamer"] = bar
             generating = time.perf_counter()
-            generated = model.generate(
-                input_ids,
-                attention_mask=mask,
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
-                do_sample=False,
-                num_beams=args.beams,
-                pad_token_id=pad_id,
-                **extra,
-            )
+            try:
+                generated = model.generate(
+                    input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    num_beams=args.beams,
+                    pad_token_id=pad_id,
+                    **extra,
+                )
+            finally:
+                if bar is not None:
+                    bar.close()
             generate_s = time.perf_counter() - generating
         elapsed = time.perf_counter() - started
         new_tokens = (generated.shape[1] - input_ids.shape[1]) * generated.shape[0]

@@ -15,7 +15,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvtrace.errors import KvtraceError, cannot_write, file_in_the_way, os_reason, same_path, special_output
+from kvtrace.errors import (
+    KvtraceError,
+    cannot_write,
+    file_in_the_way,
+    os_reason,
+    same_path,
+    shell_arg,
+    special_output,
+)
 
 
 def strict_json(value: Any) -> Any:
@@ -256,6 +264,13 @@ def print_after_writing(print_it: Callable[[], None], written: str) -> None:
         raise StdoutError(f"{exc}; {written}") from None
 
 
+# -o paths named for what the command prints on stdout, not for the page -o writes: the way to that file
+_NOT_A_PAGE = {
+    ".json": ("JSON, which --json prints", "--json "),
+    ".txt": ("text, which the command prints", ""),
+}
+
+
 def check_html_target(target: str | None, inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
     """Refuse an `-o` that cannot take an HTML page before any work is done: an empty path, one of the
     command's `inputs` (a trace named `t.html` is read by its content: `report t.html -o t.html` replaced it
@@ -278,6 +293,12 @@ def check_html_target(target: str | None, inputs: Sequence[str | os.PathLike[str
         raise KvtraceError(f"{out}: {kind}, not a regular file; the HTML page is written to a file only")
     if out.is_file() and out.suffix.lower() not in (".html", ".htm"):
         raise KvtraceError(f"{out}: exists and is not an HTML file; give a new path or a .html one")
+    if out.suffix.lower() in _NOT_A_PAGE:  # `-o figures.json` wrote a 5 MB HTML page that jq could not read
+        what, redirect = _NOT_A_PAGE[out.suffix.lower()]
+        raise KvtraceError(
+            f"{out}: -o writes an HTML page, not {what} on stdout (`{redirect}> {shell_arg(out)}`); "
+            "or give -o a .html path"
+        )
     if file_in_the_way(out) is not None:
         raise cannot_write(out, None)
 

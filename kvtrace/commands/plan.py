@@ -8,7 +8,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvtrace.commands.base import Command, shell_arg, short_dtype
+from kvtrace.commands.base import AsTyped, Command, shell_arg, short_dtype
 from kvtrace.commands.output import print_result
 from kvtrace.commands.plan_flags import refuse_unbuildable_kv
 from kvtrace.commands.plan_grid import counts
@@ -357,6 +357,9 @@ class PlanCommand(Command):
             "with another (default: with --from-run the run's, else the installed one)",
         )
         parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+        parser.add_argument(
+            "-q", "--quiet", action="store_true", help="no progress bar (--from-run: while its trace is read)"
+        )
         vllm = parser.add_argument_group(
             "vLLM (--engine vllm)",
             "KV blocks and maximum concurrency as vLLM computes them at start. transformers' own flags are "
@@ -394,9 +397,14 @@ class PlanCommand(Command):
             help="layers of each stage, as vLLM's VLLM_PP_LAYER_PARTITION (default: vLLM's even split, the "
             "remainder to the stages before the last; or the run's)",
         )
+        # also by vLLM's own name, which a refused start's remedy gives ("--kv-cache-memory-bytes N", as
+        # `vllm serve` takes it): typed here, it plans that remedy
         vllm.add_argument(
             "--kv-cache-memory",
-            help="vLLM's kv_cache_memory_bytes, e.g. 1MiB (skips the profile arithmetic; default: the run's)",
+            "--kv-cache-memory-bytes",
+            action=AsTyped,
+            help="vLLM's kv_cache_memory_bytes, e.g. 1MiB or 1048576 (skips the profile arithmetic; default: "
+            "the run's)",
         )
         vllm.add_argument(
             "--num-gpu-blocks-override",
@@ -478,7 +486,11 @@ class PlanCommand(Command):
 
             return run_vllm_plan(args)
         typed_backend = _demo_cache_name(args)
-        given = [flag for dest, flag in _VLLM_ONLY if getattr(args, dest, None) is not None]
+        given = [
+            getattr(args, f"{dest}_flag", None) or flag  # the name typed, where a flag has two
+            for dest, flag in _VLLM_ONLY
+            if getattr(args, dest, None) is not None
+        ]
         if given:  # silently ignored, a --tensor-parallel-size 2 plan read as per GPU while it was for one
             what = "is a vLLM setting" if len(given) == 1 else "are vLLM settings"
             raise KvtraceError(f"{', '.join(given)} {what}: add --engine vllm (a plain plan is one GPU's)")
@@ -593,8 +605,11 @@ class PlanCommand(Command):
         moment = None
         if run is not None and run.context is not None:
             from analyzers.planning.run_peak import peak_moment
+            from kvtrace.commands.progress import reading
 
-            found = peak_moment(args.from_run, run.prompt, run.context, run.encoder_tokens)
+            # its trace read as `report` reads it, with the bar report draws on a terminal for a big one
+            with reading(f"reading {Path(args.from_run).name}", getattr(args, "quiet", False)) as update:
+                found = peak_moment(args.from_run, run.prompt, run.context, run.encoder_tokens, update)
             if isinstance(found, str):
                 run = replace(run, notes=(*run.notes, found))
             else:

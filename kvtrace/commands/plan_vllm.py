@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16", "float": "fp32"}
 
 
+def _kv_cache_memory_flag(args: argparse.Namespace) -> str:
+    """The name of the KV memory flag as typed: --kv-cache-memory, or vLLM's --kv-cache-memory-bytes."""
+    return getattr(args, "kv_cache_memory_flag", None) or "--kv-cache-memory"
+
+
 def _size(text: str | None, flag: str) -> int | None:
     from analyzers.planning.size_text import parse_size
 
@@ -271,7 +276,7 @@ def _ignored_profile_note(
         return None
     from analyzers.planning.vllm_plan import readable_bytes
 
-    whose = "--kv-cache-memory" if args.kv_cache_memory is not None else f"the run's, {args.from_run}"
+    whose = _kv_cache_memory_flag(args) if args.kv_cache_memory is not None else f"the run's, {args.from_run}"
     sized = (
         f"num_gpu_blocks_override={override} sizes the pool"
         if override is not None
@@ -385,7 +390,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     max_model_len, length_note = _max_model_len(args, measured, geometry)
     if args.batch is not None and args.batch < 1:
         raise KvtraceError(f"--batch must be at least 1, got {args.batch}")
-    kv_cache_memory = _size(args.kv_cache_memory, "--kv-cache-memory")
+    kv_cache_memory = _size(args.kv_cache_memory, _kv_cache_memory_flag(args))
     typed_override = getattr(args, "num_gpu_blocks_override", None)
     if typed_override is not None and typed_override < 0:
         raise KvtraceError(f"--num-gpu-blocks-override must be at least 0 (0: none), got {typed_override}")

@@ -72,11 +72,15 @@ class RunCommand(Command):
             metavar="SIZE",
             help="mark where the run would run out on a device this size, e.g. 24GiB, or a GPU's name (L4)",
         )
-        parser.add_argument("target", metavar="TARGET", help="the script (or, with -m, the module) to run")
-        script_args = parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
-        # argparse makes a REMAINDER positional required, so a missing TARGET read "required: TARGET, args"
-        # though none need be given
-        script_args.required = False
+        # One positional for the script and its arguments, argparse's PARSER kind (as a subcommand takes the
+        # rest of the line): a TARGET then a REMAINDER lost the script's own `--` (`script.py -- x` gave it
+        # ["script.py", "x"]), which TARGET's pattern took and argparse strips; PARSER keeps every token.
+        parser.add_argument(
+            "command_line",
+            nargs=argparse.PARSER,
+            metavar="TARGET",
+            help="the script (or, with -m, the module) to run, then the script's own arguments",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         from analyzers.planning.size_text import parse_device_memory
@@ -84,7 +88,7 @@ class RunCommand(Command):
         # the flag first, before the script is looked for: "24" without its unit is refused, not 24 bytes
         typed = args.gpu_memory
         gpu_memory = parse_device_memory(typed, "--gpu-memory") if typed is not None else None
-        target = args.target
+        target, script_args = _target_and_args(args.command_line)
         # sys.path[0] as Python sets it: the working folder for -m, the script's own (links resolved) for a
         # script; never the folder of the `kvtrace` command, which the installed script puts there
         if args.module:
@@ -121,7 +125,7 @@ class RunCommand(Command):
         stdout = sys.stdout
         sys.stdout = sys.__stdout__ or stdout  # the script's own, not the CLI's guarded one
         try:
-            sys.argv = [target, *args.args]
+            sys.argv = [target, *script_args]
             sys.path[:] = _script_path(path0, path)
             try:
                 recording = kvtrace.record(out, model="auto", **options)
@@ -171,6 +175,17 @@ class RunCommand(Command):
         )
         recording.die_if_sigterm()  # as it would have without kvtrace: exit status 143, nothing more run
         return status
+
+
+def _target_and_args(command_line: list[str]) -> tuple[str, list[str]]:
+    """The script (or module) and its own arguments. A `--` before the script ends kvtrace's options
+    (`kvtrace run -- script.py`) and is dropped, whether argparse left it in PARSER's tokens (3.11) or not;
+    every later token, a `--` included, is the script's, as `python script.py -- x` gives it."""
+    if command_line[:1] == ["--"]:
+        command_line = command_line[1:]
+    if not command_line:
+        raise KvtraceError("no script after --: give the script (or, with -m, the module) to run")
+    return command_line[0], command_line[1:]
 
 
 def _vllm_engine_in_process() -> bool:

@@ -191,6 +191,22 @@ def test_report_and_compare_refuse_to_write_html_over_a_file_of_the_run(
         assert page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
+def test_an_output_named_for_json_or_text_is_refused_not_filled_with_html(
+    run_copy: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # GIVEN -o paths named for what report and compare print on stdout: `-o figures.json` wrote the 5 MB
+    # HTML page there, which no JSON reader could read
+    for command in (["report", str(run_copy), "--no-export"], ["compare", str(run_copy), str(run_copy)]):
+        for name, said in (("figures.json", "`--json > "), ("figures.TXT", "(`> ")):
+            target = tmp_path / name
+            # WHEN one is given THEN one line says what -o writes and how to get that file, nothing written
+            assert main([*command, "-q", "-o", str(target)]) == 2
+            out = capsys.readouterr()
+            assert out.out == "" and out.err.count("\n") == 1, out.err
+            assert "-o writes an HTML page" in out.err and f"{said}{target}`" in out.err, out.err
+            assert not target.exists()
+
+
 @pytest.mark.parametrize(
     ("field", "value", "said"),
     [

@@ -104,6 +104,21 @@ def test_sweep_writes_json_and_html(sweep_dir: Path) -> None:
     _chromium_check(sweep_dir / "sweep.html")
 
 
+def test_export_of_a_sweep_folder_takes_its_runs_and_names_nothing_left_out(
+    sweep_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a sweep's folder: sweep.json, sweep.html and a run a point under runs/
+    # WHEN it is exported
+    assert main(["export", str(sweep_dir), "-o", str(tmp_path / "tables"), "-q", "--json"]) == 0
+    said = capsys.readouterr()
+    summary = json.loads(said.out)
+
+    # THEN every point's run is exported, and sweep.json, its own table, is not named as a file left out
+    # (the note said "name the file to export it", and exporting it named is refused: not a trace)
+    assert summary["rows"]["runs"] == 2
+    assert summary["left_out"] == [] and "left out" not in said.err, said.err
+
+
 def _reddish(color: str) -> bool:
     """Whether a "#rrggbb" or named color reads as red: its red channel above its green and blue together."""
     if not color.startswith("#"):

@@ -52,3 +52,62 @@ def test_a_big_input_draws_a_bar_on_a_terminal_only(big_trace: Path, command: li
     assert status == 0 and "reading" not in said, said
     piped = subprocess.run(_kvtrace(*command, *inputs), capture_output=True, text=True, env=ENV, timeout=300)
     assert piped.returncode == 0 and "reading" not in piped.stderr, piped.stderr
+
+
+def test_demo_draws_a_bar_over_its_decoding_steps_on_a_terminal_only(tmp_path: Path) -> None:
+    # GIVEN the demo, whose default run decodes for about a minute on a CPU with nothing on the screen
+    def demo(out: str, *flags: str) -> list[str]:
+        return _kvtrace(
+            "demo",
+            "--size",
+            "tiny",
+            "--batch",
+            "1",
+            "--new-tokens",
+            "3",
+            "--no-profiler",
+            "--no-report",
+            "-o",
+            str(tmp_path / out),
+            *flags,
+        )
+
+    # WHEN stderr is a terminal THEN a bar counts generate()'s 3 decoding steps to the end, the prompt no step
+    status, said = stderr_on_a_terminal(demo("tty"), ENV)
+    assert status == 0, said
+    bars = [line for line in said.replace("\r", "\n").splitlines() if line.startswith("generate:")]
+    assert bars and "3/3" in bars[-1] and all("/3 " in bar for bar in bars), said
+
+    # ... and -q leaves it out, as does a pipe
+    status, said = stderr_on_a_terminal(demo("quiet", "-q"), ENV)
+    assert status == 0 and "generate:" not in said, said
+    piped = subprocess.run(demo("piped"), capture_output=True, text=True, env=ENV, timeout=300)
+    assert piped.returncode == 0 and "generate:" not in piped.stderr, piped.stderr
+
+
+def test_plan_from_a_run_with_a_big_trace_draws_a_bar_on_a_terminal_only(tmp_path: Path) -> None:
+    # GIVEN a recorded run whose profiler trace is over the bar's 20 MB (0.41 MB a step at batch 1)
+    run = tmp_path / "run"
+    recorded = subprocess.run(
+        _kvtrace(
+            "demo", "--size", "tiny", "--batch", "1", "--new-tokens", "56", "--no-report", "-o", str(run)
+        ),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
+    assert recorded.returncode == 0, recorded.stderr
+    assert sum(trace.stat().st_size for trace in (run / "profiler").iterdir()) > 20_000_000
+
+    # WHEN plan --from-run reads it on a terminal THEN its trace gets report's bar, to 100% (none before)
+    status, said = stderr_on_a_terminal(_kvtrace("plan", "--from-run", str(run)), ENV)
+    assert status == 0, said
+    bars = [line for line in said.replace("\r", "\n").splitlines() if line.startswith("reading run")]
+    assert bars and "100%" in bars[-1], said
+
+    # ... and -q leaves it out, as does a pipe
+    status, said = stderr_on_a_terminal(_kvtrace("plan", "--from-run", str(run), "-q"), ENV)
+    assert status == 0 and "reading" not in said, said
+    piped = subprocess.run(_kvtrace("plan", "--from-run", str(run)), capture_output=True, text=True, env=ENV)
+    assert piped.returncode == 0 and "reading" not in piped.stderr, piped.stderr

@@ -353,6 +353,25 @@ def test_a_script_is_given_what_python_gives_it(tmp_path: Path) -> None:
     assert json.loads(done.stdout) == expected
 
 
+def test_a_scripts_own_double_dash_is_its_own(tmp_path: Path) -> None:
+    # GIVEN a script whose arguments hold a `--` (a separator it passes on to a tool it runs)
+    (tmp_path / "who.py").write_text(IDENTITY_SCRIPT, encoding="utf-8")
+    argv = ["who.py", "--", "x", "--", "y"]
+    python = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert python.returncode == 0, python.stderr
+
+    # WHEN `kvtrace run` runs it, once as typed, once after kvtrace's own `--` (the end of its options)
+    plain = _as_installed(tmp_path, "run", "-o", "plain", *argv)
+    ended = _as_installed(tmp_path, "run", "-o", "ended", "--", *argv)
+
+    # THEN both give it the sys.argv python gives it: its first `--` was dropped ("who.py", "x", "--", "y")
+    assert json.loads(python.stdout)[3] == argv
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert json.loads(plain.stdout)[3] == argv
+    assert ended.returncode == 0, ended.stderr[-3000:]
+    assert json.loads(ended.stdout)[3] == argv
+
+
 def test_a_module_runs_with_the_installed_command(tmp_path: Path, capsys: Any) -> None:
     # GIVEN a package in the working folder, which `python -m pkg.gen` finds there (sys.path[0])
     (tmp_path / "pkg").mkdir()

@@ -569,6 +569,25 @@ def test_config_json_of_llama_3_8b_reads_as_the_preset(tmp_path: Path) -> None:
     assert geometry_from_config(tmp_path) == geom  # the folder works too
 
 
+def test_a_config_in_the_hugging_face_cache_is_named_for_its_repository(tmp_path: Path) -> None:
+    # GIVEN a config as huggingface_hub caches it: snapshots/REV/config.json, a link into blobs/
+    repo = tmp_path / "models--meta-llama--Meta-Llama-3-8B"
+    (repo / "blobs").mkdir(parents=True)
+    blob = write_config(repo / "blobs", LLAMA_3_8B_CONFIG, "0f5a6b4e2a3c")  # a blob is named by its hash
+    snapshot = repo / "snapshots" / "8cde5ca8380496c9a6cc7ef3a8b46a0372a1d920"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").symlink_to(Path("..", "..", "blobs", blob.name))
+
+    # WHEN it is planned, by the file or its folder THEN the model is the repository's: it was "blobs", the
+    # folder of the file the link points to
+    for given in (snapshot / "config.json", snapshot):
+        assert geometry_from_config(given).name == "meta-llama/Meta-Llama-3-8B"
+    # AND a config elsewhere keeps its folder's name, as given: a link to it is named for the link's folder
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").symlink_to(blob)
+    assert geometry_from_config(tmp_path / "mine" / "config.json").name == "mine"
+
+
 def test_config_defaults_and_text_config_nesting(tmp_path: Path) -> None:
     config = {
         "num_hidden_layers": 2,

@@ -114,3 +114,33 @@ def test_the_command_prints_and_returns_them(capsys: pytest.CaptureFixture[str])
     flags = [remedy["flag"] for remedy in payload["start_remedies"]]
     assert flags == ["--max-model-len 4080", "--kv-cache-dtype fp8", f"--kv-cache-memory-bytes {513 * BLOCK}"]
     assert {"starts", "num_blocks", "max_model_len", "text"} <= payload["start_remedies"][0].keys()
+
+
+def test_each_remedys_flag_typed_into_plan_plans_that_remedy(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a plan vLLM refuses (8,192-token requests, 512 blocks each, in 512 MiB) and its remedies, whose
+    # flags are `vllm serve`'s; --kv-cache-memory-bytes was no flag of plan's ("unrecognized arguments")
+    from kvtrace.cli import main
+
+    argv = ["plan", "--engine", "vllm", "--preset", "llama-3-8b", "--max-model-len", "8192", "--json"]
+    assert main([*argv, "--kv-cache-memory", "512MiB"]) == 1
+    remedies = json.loads(capsys.readouterr().out)["start_remedies"]
+    assert [remedy["flag"].split()[0] for remedy in remedies] == [
+        "--max-model-len",
+        "--kv-cache-dtype",
+        "--kv-cache-memory-bytes",
+    ]
+
+    for remedy in remedies:
+        # WHEN its flag is typed into the same plan (a later flag wins over the same setting's earlier one)
+        again = [*argv, "--kv-cache-memory", "512MiB", *remedy["flag"].split()]
+        status = main(again)
+        payload = json.loads(capsys.readouterr().out)
+
+        # THEN the plan is the remedy's: its blocks, and whether it starts (513 blocks: 8,192 tokens and the
+        # null block, 513 x 2 MiB)
+        assert (status == 0, payload["starts"], payload["num_blocks"]) == (
+            remedy["starts"],
+            remedy["starts"],
+            remedy["num_blocks"],
+        )
+    assert remedies[2]["flag"] == f"--kv-cache-memory-bytes {513 * BLOCK}" and remedies[2]["starts"]
