@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from itertools import accumulate
 from typing import TYPE_CHECKING
 
 from analyzers.planning.diagnose_quantized_remedies import model_dtype_text, quantized_widening
 from analyzers.planning.diagnosis import Remedy, fits
+from analyzers.planning.dynamic_kv import dynamic_cache_kv
 from analyzers.units import human_bytes
 from kvtrace.llama import MIN_WINDOW
 
@@ -166,7 +166,9 @@ def windowed_remedies(
     only at its first decode step. KV at the moment above the window's own (every layer's window plus one
     layer's new one) is that prompt: a shorter prompt frees it token by token, a smaller window does not."""
     layers = num_layers or 1
-    above = max(kv - sliding_cache_bytes([per_token / layers] * layers, tokens + 1, 0)[1], 0)
+    # the window's own at a decode step: each layer's storage of tokens + 1, one layer's new one beside
+    window = tokens + 1
+    above = max(kv - sliding_cache_bytes([per_token / layers] * layers, window, window, 2)[2], 0)
     out: list[Remedy] = []
     if above >= per_token:  # at least a token of prompt beyond the window
         holds = (
@@ -274,23 +276,20 @@ def moment_bytes_per_token(d: dict[str, object], batch: int) -> tuple[float, int
     return full_one * (layers - len(sliding)) + slide_one * len(following), len(following)
 
 
-def sliding_cache_bytes(layer_tokens: list[float], window: int, prompt: int) -> tuple[int, int]:
-    """(KV held once generation passes the window, KV peak) of a cache whose layers all slide at `window`,
-    `layer_tokens` each layer's bytes of one token across the batch, in layer order. Each layer keeps its
-    window in a storage of `window` positions and makes its new K and V before freeing the old ones; a
-    prompt longer than the window is held whole by every layer until its first decode step, when each in
-    turn makes its new window, the layers before it holding theirs: the peak is the largest of those
-    moments (the first layer's where all are as wide)."""
-    held = window * sum(layer_tokens)
-    longest = max(prompt, window)
-    # Each layer's KV before it and from it on, summed once: summed anew for each layer, a model of 32,768
-    # layers took 6 s, and the window search below multiplied that
-    before = list(accumulate(layer_tokens, initial=0))
-    after = list(accumulate(reversed(layer_tokens), initial=0))[::-1]
-    peak = max(
-        window * before[i] + longest * after[i] + window * width for i, width in enumerate(layer_tokens)
-    )
-    return round(held), round(peak)
+def sliding_cache_bytes(
+    layer_tokens: list[float], window: int, prompt: int, new: int, beams: bool = False
+) -> tuple[int, int, int]:
+    """(KV bytes at the end, at the prefill, at its peak) of a DynamicCache whose layers all slide at
+    `window`, `layer_tokens` each layer's bytes of one token across the batch, in layer order, for a
+    `prompt`-token prompt and `new` new tokens, under beam search where `beams`: `kvtrace plan`'s arithmetic
+    (analyzers.planning.dynamic_kv), each layer's K and V half its bytes. A prompt longer than the window is
+    held whole by every layer until its first decode step, when each in turn makes its new window, the
+    layers before it holding theirs; a window longer than the prompt is not stored until generation
+    passes it (before, it was priced as stored from the prefill on: 81,920 B above the plan and the
+    recording, see dynamic_kv)."""
+    layers = [(True, width / 2, width / 2) for width in layer_tokens]
+    kv = dynamic_cache_kv(layers, window, prompt, max(new, 1), beams)
+    return round(kv.final), round(kv.prefill), round(kv.peak)
 
 
 def window_remedy(
@@ -298,16 +297,19 @@ def window_remedy(
     layer_tokens: list[float],
     target: int,
     prompt: int,
+    new: int,
     need: int | None,
     model_window: int | None = None,
     sliding: int = 0,
     cross: int = 0,
     others: int = 0,
     run: StaticCacheRun | None = None,
+    beams: bool = False,
 ) -> Remedy:
     """A sliding window for a cache that keeps every token on some layers: every layer sliding at the
-    window, priced as that cache's peak (`sliding_cache_bytes`), not as this moment's KV less the tokens
-    beyond it; `layer_tokens` are each layer's bytes of a token across the batch, in layer order.
+    window, priced as that cache's peak (`sliding_cache_bytes`, plan's arithmetic), not as this moment's KV
+    less the tokens beyond it; `layer_tokens` are each layer's bytes of a token across the batch, in layer
+    order, for the run's `prompt` and `new` tokens (under beam search where `beams`).
     Where the run tells what it held beside its KV at its prefill and its cache updates (`run`), each of
     the sliding cache's KV figures goes beside its own moment's, as `kvtrace plan --from-run RUN --cache
     sliding` prices them (`_sliding_run_peak`); else its KV peak beside this moment's (an upper bound).
@@ -325,8 +327,10 @@ def window_remedy(
     def freed(size: int) -> tuple[int, str]:
         """(bytes a window of `size` frees at this moment, the moment the sliding run peaks at)."""
         if run is None or run.prefill_beside_bytes is None:
-            return kv - (sliding_cache_bytes(layer_tokens, size, prompt)[1] + cross), ""
-        peak_bytes, when = _sliding_run_peak(run, kv, layer_tokens, size, prompt, cross)
+            return kv - (sliding_cache_bytes(layer_tokens, size, prompt, new, beams)[2] + cross), ""
+        peak_bytes, when = _sliding_run_peak(
+            run, kv, sliding_cache_bytes(layer_tokens, size, prompt, new, beams), cross
+        )
         return run.moment_bytes - peak_bytes, when
 
     if need is not None and need > 0:
@@ -341,7 +345,7 @@ def window_remedy(
             else:
                 highest = middle - 1
         window = max(lowest, SMALLEST_WINDOW)
-    held, peak = sliding_cache_bytes(layer_tokens, window, prompt)
+    held, _, peak = sliding_cache_bytes(layer_tokens, window, prompt, new, beams)
     held, peak = held + cross, peak + cross
     lowered, when = freed(window)
     saved = max(lowered, 0)
@@ -400,7 +404,7 @@ def window_remedy(
 
 
 def _sliding_run_peak(
-    run: StaticCacheRun, kv: int, layer_tokens: list[float], window: int, prompt: int, cross: int
+    run: StaticCacheRun, kv: int, sizes: tuple[int, int, int], cross: int
 ) -> tuple[int, str]:
     """(the bytes a run on the all-sliding cache would peak at, the moment it is) with each KV figure beside
     its own moment's memory, as `kvtrace plan --from-run RUN --cache sliding` prices them
@@ -409,12 +413,12 @@ def _sliding_run_peak(
     the prompt the later layers still hold) beside what it held at its KV peak, a cache update (where the
     run's KV never passed its final, at this moment's); the window beside this moment's. Before, the KV
     peak went beside this moment's (a decode step's end, its logits): the demo's Llama at a 76 MiB budget
-    was told no window fits, where a window of 10 records 74.74 MiB."""
+    was told no window fits, where a window of 10 records 74.74 MiB. `sizes`: the sliding cache's KV
+    (`sliding_cache_bytes`); its prefill holds the prompt, not a window longer than it."""
     assert run.prefill_beside_bytes is not None
-    held, kv_peak = sliding_cache_bytes(layer_tokens, window, prompt)
+    held, prompt_kv, kv_peak = sizes
     at_moment = run.moment_bytes - kv  # what this moment holds beside its KV, its activations and weights
     at_update = run.update_beside_bytes if run.update_beside_bytes is not None else at_moment
-    prompt_kv = round(max(prompt, window) * sum(layer_tokens))
     moments = (
         (
             run.prefill_beside_bytes + prompt_kv,
@@ -451,21 +455,35 @@ def sliding_window_remedy(
     from analyzers.planning.diagnose_static_remedy import StaticCacheRun
 
     widen = quantized_widening(d, kv_bits)
-    prompt, window, sliding = d.get("prompt_tokens"), d.get("window"), d.get("sliding_layer_ids")
+    window, sliding, beams = d.get("window"), d.get("sliding_layer_ids"), d.get("beams")
     fixed = d.get("cross_kv_bytes")
+    prompt, new = _run_tokens(d, tokens)
     remedy = window_remedy(
         kv,
         [width * (widen or 1) for width in widths],
         tokens if need is not None and need > 0 else max(context, 1),
-        prompt if isinstance(prompt, int) else 0,
+        prompt,
+        new,
         need,
         window if isinstance(window, int) else None,
         len(sliding) if isinstance(sliding, tuple) else 0,
         fixed if isinstance(fixed, int) else 0,
         others,
         run if isinstance(run := d.get("static_run"), StaticCacheRun) else None,
+        bool(d.get("rows_are_beams")) and isinstance(beams, int) and beams > 1,  # as plan's run: reordered
     )
     if widen is None:
         return remedy
     note = f" QuantizedCache takes no sliding layers: the window's cache keeps KV at {model_dtype_text(d)}."
     return replace(remedy, sentence=remedy.sentence + note)
+
+
+def _run_tokens(d: dict[str, object], tokens: int) -> tuple[int, int]:
+    """(prompt, new tokens) of the generate() call `kvtrace plan --from-run` plans, where the moment is in
+    it; else the moment's prompt, generating at least up to the `tokens` held (0: not told)."""
+    prompt, context = d.get("run_prompt"), d.get("run_context")
+    if isinstance(prompt, int) and isinstance(context, int) and context > prompt:
+        return prompt, context - prompt
+    held = d.get("prompt_tokens")
+    prompt = held if isinstance(held, int) else 0
+    return prompt, max(tokens - prompt, 0) + 1

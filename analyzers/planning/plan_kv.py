@@ -79,6 +79,7 @@ import math
 from dataclasses import dataclass, replace
 
 from analyzers.planning.compressed_kv import compressed_growth_bytes, compressed_sizes
+from analyzers.planning.dynamic_kv import dynamic_cache_kv
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, SLIDING_CACHES, PlanRequest
 from analyzers.planning.prefill_activations import PrefillActivations, prefill_activations
 from analyzers.planning.presets import DTYPE_BITS, dtype_bytes_for
@@ -196,26 +197,6 @@ def _layers(req: PlanRequest, batch: int) -> list[Layer]:
     return [(slides_, batch * k, batch * v) for slides_, (k, v) in zip(slides, widths, strict=True)]
 
 
-def _step_peak(layers: list[Layer], held: int, old: int, new: int) -> int:
-    """Elements of KV live at the worst moment of one decode step of a dynamic cache, in which each full
-    layer grows from `held` tokens to one more and each sliding layer's storage goes from `old` tokens to
-    `new`. The layers update one after another. A full layer's cat makes its new K, then frees the old
-    one, then the same for V; a sliding layer makes its new K and V before it frees either old one."""
-    live = sum((old if slides else held) * (k + v) for slides, k, v in layers)
-    peak = live
-    for slides, k, v in layers:
-        if slides:
-            live += new * (k + v)
-            peak = max(peak, live)
-            live -= old * (k + v)
-            continue
-        for width in (k, v):
-            live += width * (held + 1)
-            peak = max(peak, live)
-            live -= width * held
-    return peak
-
-
 def _fp8_scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     """`_scenario` for the fp8 QuantizedCache: 1-byte K and V plus a fixed float32 scale per tensor; a
     decode step's old K and V of one layer live until its update returns."""
@@ -231,21 +212,6 @@ def _fp8_scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSize
         old = max((written - 1) * width - sum(token[i + 1 :]) for i, width in enumerate(token))
         old = dtype_bytes_for(req.kv_dtype, old)
     return KvSizes(prompt, written, kv, scale_bytes, 0, prefill, kv + old)
-
-
-def _reorder_peak(layers: list[Layer], held: int, storage: int, view: int) -> int:
-    """Elements of KV live at the worst moment of a beam search's `reorder_cache`, with each full layer
-    holding `held` tokens and each sliding layer a view of `view` tokens in a storage of `storage`. The
-    layers are reordered one after another, each by `keys.index_select` then `values.index_select`: the
-    copy (compact, the view's size) is made while the old storage is live, which is then let go of."""
-    live = sum((storage if slides else held) * (k + v) for slides, k, v in layers)
-    peak = live
-    for slides, k, v in layers:
-        for width in (k, v):
-            live += width * (view if slides else held)
-            peak = max(peak, live)
-            live -= width * (storage if slides else held)
-    return peak
 
 
 def _quanto_padding(req: PlanRequest, layers: int, side: int) -> QuantoPadding | None:
@@ -322,29 +288,13 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
         peak = kv + (dtype_bytes_for(req.kv_dtype, copy) if beams else 0)
         return KvSizes(prompt, max(written if whole else 0, kept), kv, 0, 0, kv, peak)
 
-    def view(tokens: int) -> int:  # what a sliding layer keeps of its storage: its last window - 1 tokens
-        return min(tokens, width - 1)
-
-    # A sliding layer's storage: the whole prompt until the first decode step, then its window; a beam
-    # search's reorder after every step (the prefill and the last too) copies its view into a compact storage
-    kept = view(written) if beams else prompt if new == 1 else min(written, width)
-    final = sum((kept if slides else written) * (k + v) for slides, k, v in layers)
-    prefill = sum(prompt * (k + v) for _, k, v in layers)
-    peak = prefill
-    if beams:  # the reorder after the prefill, each layer still holding the prompt
-        peak = max(peak, _reorder_peak(layers, prompt, prompt, view(prompt)))
-    if new >= 2:  # the first decode step (the prompt let go of) and the last (the longest copies)
-        first = _step_peak(layers, prompt, view(prompt) if beams else prompt, min(prompt + 1, width))
-        before_last = prompt if new == 2 else min(written - 1, width)  # compact under beams: its view
-        before_last = view(written - 1) if beams else before_last
-        last = _step_peak(layers, written - 1, before_last, min(written, width))
-        peak = max(peak, first, last)
-        if beams:  # and the reorder after the last step
-            peak = max(peak, _reorder_peak(layers, written, min(written, width), view(written)))
+    # a full layer's growth copies, a sliding layer's prompt and window, a beam search's reorders (dynamic_kv)
+    elements = dynamic_cache_kv(layers, width, prompt, new, beams)
     # Tokens held, not storage slots: a sliding layer's view is its last window - 1 tokens, even while its
     # storage is still the prompt or the window its last cat made
     tokens = max(written if whole else 0, min(written, width - 1) if windowed else 0)
-    as_bytes = [dtype_bytes_for(req.kv_dtype, elements) for elements in (final, prefill, peak)]
+    final, prefill, peak = (round(n) for n in (elements.final, elements.prefill, elements.peak))
+    as_bytes = [dtype_bytes_for(req.kv_dtype, n) for n in (final, prefill, peak)]
     return KvSizes(prompt, tokens, as_bytes[0], 0, 0, as_bytes[1], as_bytes[2])
 
 
