@@ -8,8 +8,10 @@ keeps the logits of the last position alone (`logits_to_keep=1`), so the prefill
 In the compute dtype's bytes s, with R = B x T:
 
 - held across the layers: the embeddings (`inputs_embeds`, which LlamaModel.forward keeps in a local while
-  the layers run: R x hidden), the rotary cos and sin (R x head_dim each, in the compute dtype), and two
-  int64 tensors of the rows' positions (generate()'s position ids and their copy: 16 B a row and token);
+  the layers run: R x hidden), the rotary cos and sin (R x head_dim each, in the compute dtype; a pair for
+  each kind of layer where the model keeps a RoPE table for each, Gemma 3's and OLMo 3's sliding and full
+  layers), and two int64 tensors of the rows' positions (generate()'s position ids and their copy: 16 B a
+  row and token);
 - in a layer after the first, the residual stream: its input (the caller's variable keeps it), the residual
   beside the attention or MLP, and the normed input (`input_layernorm`, `post_attention_layernorm`);
 - the MLP, `down_proj(act_fn(gate_proj(x)) * up_proj(x))`: the activation, the up projection and their
@@ -166,7 +168,9 @@ def prefill_activations(
     q_width, kv_width = heads * head_dim, geom.num_kv_heads * head_dim
     # K and V expanded to the query heads (repeat_kv), where a mask or eager makes them; none without GQA
     expanded = 2 * rows * q_width * s if geom.num_kv_heads < heads else 0
-    held = rows * (hidden * s + 2 * (geom.rotary_dim or head_dim) * s + POSITION_ROW_BYTES)
+    # the embeddings, the rotary cos and sin (a pair for each kind of layer in Gemma 3), the positions
+    rotary = 2 * geom.rotary_tables * (geom.rotary_dim or head_dim) * s
+    held = rows * (hidden * s + rotary + POSITION_ROW_BYTES)
     # a layer after the first has its input apart from the embeddings
     later = 1 if geom.num_layers > 1 else 0
     # the MLP's tensors of R x intermediate_size at once: a fused gate_up's output (two) or gate's and up's;
@@ -281,10 +285,12 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
         own += ", and its fused q, k and v projection, kept until the attention returns"
     if act.moment in ("mask", "scores") and geom.rotary_slices_kept:
         own += ", and its q and k projections beside their turned parts, kept until the attention returns"
+    tables = geom.rotary_tables
+    pairs = f", one pair for each of its {tables} kinds of layer" if tables > 1 else ""
     return (
         f"{own} beside {streams} of {width} ({stream_names}), the rotary cos and sin "
         f"(R x {geom.rotary_dim or geom.head_dim} "
-        "each) and 16 B of position ids a token"
+        f"each{pairs}) and 16 B of position ids a token"
     )
 
 
