@@ -75,6 +75,7 @@ from analyzers.units import human_bytes
 __all__ = [
     "ATTENTIONS",
     "PrefillActivations",
+    "cpu_flash_thread_bytes",
     "eager_score_bytes",
     "prefill_activations",
     "prefill_note",
@@ -144,6 +145,21 @@ def _masks(geom: ModelGeometry, prompt: int, padded: bool, eager: bool) -> int:
         return (1 if full else 0) + (1 if windowed else 0)
     window_mask = windowed and (padded or prompt >= (geom.sliding_window or 0))
     return (1 if full and padded else 0) + (1 if window_mask else 0)
+
+
+def cpu_flash_thread_bytes(prompt: int, head_dim: int, compute: int) -> int:
+    """Bytes torch's CPU flash attention kernel (`cpu_flash_attention`, the sdpa a CPU runs) allocates for
+    each of its threads while a layer of a `prompt`-token prefill attends: a query split's float32 scores
+    over a key split, its running max and sum and its output (split x (keys + 2 + head_dim)), and for a
+    16-bit dtype (`compute` bytes) the scores' copy in it. The split is 32 queries, 64 from a 192-token
+    prompt, 256 from 768, at most the prompt; the keys at most 512. No GPU kernel holds them, so a plan, of
+    a GPU, leaves them out; its note prices them where they sit beside the plan's peak (a masked layer's
+    sdpa), what a CPU recording holds more: the tiny Mistral of `kvtrace plan`'s tests (a window of 128, 2
+    rows of a 198-token prompt, 2 threads) 110,592 B."""
+    split = min(256 if prompt >= 768 else 64 if prompt >= 192 else 32, prompt)
+    keys = min(prompt, 512)
+    reduced = split * keys * compute if compute < FLOAT32 else 0
+    return split * (keys + 2 + head_dim) * FLOAT32 + reduced
 
 
 def prefill_activations(
@@ -323,6 +339,13 @@ def prefill_note(geom: ModelGeometry, compute_dtype: str, batch: int, prompt: in
         more_padded = human_bytes(padded.peak_bytes - act.peak_bytes)
         extras.append(f"padded prompts {more_padded} more (sdpa's mask over prompt x prompt, K, V expanded)")
     moment = _moment_text(geom, act)
+    cpu = ""
+    if act.moment == "mask":  # a masked layer's sdpa is the peak: on a CPU, its kernel's blocks beside it
+        thread = cpu_flash_thread_bytes(prompt, geom.head_dim, dtype_bytes_for(compute_dtype, 1))
+        cpu = (
+            f". On a CPU, not a GPU, torch's flash kernel holds {human_bytes(thread)} ({thread:,} B) more "
+            "for each of its threads beside that sdpa (its blocks of scores): not counted"
+        )
     # one sentence a step of the reasoning, which the text sets on lines of their own: the first was some
     # 650 characters
     return (
@@ -333,5 +356,5 @@ def prefill_note(geom: ModelGeometry, compute_dtype: str, batch: int, prompt: in
         "kvtrace measured it, whatever version the layout line names. Planned for sdpa "
         "attention (transformers' default: on a GPU its flash and memory-efficient kernels hold no prompt x "
         f"prompt scores) and unpadded prompts: {' and '.join(extras)}. Not in it: the last position's "
-        "logits and the CUDA context (the reserve's), generate()'s prefill_chunk_size"
+        f"logits and the CUDA context (the reserve's), generate()'s prefill_chunk_size{cpu}"
     )
