@@ -279,17 +279,18 @@ def moment_bytes_per_token(d: dict[str, object], batch: int) -> tuple[float, int
 def sliding_cache_bytes(
     layer_tokens: list[float], window: int, prompt: int, new: int, beams: bool = False
 ) -> tuple[int, int, int]:
-    """(KV bytes at the end, at the prefill, at its peak) of a DynamicCache whose layers all slide at
-    `window`, `layer_tokens` each layer's bytes of one token across the batch, in layer order, for a
-    `prompt`-token prompt and `new` new tokens, under beam search where `beams`: `kvtrace plan`'s arithmetic
-    (analyzers.planning.dynamic_kv), each layer's K and V half its bytes. A prompt longer than the window is
+    """(KV bytes at the last step's end, at the prefill, at its peak) of a DynamicCache whose layers all
+    slide at `window`, `layer_tokens` each layer's bytes of one token across the batch, in layer order, for a
+    `prompt`-token prompt and `new` new tokens, under beam search where `beams` (its step's end holds each
+    window before the reorder compacts it): `kvtrace plan`'s arithmetic (analyzers.planning.dynamic_kv),
+    each layer's K and V half its bytes. A prompt longer than the window is
     held whole by every layer until its first decode step, when each in turn makes its new window, the
     layers before it holding theirs; a window longer than the prompt is not stored until generation
     passes it (before, it was priced as stored from the prefill on: 81,920 B above the plan and the
     recording, see dynamic_kv)."""
     layers = [(True, width / 2, width / 2) for width in layer_tokens]
     kv = dynamic_cache_kv(layers, window, prompt, max(new, 1), beams)
-    return round(kv.final), round(kv.prefill), round(kv.peak)
+    return round(kv.step_end), round(kv.prefill), round(kv.peak)
 
 
 def window_remedy(

@@ -14,7 +14,10 @@ V, each new storage made before the old one is let go of; a sliding layer (`Dyna
 keeps a view of its last window - 1 tokens in a storage of `window` tokens, but at prefill that storage
 is the whole prompt, and it lets go of it only at its first decode step, after making both its new K and
 V. A beam search's `reorder_cache`, after every forward, copies each layer's K, then V, compact (a sliding
-layer's view) beside the old storage.
+layer's view) beside the old storage; before it, the step's end (its logits, the beams' scores) holds the
+window its cat made. Before, a plan put the compact view beside that moment: the tiny Llama's beam search (2
+prompts x 2 beams, a 10-token prompt, 30 new tokens) planned at --cache sliding --window 30 was 2,048 B under
+its recording, a token of every layer and row.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ Layer = tuple[bool, float, float]
 
 @dataclass(frozen=True)
 class DynamicKv:
-    """A DynamicCache's KV in the layers' unit: at the end, once the prompt is in, and the most its own
-    storages hold at once."""
+    """A DynamicCache's KV in the layers' unit: at the end, once the prompt is in, the most its own
+    storages hold at once, and at the last step's end (`step_end`): under beam search, before that step's
+    reorder compacts each sliding layer's window to its view, a token a sliding layer more than the end."""
 
     final: float
     prefill: float
     peak: float
+    step_end: float
 
 
 def step_peak(layers: Sequence[Layer], held: int, old: int, new: int) -> float:
@@ -87,8 +92,10 @@ def dynamic_cache_kv(layers: Sequence[Layer], window: int, prompt: int, new: int
 
     # A sliding layer's storage: the whole prompt until the first decode step, then its window; a beam
     # search's reorder after every step (the prefill and the last too) copies its view into a compact storage
-    kept = view(written) if beams else prompt if new == 1 else min(written, window)
+    stored = prompt if new == 1 else min(written, window)  # its storage at the last step's end
+    kept = view(written) if beams else stored
     final = sum((kept if slides else written) * (k + v) for slides, k, v in layers)
+    step_end = sum((stored if slides else written) * (k + v) for slides, k, v in layers)
     prefill = sum(prompt * (k + v) for _, k, v in layers)
     peak = prefill
     if beams:  # the reorder after the prefill, each layer still holding the prompt
@@ -101,4 +108,4 @@ def dynamic_cache_kv(layers: Sequence[Layer], window: int, prompt: int, new: int
         peak = max(peak, first, last)
         if beams:  # and the reorder after the last step
             peak = max(peak, _reorder_peak(layers, written, min(written, window), view(written)))
-    return DynamicKv(final, prefill, peak)
+    return DynamicKv(final, prefill, peak, step_end)

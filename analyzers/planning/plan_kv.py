@@ -136,6 +136,15 @@ class KvSizes:
     # DeepSeek-V4's kv_bytes by part (`compressed_kv.PART_NAMES`): its window, compressed entries, indexer
     # keys and compressor state; empty for any other cache
     parts: tuple[tuple[str, int], ...] = ()
+    # the KV at the last step's end where more than kv_bytes: a beam search's reorder, after it, compacts a
+    # dynamic cache's sliding layers to their view (`dynamic_kv`); None: kv_bytes
+    step_end_bytes: int | None = None
+
+    @property
+    def end_bytes(self) -> int:
+        """The KV a step's end holds (its logits, a beam search's scores): the end's, but under beam search
+        a sliding layer's window its cat made, which the reorder after it compacts."""
+        return self.kv_bytes if self.step_end_bytes is None else self.step_end_bytes
 
     @property
     def step_peak_bytes(self) -> int:
@@ -293,9 +302,9 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     # Tokens held, not storage slots: a sliding layer's view is its last window - 1 tokens, even while its
     # storage is still the prompt or the window its last cat made
     tokens = max(written if whole else 0, min(written, width - 1) if windowed else 0)
-    final, prefill, peak = (round(n) for n in (elements.final, elements.prefill, elements.peak))
-    as_bytes = [dtype_bytes_for(req.kv_dtype, n) for n in (final, prefill, peak)]
-    return KvSizes(prompt, tokens, as_bytes[0], 0, 0, as_bytes[1], as_bytes[2])
+    figures = (elements.final, elements.prefill, elements.peak, elements.step_end)
+    final, prefill, peak, end = (dtype_bytes_for(req.kv_dtype, round(n)) for n in figures)
+    return KvSizes(prompt, tokens, final, 0, 0, prefill, peak, step_end_bytes=end if end > final else None)
 
 
 def kv_sizes(req: PlanRequest, batch: int, context: int) -> KvSizes:
@@ -338,8 +347,10 @@ def _with_cross_attention(req: PlanRequest, batch: int, sizes: KvSizes) -> KvSiz
     if req.beams > 1:
         peak = max(peak, sizes.kv_bytes + cross + cross // (2 * req.geometry.cross_kv_layers))
     copies = None if sizes.with_copies_bytes is None else sizes.with_copies_bytes + cross
+    end = None if sizes.step_end_bytes is None else sizes.step_end_bytes + cross
     return replace(
         sizes,
+        step_end_bytes=end,
         kv_bytes=sizes.kv_bytes + cross,
         prefill_bytes=sizes.prefill_bytes + cross,
         peak_bytes=peak,

@@ -58,3 +58,46 @@ def test_the_window_diagnose_proposes_is_priced_as_plan_prices_it_and_as_it_reco
     # AND the recording of that window peaks there
     record_generate(model, tmp_path / "proposed", ROWS, PROMPT, NEW, "sliding", window, logits_to_keep=0)
     assert report_json(tmp_path / "proposed", capsys)["peak_allocated_bytes"] == priced
+
+
+def _beam_search(model: Any, run: Path, cache: Any = None) -> None:
+    """A recorded beam search of 2 beams on 2 prompts (4 rows) of 10 tokens, 30 new tokens each."""
+    import torch
+
+    import kvtrace
+    from tests.tiny import cache_arg
+
+    ids = torch.randint(3, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
+    given = cache_arg(cache) if cache is not None else {}
+    with torch.no_grad(), kvtrace.record(run, model=model):
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, min_new_tokens=30, do_sample=False,
+            pad_token_id=0, num_beams=2, **given,
+        )  # fmt: skip
+
+
+def test_under_beam_search_the_window_is_priced_at_a_steps_end_as_it_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvtrace.llama import make_cache
+
+    model = build_model(tiny_size(LAYERS, 2)).eval()
+    rows, token = 4, LAYERS * 2 * 2 * HEAD_DIM * 4  # a token of every layer of a row, 2 KV heads, float32
+    # GIVEN a beam search on a dynamic cache, diagnosed with no budget
+    _beam_search(model, tmp_path / "dynamic")
+    diagnosis = cli_json(["diagnose", str(tmp_path / "dynamic"), "--json"], capsys)
+    (remedy,) = [r for r in diagnosis["remedies"] if r["kind"] == "sliding_window"]
+    window = remedy["setting"]
+    # WHEN the window it proposes is planned from the run, and recorded
+    plan = plan_json(tmp_path / "dynamic", capsys, "--cache", "sliding", "--window", str(window))
+    made, _ = make_cache("sliding", model, rows, 40, window=window)
+    _beam_search(model, tmp_path / "sliding", made)
+    # THEN diagnose, plan and the recording peak alike, at a step's end: every layer's window beside the
+    # beams' scores, before the step's reorder compacts it to its last window - 1 tokens (before, plan and
+    # recording were a token of every layer and row apart, 2,048 B)
+    priced = diagnosis["allocated_bytes"] - remedy["saved_bytes"]
+    recorded = report_json(tmp_path / "sliding", capsys)
+    assert priced == plan["peak_bytes"] == recorded["peak_allocated_bytes"]
+    assert recorded["categories_at_peak"]["kv"] == window * token * rows
+    assert plan["kv_bytes"] == (window - 1) * token * rows  # what the cache holds once the last reorder ran
+    assert f"holds {human_bytes(window * token * rows)} of KV at most" in remedy["sentence"]
