@@ -1,6 +1,6 @@
 """A DynamicCache's KV (full and sliding layers, beam search's reorders) replayed layer by layer: the one
 arithmetic behind `kvtrace plan`'s dynamic and sliding caches (analyzers.planning.plan_kv) and `kvtrace
-diagnose`'s sliding-window remedy (analyzers.planning.diagnose_cache_remedies). Pure arithmetic, no torch.
+diagnose`'s sliding-window remedy (analyzers.planning.diagnose_window_remedies). Pure arithmetic, no torch.
 
 A module of its own so that both price a window alike: diagnose once kept a formula of its own, which held
 a window longer than the prompt as if its prefill had stored the window (on the tiny Llama at batch 2, a

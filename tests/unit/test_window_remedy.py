@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from analyzers.planning.diagnose_cache_remedies import sliding_cache_bytes, window_remedy
+from analyzers.planning.diagnose_window_remedies import sliding_cache_bytes, window_remedy
 
 NEW = 1_000  # new tokens: generation passes every window below
 
