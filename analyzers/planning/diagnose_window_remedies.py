@@ -363,11 +363,12 @@ def sliding_window_remedy(
 
 
 def _run_tokens(d: dict[str, object], tokens: int) -> tuple[int, int]:
-    """(prompt, new tokens) of the generate() call `kvtrace plan --from-run` plans, where the moment is in
-    it; else the moment's prompt, generating at least up to the `tokens` held (0: not told)."""
-    prompt, context = d.get("run_prompt"), d.get("run_context")
-    if isinstance(prompt, int) and isinstance(context, int) and context > prompt:
-        return prompt, context - prompt
-    held = d.get("prompt_tokens")
-    prompt = held if isinstance(held, int) else 0
-    return prompt, max(tokens - prompt, 0) + 1
+    """(prompt, new tokens) of the call the moment is in: the prompt its cache held after the prefill
+    (`prompt_tokens`: an assisted generation's first forward holds a draft token more than the call's
+    prompt), else the call's; new tokens up to the call's context, as `kvtrace plan --from-run` plans it,
+    else up to the `tokens` held (0 tokens of prompt where neither is told)."""
+    held, prompt, context = d.get("prompt_tokens"), d.get("run_prompt"), d.get("run_context")
+    first = held if isinstance(held, int) and held > 0 else prompt if isinstance(prompt, int) else 0
+    if isinstance(context, int) and context > first:
+        return first, context - first
+    return first, max(tokens - first, 0) + 1
