@@ -60,8 +60,10 @@ Beam search (`beams` > 1; the batch is then prompts x beams rows): after every f
 the last one's too, `reorder_cache` rebinds each layer's K, then V, to an `index_select` copy while the old
 one is live. A static or static_sliding cache's peak is its KV plus one layer's K (or V, the wider) whole;
 a dynamic (or sliding) cache's full layers copy all they hold, and its sliding layers copy their view of
-window - 1 tokens into a compact storage, which is what they hold from then on (never the window its cat
-made), so each decode step starts from window - 1 tokens.
+window - 1 tokens into a compact storage, which is what they hold from then on, so each decode step starts
+from window - 1 tokens; a step's end, before its reorder, still holds the window its cat made
+(`KvSizes.end_bytes`). The arithmetic of a dynamic cache's layers is analyzers.planning.dynamic_kv's,
+which `kvtrace diagnose`'s sliding-window remedy shares.
 
 fp8, int8 or int4 in a dynamic, static or sliding cache (either kind) count the data alone: per-tensor
 scales, as in vLLM's fp8 KV cache, are a few bytes per layer.
