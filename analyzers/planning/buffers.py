@@ -84,7 +84,8 @@ def buffer_fields(
 ) -> dict[str, Any]:
     """ModelGeometry's buffer fields for a `model_type` config: `fp32_buffer_elements`,
     `buffer_elements` (in the weights' dtype) and `bool_buffer_bytes` (empty when it has none), and
-    `rotary_dim` where RoPE turns a part of each head (GLM's half).
+    `rotary_dim` where RoPE turns a part of each head (GLM's half), `rotary_tables` where the model makes a
+    RoPE table for each kind of layer (Gemma 3's sliding and full), and its prefill a cos and sin of each.
     `head_dim` is each head's width (the latent attention's rotary key, `qk_rope_head_dim`, where it has
     one), `full_head_dim` Gemma 4's full layers' where it differs; `layer_types` the config's, given or
     derived; `moe_layers` and `experts` its mixture of experts; `positive_int` checks a field or raises;
@@ -93,11 +94,14 @@ def buffer_fields(
     get = fields.get
     fp32 = elements = masks = 0
     rotary_dim = None
+    rotary_tables = 1
     if model_type not in _NO_ROPE:
         if get("qk_rope_head_dim") and get("kv_lora_rank"):  # DeepSeek's latent attention
             head_dim = positive_int("qk_rope_head_dim", get("qk_rope_head_dim"))
         if model_type in _ROPE_PER_LAYER_TYPE and isinstance(layer_types, list | tuple):
             kinds = set(layer_types)  # one table per kind present, each of its layers' head width
+            # and the prefill computes a cos and sin of each (`position_embeddings[layer_type]`)
+            rotary_tables = len(kinds)
             fp32 += sum(
                 _inv_freq_elements(full_head_dim or head_dim if kind == "full_attention" else head_dim)
                 for kind in kinds
@@ -137,6 +141,6 @@ def buffer_fields(
         elements += 2 * layers
     found = {
         "fp32_buffer_elements": fp32, "buffer_elements": elements, "bool_buffer_bytes": masks,
-        "rotary_dim": rotary_dim,
+        "rotary_dim": rotary_dim, "rotary_tables": rotary_tables if rotary_tables > 1 else 0,
     }  # fmt: skip
     return {name: value for name, value in found.items() if value}

@@ -16,8 +16,9 @@ module: the data model (analyzers.planning.diagnosis), what the allocator held a
 reserved, free, fragmentation, a per-process limit, the shortfall: diagnose_allocator), where the moment
 falls in the run and what the KV held then (diagnose_moment), the stacks live then (diagnose_stacks), the
 activations a smaller batch shrinks (diagnose_rows), how an unfinished run ended (diagnose_run_end), and the
-remedies' prices (diagnose_remedies, and diagnose_cache_remedies for beam search and sliding windows,
-diagnose_quantized_remedies for int4 and fp8 caches, diagnose_compressed_remedies for DeepSeek-V4's cache).
+remedies' prices (diagnose_remedies, diagnose_cache_remedies for beam search, diagnose_window_remedies for
+sliding windows, diagnose_quantized_remedies for int4 and fp8 caches, diagnose_compressed_remedies for
+DeepSeek-V4's cache).
 """
 
 from __future__ import annotations

@@ -49,12 +49,13 @@ allocator's expandable segments are offered only for CUDA devices.
 The run's figures the prices need (the KV's dtype, the bytes a token of context costs, which layers slide)
 are read from the report in analyzers.planning.run_kv_facts. The remedies that depend on what the cache
 is (beam search's rows, layers that all slide, the int4 QuantizedCache) are priced in
-analyzers.planning.diagnose_cache_remedies; a model's own preallocated buffers (Meta's cache_k/cache_v),
-whose KV follows neither the rows in use nor the tokens written, in
+analyzers.planning.diagnose_cache_remedies (beam search) and diagnose_window_remedies (windows); a model's
+own preallocated buffers (Meta's cache_k/cache_v), whose KV follows neither the rows in use nor the tokens
+written, in
 analyzers.planning.diagnose_buffer_remedies; DeepSeek-V4's, whose cache runs as a DynamicCache only and
 whose KV is not K and V per token, in analyzers.planning.diagnose_compressed_remedies. The smaller
 batch's sentences are analyzers.planning.diagnose_batch_text's, the sliding window proposed to a cache
-that keeps every token is priced in diagnose_cache_remedies, and the allocator's expandable segments in
+that keeps every token is priced in diagnose_window_remedies, and the allocator's expandable segments in
 diagnose_fragments, beside the fragmentation it is aimed at; this module prices the rest and ranks them.
 """
 
@@ -70,14 +71,7 @@ from analyzers.planning.diagnose_buffer_remedies import (
     buffer_remedies,
     static_cache_context,
 )
-from analyzers.planning.diagnose_cache_remedies import (
-    at_batch_one,
-    beam_search_remedies,
-    fewer_rows,
-    moment_bytes_per_token,
-    sliding_window_remedy,
-    windowed_remedies,
-)
+from analyzers.planning.diagnose_cache_remedies import at_batch_one, beam_search_remedies, fewer_rows
 from analyzers.planning.diagnose_compressed_remedies import CompressedRun, compressed_remedies
 from analyzers.planning.diagnose_fragments import (
     FRAGMENTS_REMEDY,
@@ -100,6 +94,11 @@ from analyzers.planning.diagnose_static_remedy import (
     StaticCacheRun,
     already_static_remedy,
     static_cache_remedy,
+)
+from analyzers.planning.diagnose_window_remedies import (
+    moment_bytes_per_token,
+    sliding_window_remedy,
+    windowed_remedies,
 )
 from analyzers.planning.diagnosis import (
     NO_KV,

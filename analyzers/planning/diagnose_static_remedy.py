@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from analyzers.planning.attention_moment import prefill_attention_moment
-from analyzers.planning.diagnose_cache_remedies import layer_widths
+from analyzers.planning.diagnose_window_remedies import layer_widths
 from analyzers.planning.diagnosis import Remedy, fits
 from analyzers.planning.run_moments import HALF_FLOATS, main_timeline, prefill_beside_at, update_beside_at
 from analyzers.planning.run_padding import call_padded

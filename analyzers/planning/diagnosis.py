@@ -2,9 +2,10 @@
 priced there. Pure, torch-free.
 
 The types live apart from the code that fills them (analyzers.planning.diagnose and the modules it calls:
-diagnose_moment, diagnose_stacks, diagnose_remedies, diagnose_cache_remedies) so that each of those, and the
-renderers (analyzers.render), can name them without importing the others. A Remedy's two None conventions
-sit beside it: `fits` (no shortfall to compare with) and the sentences of a figure the input cannot give.
+diagnose_moment, diagnose_stacks, diagnose_remedies, diagnose_cache_remedies, diagnose_window_remedies) so
+that each of those, and the renderers (analyzers.render), can name them without importing the others. A
+Remedy's two None conventions sit beside it: `fits` (no shortfall to compare with) and the sentences of a
+figure the input cannot give.
 """
 
 from __future__ import annotations

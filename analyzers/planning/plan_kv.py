@@ -60,8 +60,10 @@ Beam search (`beams` > 1; the batch is then prompts x beams rows): after every f
 the last one's too, `reorder_cache` rebinds each layer's K, then V, to an `index_select` copy while the old
 one is live. A static or static_sliding cache's peak is its KV plus one layer's K (or V, the wider) whole;
 a dynamic (or sliding) cache's full layers copy all they hold, and its sliding layers copy their view of
-window - 1 tokens into a compact storage, which is what they hold from then on (never the window its cat
-made), so each decode step starts from window - 1 tokens.
+window - 1 tokens into a compact storage, which is what they hold from then on, so each decode step starts
+from window - 1 tokens; a step's end, before its reorder, still holds the window its cat made
+(`KvSizes.end_bytes`). The arithmetic of a dynamic cache's layers is analyzers.planning.dynamic_kv's,
+which `kvtrace diagnose`'s sliding-window remedy shares.
 
 fp8, int8 or int4 in a dynamic, static or sliding cache (either kind) count the data alone: per-tensor
 scales, as in vLLM's fp8 KV cache, are a few bytes per layer.
@@ -79,6 +81,7 @@ import math
 from dataclasses import dataclass, replace
 
 from analyzers.planning.compressed_kv import compressed_growth_bytes, compressed_sizes
+from analyzers.planning.dynamic_kv import dynamic_cache_kv
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, SLIDING_CACHES, PlanRequest
 from analyzers.planning.prefill_activations import PrefillActivations, prefill_activations
 from analyzers.planning.presets import DTYPE_BITS, dtype_bytes_for
@@ -136,6 +139,15 @@ class KvSizes:
     # DeepSeek-V4's kv_bytes by part (`compressed_kv.PART_NAMES`): its window, compressed entries, indexer
     # keys and compressor state; empty for any other cache
     parts: tuple[tuple[str, int], ...] = ()
+    # the KV at the last step's end where more than kv_bytes: a beam search's reorder, after it, compacts a
+    # dynamic cache's sliding layers to their view (`dynamic_kv`); None: kv_bytes
+    step_end_bytes: int | None = None
+
+    @property
+    def end_bytes(self) -> int:
+        """The KV a step's end holds (its logits, a beam search's scores): the end's, but under beam search
+        a sliding layer's window its cat made, which the reorder after it compacts."""
+        return self.kv_bytes if self.step_end_bytes is None else self.step_end_bytes
 
     @property
     def step_peak_bytes(self) -> int:
@@ -197,26 +209,6 @@ def _layers(req: PlanRequest, batch: int) -> list[Layer]:
     return [(slides_, batch * k, batch * v) for slides_, (k, v) in zip(slides, widths, strict=True)]
 
 
-def _step_peak(layers: list[Layer], held: int, old: int, new: int) -> int:
-    """Elements of KV live at the worst moment of one decode step of a dynamic cache, in which each full
-    layer grows from `held` tokens to one more and each sliding layer's storage goes from `old` tokens to
-    `new`. The layers update one after another. A full layer's cat makes its new K, then frees the old
-    one, then the same for V; a sliding layer makes its new K and V before it frees either old one."""
-    live = sum((old if slides else held) * (k + v) for slides, k, v in layers)
-    peak = live
-    for slides, k, v in layers:
-        if slides:
-            live += new * (k + v)
-            peak = max(peak, live)
-            live -= old * (k + v)
-            continue
-        for width in (k, v):
-            live += width * (held + 1)
-            peak = max(peak, live)
-            live -= width * held
-    return peak
-
-
 def _fp8_scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
     """`_scenario` for the fp8 QuantizedCache: 1-byte K and V plus a fixed float32 scale per tensor; a
     decode step's old K and V of one layer live until its update returns."""
@@ -232,21 +224,6 @@ def _fp8_scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSize
         old = max((written - 1) * width - sum(token[i + 1 :]) for i, width in enumerate(token))
         old = dtype_bytes_for(req.kv_dtype, old)
     return KvSizes(prompt, written, kv, scale_bytes, 0, prefill, kv + old)
-
-
-def _reorder_peak(layers: list[Layer], held: int, storage: int, view: int) -> int:
-    """Elements of KV live at the worst moment of a beam search's `reorder_cache`, with each full layer
-    holding `held` tokens and each sliding layer a view of `view` tokens in a storage of `storage`. The
-    layers are reordered one after another, each by `keys.index_select` then `values.index_select`: the
-    copy (compact, the view's size) is made while the old storage is live, which is then let go of."""
-    live = sum((storage if slides else held) * (k + v) for slides, k, v in layers)
-    peak = live
-    for slides, k, v in layers:
-        for width in (k, v):
-            live += width * (view if slides else held)
-            peak = max(peak, live)
-            live -= width * (storage if slides else held)
-    return peak
 
 
 def _quanto_padding(req: PlanRequest, layers: int, side: int) -> QuantoPadding | None:
@@ -323,30 +300,14 @@ def _scenario(req: PlanRequest, batch: int, prompt: int, new: int) -> KvSizes:
         peak = kv + (dtype_bytes_for(req.kv_dtype, copy) if beams else 0)
         return KvSizes(prompt, max(written if whole else 0, kept), kv, 0, 0, kv, peak)
 
-    def view(tokens: int) -> int:  # what a sliding layer keeps of its storage: its last window - 1 tokens
-        return min(tokens, width - 1)
-
-    # A sliding layer's storage: the whole prompt until the first decode step, then its window; a beam
-    # search's reorder after every step (the prefill and the last too) copies its view into a compact storage
-    kept = view(written) if beams else prompt if new == 1 else min(written, width)
-    final = sum((kept if slides else written) * (k + v) for slides, k, v in layers)
-    prefill = sum(prompt * (k + v) for _, k, v in layers)
-    peak = prefill
-    if beams:  # the reorder after the prefill, each layer still holding the prompt
-        peak = max(peak, _reorder_peak(layers, prompt, prompt, view(prompt)))
-    if new >= 2:  # the first decode step (the prompt let go of) and the last (the longest copies)
-        first = _step_peak(layers, prompt, view(prompt) if beams else prompt, min(prompt + 1, width))
-        before_last = prompt if new == 2 else min(written - 1, width)  # compact under beams: its view
-        before_last = view(written - 1) if beams else before_last
-        last = _step_peak(layers, written - 1, before_last, min(written, width))
-        peak = max(peak, first, last)
-        if beams:  # and the reorder after the last step
-            peak = max(peak, _reorder_peak(layers, written, min(written, width), view(written)))
+    # a full layer's growth copies, a sliding layer's prompt and window, a beam search's reorders (dynamic_kv)
+    elements = dynamic_cache_kv(layers, width, prompt, new, beams)
     # Tokens held, not storage slots: a sliding layer's view is its last window - 1 tokens, even while its
     # storage is still the prompt or the window its last cat made
     tokens = max(written if whole else 0, min(written, width - 1) if windowed else 0)
-    as_bytes = [dtype_bytes_for(req.kv_dtype, elements) for elements in (final, prefill, peak)]
-    return KvSizes(prompt, tokens, as_bytes[0], 0, 0, as_bytes[1], as_bytes[2])
+    figures = (elements.final, elements.prefill, elements.peak, elements.step_end)
+    final, prefill, peak, end = (dtype_bytes_for(req.kv_dtype, round(n)) for n in figures)
+    return KvSizes(prompt, tokens, final, 0, 0, prefill, peak, step_end_bytes=end if end > final else None)
 
 
 def kv_sizes(req: PlanRequest, batch: int, context: int) -> KvSizes:
@@ -389,8 +350,10 @@ def _with_cross_attention(req: PlanRequest, batch: int, sizes: KvSizes) -> KvSiz
     if req.beams > 1:
         peak = max(peak, sizes.kv_bytes + cross + cross // (2 * req.geometry.cross_kv_layers))
     copies = None if sizes.with_copies_bytes is None else sizes.with_copies_bytes + cross
+    end = None if sizes.step_end_bytes is None else sizes.step_end_bytes + cross
     return replace(
         sizes,
+        step_end_bytes=end,
         kv_bytes=sizes.kv_bytes + cross,
         prefill_bytes=sizes.prefill_bytes + cross,
         peak_bytes=peak,

@@ -8,8 +8,10 @@ keeps the logits of the last position alone (`logits_to_keep=1`), so the prefill
 In the compute dtype's bytes s, with R = B x T:
 
 - held across the layers: the embeddings (`inputs_embeds`, which LlamaModel.forward keeps in a local while
-  the layers run: R x hidden), the rotary cos and sin (R x head_dim each, in the compute dtype), and two
-  int64 tensors of the rows' positions (generate()'s position ids and their copy: 16 B a row and token);
+  the layers run: R x hidden), the rotary cos and sin (R x head_dim each, in the compute dtype; a pair for
+  each kind of layer where the model keeps a RoPE table for each, Gemma 3's and OLMo 3's sliding and full
+  layers), and two int64 tensors of the rows' positions (generate()'s position ids and their copy: 16 B a
+  row and token);
 - in a layer after the first, the residual stream: its input (the caller's variable keeps it), the residual
   beside the attention or MLP, and the normed input (`input_layernorm`, `post_attention_layernorm`);
 - the MLP, `down_proj(act_fn(gate_proj(x)) * up_proj(x))`: the activation, the up projection and their
@@ -76,6 +78,7 @@ from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
 __all__ = [
     "ATTENTIONS",
     "PrefillActivations",
+    "cpu_flash_thread_bytes",
     "eager_score_bytes",
     "prefill_activations",
     "unplanned_reason",
@@ -163,6 +166,21 @@ def _masks(geom: ModelGeometry, prompt: int, padded: bool, eager: bool) -> int:
     return (1 if full and padded else 0) + (1 if window_mask else 0)
 
 
+def cpu_flash_thread_bytes(prompt: int, head_dim: int, compute: int) -> int:
+    """Bytes torch's CPU flash attention kernel (`cpu_flash_attention`, the sdpa a CPU runs) allocates for
+    each of its threads while a layer of a `prompt`-token prefill attends: a query split's float32 scores
+    over a key split, its running max and sum and its output (split x (keys + 2 + head_dim)), and for a
+    16-bit dtype (`compute` bytes) the scores' copy in it. The split is 32 queries, 64 from a 192-token
+    prompt, 256 from 768, at most the prompt; the keys at most 512. No GPU kernel holds them, so a plan, of
+    a GPU, leaves them out; its note prices them where they sit beside the plan's peak (a masked layer's
+    sdpa), what a CPU recording holds more: the tiny Mistral of `kvtrace plan`'s tests (a window of 128, 2
+    rows of a 198-token prompt, 2 threads) 110,592 B."""
+    split = min(256 if prompt >= 768 else 64 if prompt >= 192 else 32, prompt)
+    keys = min(prompt, 512)
+    reduced = split * keys * compute if compute < FLOAT32 else 0
+    return split * (keys + 2 + head_dim) * FLOAT32 + reduced
+
+
 def prefill_activations(
     geom: ModelGeometry,
     compute_dtype: str,
@@ -189,7 +207,9 @@ def prefill_activations(
     q_width, kv_width = heads * head_dim, geom.num_kv_heads * head_dim
     # K and V expanded to the query heads (repeat_kv), where a mask or eager makes them; none without GQA
     expanded = 2 * rows * q_width * s if geom.num_kv_heads < heads else 0
-    held = rows * (hidden * s + 2 * (geom.rotary_dim or head_dim) * s + POSITION_ROW_BYTES)
+    # the embeddings, the rotary cos and sin (a pair for each kind of layer in Gemma 3), the positions
+    rotary = 2 * geom.rotary_tables * (geom.rotary_dim or head_dim) * s
+    held = rows * (hidden * s + rotary + POSITION_ROW_BYTES)
     # the MLP's tensors of R x intermediate_size at once: a fused gate_up's output (two) or gate's and up's;
     # an up/down MLP's up projection and its activation's
     mlp_widths = geom.ungated_mlp_widths if geom.mlp_matrices == 2 else 4 if geom.fused_gate_up else 3

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from analyzers.planning.prefill_activations import PrefillActivations, prefill_activations, unplanned_reason
-from analyzers.planning.presets import ModelGeometry
+from analyzers.planning.prefill_activations import (
+    PrefillActivations,
+    cpu_flash_thread_bytes,
+    prefill_activations,
+    unplanned_reason,
+)
+from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
 from analyzers.units import human_bytes
 
 __all__ = ["prefill_note"]
@@ -88,10 +93,12 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
         own += ", and its fused q, k and v projection, kept until the attention returns"
     if act.moment in ("mask", "scores") and geom.rotary_slices_kept:
         own += ", and its q and k projections beside their turned parts, kept until the attention returns"
+    tables = geom.rotary_tables
+    pairs = f", one pair for each of its {tables} kinds of layer" if tables > 1 else ""
     return (
         f"{own} beside {streams} of {width} ({stream_names}), the rotary cos and sin "
         f"(R x {geom.rotary_dim or geom.head_dim} "
-        "each) and 16 B of position ids a token"
+        f"each{pairs}) and 16 B of position ids a token"
     )
 
 
@@ -134,6 +141,13 @@ def prefill_note(
         more_padded = more(padded)
         extras.append(f"padded prompts {more_padded} more (sdpa's mask over prompt x prompt, K, V expanded)")
     moment = _moment_text(geom, act)
+    cpu = ""
+    if act.moment == "mask":  # a masked layer's sdpa is the peak: on a CPU, its kernel's blocks beside it
+        thread = cpu_flash_thread_bytes(prompt, geom.head_dim, dtype_bytes_for(compute_dtype, 1))
+        cpu = (
+            f". On a CPU, not a GPU, torch's flash kernel holds {human_bytes(thread)} ({thread:,} B) more "
+            "for each of its threads beside that sdpa (its blocks of scores): not counted"
+        )
     experts = ""
     if geom.moe_layers:  # the experts' forward a config.json does not name, the loading code may
         experts = (
@@ -154,5 +168,5 @@ def prefill_note(
         "kvtrace measured it, whatever version the layout line names. Planned for sdpa "
         "attention (transformers' default: on a GPU its flash and memory-efficient kernels hold no prompt x "
         f"prompt scores) and unpadded prompts: {' and '.join(extras)}. {experts}Not in it: the last "
-        "position's logits and the CUDA context (the reserve's), generate()'s prefill_chunk_size"
+        f"position's logits and the CUDA context (the reserve's), generate()'s prefill_chunk_size{cpu}"
     )

@@ -156,6 +156,10 @@ class ModelGeometry:
     # the part of each head RoPE turns, where not all of it (GLM's half, Phi-4-mini's 3/4; None: head_dim):
     # the width of the prefill's rotary cos and sin
     rotary_dim: int | None = None
+    # the rotary cos and sin pairs the prefill holds across the layers: one for each kind of layer where the
+    # model keeps a RoPE table for each (Gemma 3 and OLMo 3 with sliding and full layers: 2); 1 otherwise.
+    # Before, one: the tiny Gemma 3 below the 25,088 B of its second pair under its recording at 2 x 98 tokens
+    rotary_tables: int = 1
     attention_bias: bool = False  # every attention projection (q, k, v, output) has a bias
     output_bias: bool = False  # the attention's output projection alone has a bias (GPT-Neo)
     mlp_bias: bool = False  # every MLP matrix has a bias (dense layers and shared experts)

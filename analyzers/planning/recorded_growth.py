@@ -161,7 +161,7 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
         # larger activations: the demo's Llama planned at --cache sliding --window 10 said 78.67 MiB where
         # the recording peaked at its prefill at 74.74 MiB
         step_end = _larger(
-            (sizes.kv_bytes + at_end + tokens, sizes.kv_bytes),
+            (sizes.end_bytes + at_end + tokens, sizes.end_bytes),
             (sizes.prefill_bytes + at_prefill + tokens, sizes.prefill_bytes),
         )
         peak, kv = _larger(step_end, (sizes.step_peak_bytes + in_update, sizes.step_peak_bytes))
@@ -222,7 +222,7 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
     copies = attention_copies(req, rec, batch, context)
     if not copies or (not attended_gain(req, rec, context) and not fp8_new and not repeats_new):
         return 0, 0
-    kv = kv_sizes(req, batch, context).kv_bytes
+    kv = kv_sizes(req, batch, context).end_bytes
     if rec.phase == "prefill" and same_cache_as_run(req):
         # A prefill's activations are no decode step's: the step's are those the run held at its KV peak,
         # grown to the plan (`_beside_late`). Before, the prefill's grew with the context: the tiny Llama,
@@ -318,7 +318,7 @@ def _cut_step_end(req: PlanRequest, rec: RecordedPeak, batch: int, context: int)
     at_end += token_growth(req, rec, batch, context)
     kept = 1 - rows_freed(rec, batch) / max(rec.activations_bytes, 1)
     at_end += _reached_token_growth(rec, batch, context, rows * kept, at_update=False)
-    return req.weights_bytes + sizes.kv_bytes + at_end, sizes.kv_bytes
+    return req.weights_bytes + sizes.end_bytes + at_end, sizes.end_bytes
 
 
 def _reached_token_growth(rec: RecordedPeak, batch: int, context: int, scale: float, at_update: bool) -> int:
@@ -450,9 +450,9 @@ def _moment_kv(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) ->
     if rec.phase == "prefill":
         return sizes.prefill_bytes
     if req.cache in PREALLOCATED_CACHES or rec.tokens >= rec.context - 1:
-        return sizes.step_peak_bytes if _held_kv_peak(req, rec) else sizes.kv_bytes
+        return sizes.step_peak_bytes if _held_kv_peak(req, rec) else sizes.end_bytes
     tokens = min(rec.tokens, context - 1)
-    return kv_sizes(replace(req, prompt=None), batch, tokens + 1).kv_bytes if tokens >= 1 else 0
+    return kv_sizes(replace(req, prompt=None), batch, tokens + 1).end_bytes if tokens >= 1 else 0
 
 
 def _held_kv_peak(req: PlanRequest, rec: RecordedPeak) -> bool:
