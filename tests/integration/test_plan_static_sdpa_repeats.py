@@ -78,9 +78,16 @@ def test_a_run_recorded_under_5_17_planned_static_prices_sdpa_repeating_k_and_v(
     assert old["kv_bytes"] == kv
     attention = weights + kv + BATCH * CONTEXT * POSITION_ROW
     assert attention < old["peak_bytes"] <= attention + beside, (old["peak_bytes"], attention, beside)
-    # AND under 5.23 there are no such copies: the plan is below the copies of K and V alone
-    copies = 2 * BATCH * (CONTEXT - 1) * HEADS * HEAD_DIM * BF16
-    assert new["peak_bytes"] < weights + kv + copies, (new["peak_bytes"], weights + kv + copies)
+    # AND under 5.23 there are no such copies: the plan adds nothing to what the run held beside its weights
+    # and KV, at its peak (a decode step) or at its prefill's most, the larger. Not bounded by one layer's
+    # copies of K and V: on a CPU, in bf16, the prefill's most is a layer's MLP beside oneDNN's matmul
+    # scratchpad, a block a thread (99,968 B at 2 threads, 50,176 at 1), so on a 2-core host it is 276,696 B,
+    # above the 243,712 B copies (the static recording peaks there too, 796,536 B, what the plan says; an
+    # unpadded prefill has no mask and no repeat_kv: transformers' _ignore_causal_mask_sdpa, enable_gqa).
+    # The copies added here as under 5.17 make it 870,392 B (2 threads), over the bound and equal to old's.
+    prefill = new["request"]["recorded"]["prefill_activations_bytes"]
+    assert new["peak_bytes"] <= weights + kv + max(beside, prefill), (new["peak_bytes"], beside, prefill)
+    assert new["peak_bytes"] < old["peak_bytes"], (new["peak_bytes"], old["peak_bytes"])
 
 
 @pytest.mark.skipif(
