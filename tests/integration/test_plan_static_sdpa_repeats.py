@@ -107,5 +107,6 @@ def test_under_an_old_transformers_the_plan_bounds_the_static_sdpa_recording(
     without = plan_json(_said_under(dynamic, "5.23.0", tmp_path), capsys, "--cache", "static")
     # THEN the plan bounds the recording, tightly (the mask's and kernel's bound over the context: 2.7%)
     assert peak <= plan["peak_bytes"] <= peak * 1.03, (plan["peak_bytes"], peak)
-    # AND without the copies it would not have: the gap this rule closes (14.4% under here)
-    assert without["peak_bytes"] < peak * 0.9, (without["peak_bytes"], peak)
+    # AND without the copies it would be under the recording: the gap this rule closes (14.4% under with one
+    # torch thread, 7.6% with two, whose oneDNN matmul blocks raise the prefill the plan keeps beside)
+    assert without["peak_bytes"] < peak, (without["peak_bytes"], peak)
