@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from analyzers.planning.diagnose_buffer_remedies import PreallocatedBuffers
 from analyzers.planning.diagnosis import CONTEXT_COUNTED, Remedy, fits, no_geometry
+from analyzers.planning.fp8_update import fp8_update_bytes
 from analyzers.planning.quantized_cache import (
     DEFAULT_GROUP_SIZE,
     DEFAULT_RESIDUAL_LENGTH,
@@ -314,8 +315,7 @@ def _fp8_update_moment(d: dict[str, object], own_kv: int, kv_bits: int) -> tuple
     stored = d.get("kv_stored_bytes")
     stored = min(stored, own_kv) if isinstance(stored, int) and stored else own_kv
     held = round(stored * 8 / kv_bits) + 2 * 4 * layers  # a float32 scale per layer's K and per its V
-    old_and_new = round(elements * tokens)  # a byte a value
-    copies = round(3 * elements / 2 * 4 * tokens)
+    old_and_new, copies = fp8_update_bytes(elements, elements / 2, tokens)
     return run.update_beside_bytes + (kv - own_kv) + held + old_and_new + copies, copies
 
 

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from analyzers.planning.beam_tensors import beam_search_growth
 from analyzers.planning.encoder_pass import encoder_pass_bytes
+from analyzers.planning.fp8_update import fp8_update_bytes
 from analyzers.planning.plan_kv import kv_sizes
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, RecordedPeak
 from analyzers.planning.recorded_dtype import in_compute_dtype
@@ -253,8 +254,14 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
             # old K and V are still held beside their torch.cat copy: its KV peak, not its final KV. Before,
             # the copies went beside the peak's step-end activations (the logits): the demo's Llama (8 rows,
             # 20-token prompt, 64 new tokens, fp32) planned fp8 from its dynamic run said 99,402,684 B where
-            # the fp8 recording peaked at 84,634,640 (+17.4%)
-            kv = kv_sizes(req, batch, context).step_peak_bytes
+            # the fp8 recording peaked at 84,634,640 (+17.4%). Beside them, the update's 8-bit K and V of the
+            # new token, which no KV log counts (they are no cache storage) and the run's update never held:
+            # `fp8_update_bytes`, as diagnose prices the update (before, 32,768 B under the recording)
+            sizes = kv_sizes(req, batch, context)
+            kv = sizes.step_peak_bytes
+            layer = max(k + v for k, v in req.geometry.layer_kv_widths)
+            held, _ = fp8_update_bytes(batch * layer, 0, sizes.kv_tokens)
+            copies += max(sizes.kv_bytes + held - kv, 0)
     return req.weights_bytes + kv + activations + tokens + copies, kv
 
 

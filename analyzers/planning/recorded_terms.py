@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from analyzers.planning.fp8_update import fp8_update_bytes
 from analyzers.planning.plan_kv import kv_sizes
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, PrefillMoment, RecordedPeak
 from analyzers.planning.presets import dtype_bytes_for
@@ -43,8 +44,8 @@ def attention_copies(req: PlanRequest, rec: RecordedPeak, batch: int, context: i
     """Bytes one layer's attention holds over the attended tokens at a decode step beyond the cache's own
     storages, where they grow with the context: eager attention (the run's `attn_implementation`) expands K
     and V to the query heads (`repeat_kv`, where there are fewer KV heads) and makes the scores, its
-    softmax in float32 (3 copies of heads x tokens, at 4 bytes: a bound); an fp8 cache dequantizes K and V
-    to float32 (`Fp8QuantizedLayer._dequantize`: 3 of K's or V's copies live at once, measured), a
+    softmax in float32 (3 copies of heads x tokens, at 4 bytes: a bound); an fp8 cache dequantizes the K
+    and V it holds to float32 (`fp8_update_bytes`: 3 of K's or V's copies live at once, measured), a
     quanto or HQQ cache returns its K and V in the compute dtype. sdpa's kernels take the KV heads as they
     are, but for a static cache's decode steps under a transformers before 5.23 (`sdpa_repeats_kv`): K and
     V expanded to the query heads over every position of the cache, with the step's mask and the kernel's
@@ -55,8 +56,12 @@ def attention_copies(req: PlanRequest, rec: RecordedPeak, batch: int, context: i
     compute = dtype_bytes_for(req.effective_compute_dtype, 1)
     side = max(max(k, v) for k, v in geom.layer_kv_widths)  # one layer's K (or V) elements a token
     per_token = 0
+    dequantized = 0
     if req.cache == "quantized" and req.kv_dtype == "fp8":
-        per_token += 3 * side * 4
+        # over the tokens the layer holds after its last update, one fewer than the context (the last token
+        # is never fed); before, over the context: the demo's Llama planned fp8 from its dynamic run was
+        # 196,608 B (8 rows x a token's 3 float32 copies of a layer's K) over its recording
+        _, dequantized = fp8_update_bytes(0, batch * side, context - 1)
     eager = rec.attn_implementation == "eager"
     if eager:
         head_dim = max(geom.head_dim, geom.global_head_dim or 0)
@@ -71,7 +76,7 @@ def attention_copies(req: PlanRequest, rec: RecordedPeak, batch: int, context: i
         expanded = geom.num_attention_heads * max(geom.head_dim, geom.global_head_dim or 0)
         if expanded > side:
             per_token += 2 * expanded * compute + 1 + compute + geom.num_attention_heads * 4
-    return batch * attended * per_token
+    return batch * attended * per_token + dequantized
 
 
 def context_growth(req: PlanRequest, rec: RecordedPeak, context: int) -> float:
