@@ -21,7 +21,6 @@ profiler's `baseTimeNanoseconds + ts` also lands on, so both line up without con
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,7 +109,8 @@ class KvEvent:
     """One change in one KV storage. `addr`/`storage_bytes` describe the storage (the memory held), while
     `shape`/`logical_bytes` describe the tensor the cache uses, which may be a view of a larger storage.
     Slotted: a long run's log is read into millions of these, kept for the whole command, and a `__dict__`
-    each was a third of their memory."""
+    each was a third of their memory. Events read back share their equal values (`kvtrace.kv_event_sharing`):
+    a `shape` list is never changed in place."""
 
     seq: int
     t_ns: int
@@ -145,13 +145,35 @@ class KvEvent:
     capacity_rows: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        # A shallow copy: `asdict` deep-copies and was most of the recorder's cost per event.
-        return dict(zip(KV_EVENT_FIELDS, _kv_event_values(self), strict=True))
-
-
-# KvEvent's fields, in the order a line writes them (the recorder's lines and `to_json` alike)
-KV_EVENT_FIELDS: tuple[str, ...] = tuple(KvEvent.__dataclass_fields__)
-_kv_event_values = attrgetter(*KV_EVENT_FIELDS)
+        # Field by field, in their order: `asdict` deep-copies and was most of the recorder's cost per event,
+        # and a slotted event has no `__dict__` to copy (the export makes a million of these)
+        return {
+            "seq": self.seq,
+            "t_ns": self.t_ns,
+            "step": self.step,
+            "phase": self.phase,
+            "event": self.event,
+            "layer": self.layer,
+            "kv": self.kv,
+            "part": self.part,
+            "addr": self.addr,
+            "storage_bytes": self.storage_bytes,
+            "view_offset": self.view_offset,
+            "shape": self.shape,
+            "logical_bytes": self.logical_bytes,
+            "dtype": self.dtype,
+            "device": self.device,
+            "tokens": self.tokens,
+            "evicted_tokens": self.evicted_tokens,
+            "prev_addr": self.prev_addr,
+            "cache": self.cache,
+            "source": self.source,
+            "reason": self.reason,
+            "rows": self.rows,
+            "masked_entries": self.masked_entries,
+            "capacity_tokens": self.capacity_tokens,
+            "capacity_rows": self.capacity_rows,
+        }
 
 
 # A KV event's `cache`: which source's state it changes. Transformers caches count 1, 2, ... and step over
