@@ -35,6 +35,7 @@ def progress_bar(label: str, quiet: bool) -> tuple[Progress | None, Callable[[],
             bar = state["bar"] = tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr)
         elif state.get("stage") is not None:  # the bytes again after a stage (a run's trace after its replay)
             state["stage"] = None
+            bar.refresh()  # the stage as it ended (tqdm draws a call at most every 0.1 s)
             bar.unit = "B"
             bar.set_description(label, refresh=False)
             bar.reset(total=total)
@@ -47,6 +48,7 @@ def progress_bar(label: str, quiet: bool) -> tuple[Progress | None, Callable[[],
                 return
             if state.get("stage") != stage_label:
                 state["stage"] = stage_label
+                bar.refresh()  # what was read (or done) as it ended: 100% once the read is whole
                 bar.unit = unit
                 bar.set_description(stage_label, refresh=False)
                 bar.reset(total=total)
