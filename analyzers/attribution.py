@@ -21,11 +21,12 @@ Four methods, and each event says which one decided it (`DeviceEvents.method`):
 from __future__ import annotations
 
 import bisect
-import itertools
+from array import array
 from typing import Any
 
 import numpy as np
 
+from analyzers.addr_events import AddrEvents
 from analyzers.model import (
     KV,
     METHOD_KV_LOG,
@@ -39,6 +40,7 @@ from analyzers.model import (
     MemorySource,
     normal_device,
 )
+from analyzers.readers.sources import STAGE_STEP, ProgressFn
 from analyzers.stack_rules import RULES as RULES
 from analyzers.stack_rules import Rule as Rule
 from analyzers.stack_rules import frame_rule_matches
@@ -113,31 +115,33 @@ def _frame_categories(frames: list[str], rules: list[Rule]) -> tuple[np.ndarray,
     return np.array(categories, dtype=np.int8), np.array(kinds, dtype=np.int8)
 
 
-def _pair_frees(dev: DeviceEvents, alloc_index: np.ndarray) -> np.ndarray:
-    """For each allocation index, the index of the next free of the same address (-1 if none)."""
+def _pair_frees(dev: DeviceEvents, alloc_index: np.ndarray, frees: AddrEvents | None = None) -> np.ndarray:
+    """For each allocation index, the index of the next free of the same address (-1 if none). `frees`:
+    the frees at (at least) the allocations' addresses, where the caller has them (the KV log's join)."""
     result = np.full(alloc_index.shape[0], -1, dtype=np.int64)
     if alloc_index.size == 0:
         return result
-    alloc_addrs = dev.addr[alloc_index].tolist()
-    wanted = set(alloc_addrs)
-    frees_by_addr: dict[int, list[int]] = {}
-    free_index = np.flatnonzero(dev.delta_bytes < 0)
-    for a, i in zip(dev.addr[free_index].tolist(), free_index.tolist(), strict=True):
-        if a in wanted:
-            frees_by_addr.setdefault(a, []).append(i)
-    # Each address's frees are in index order: a bisect of its list, not an array made of it per allocation
+    alloc_addrs = dev.addr[alloc_index]
+    if frees is None:
+        at_allocs = np.isin(dev.addr, np.unique(alloc_addrs))
+        frees = AddrEvents(dev, np.flatnonzero((dev.delta_bytes < 0) & at_allocs), values=False)
+    free_index = frees.indices
+    # Each address's frees are in index order: a bisect of its range, not an array made of it per allocation
     # (an address a long run reuses thousands of times made that quadratic)
-    for j, (a, i) in enumerate(zip(alloc_addrs, alloc_index.tolist(), strict=True)):
-        candidates = frees_by_addr.get(a)
-        if candidates:
-            pos = bisect.bisect_right(candidates, i)
-            if pos < len(candidates):
-                result[j] = candidates[pos]
+    for j, (a, i) in enumerate(zip(alloc_addrs.tolist(), alloc_index.tolist(), strict=True)):
+        span = frees.span(a)
+        if span is not None:
+            pos = bisect.bisect_right(free_index, i, span[0], span[1])
+            if pos < span[1]:
+                result[j] = free_index[pos]
     return result
 
 
-def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySource:
-    """Fill category/layer/kv_kind/method on every device's events, in place; returns the source."""
+def attribute(
+    source: MemorySource, rules: list[Rule] | None = None, progress: ProgressFn | None = None
+) -> MemorySource:
+    """Fill category/layer/kv_kind/method on every device's events, in place; returns the source.
+    `progress(done, total)`: the KV log's storages joined so far on a device, every 65,536 and at the end."""
     rules = RULES if rules is None else rules
     frame_cat, frame_kind = _frame_categories(source.frames, rules)
     kv = source.meta.get("kv")
@@ -175,7 +179,7 @@ def attribute(source: MemorySource, rules: list[Rule] | None = None) -> MemorySo
         if kv_storages:
             held = (source.meta.get("kv_held_before_trace") or {}).get(dev.device)
             ranges_lead = source.meta.get(RANGES_LEAD)
-            for storage, freed_us in _join_kv_log(dev, kv_storages, held, ranges_lead).items():
+            for storage, freed_us in _join_kv_log(dev, kv_storages, held, ranges_lead, progress).items():
                 named = storage_devices[storage] if storage < len(storage_devices) else ""
                 if not named or normal_device(named) == dev.device:
                     frees_us[storage] = freed_us
@@ -237,6 +241,7 @@ def _join_kv_log(
     storages: list[_Storage],
     held: list[_Storage] | None = None,
     ranges_lead_us: float | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[int, float]:
     """Mark as KV the allocation of each storage of the KV log that the trace holds, and its free; and the
     free of each storage `held` before the trace (`readers.kv_before_trace`): the first event at its address,
@@ -246,11 +251,8 @@ def _join_kv_log(
     kv_addrs = {s[0] for s in storages}
     alloc_mask = dev.delta_bytes > 0
     at_kv = np.isin(dev.addr, np.fromiter(kv_addrs, dtype=np.int64))
-    allocations = _AddrEvents(dev, np.flatnonzero(alloc_mask & at_kv))
-    by_addr, times_at, sizes_at = allocations.indices, allocations.times, allocations.sizes
-    frees_at = _AddrEvents(dev, np.flatnonzero((dev.delta_bytes < 0) & at_kv)).indices
-    # Whether an address's allocations are in time order, where a bisect may find the sighting
-    ordered = {addr: all(a <= b for a, b in itertools.pairwise(t)) for addr, t in times_at.items()}
+    allocations = AddrEvents(dev, np.flatnonzero(alloc_mask & at_kv))
+    frees_at = AddrEvents(dev, np.flatnonzero((dev.delta_bytes < 0) & at_kv), values=False)
     matched_allocs: list[int] = []
     matched_storages: list[int] = []
     layers: list[int] = []
@@ -258,27 +260,33 @@ def _join_kv_log(
     caches: list[int] = []
     ts = dev.ts_us
     blocks = sizes_are_blocks(dev)
-    lead = _lead_of(dev, storages, by_addr, blocks, ranges_lead_us)
+    lead = _lead_of(dev, storages, allocations, blocks, frees_at, ranges_lead_us)
     for storage, (addr, nbytes, first_ns, _last_ns, layer, kv, cache) in enumerate(storages):
-        candidates = by_addr.get(addr)
-        if not candidates:
+        if progress is not None and not storage % STAGE_STEP:
+            progress(storage, len(storages))
+        span = allocations.span(addr)
+        if span is None:
             continue
         # The storage's allocation is the one of its size (on a GPU, a block that can hold it) still live
         # when the log saw it: the latest by the sighting whose free (if any) is not before it, else the
         # first within the clocks' tolerance after it. A later one at the same address, inside the
         # tolerance, is the next step's. The sighting is read on the trace's clock: `lead` later.
         seen = first_ns / 1000.0 + lead
-        join = _Join(seen, nbytes, blocks, frees_at.get(addr, []), ts)
-        if ordered[addr]:
-            best = join.sorted_best(candidates, times_at[addr], sizes_at[addr])
+        join = _Join(seen, nbytes, blocks, frees_at, addr, ts)
+        lo, hi, in_time_order = span
+        if in_time_order:
+            best = join.sorted_best(allocations, lo, hi)
         else:
-            best = join.scanned_best(candidates, times_at[addr], sizes_at[addr])
+            best = join.scanned_best(allocations, lo, hi)
         if best >= 0:
             matched_allocs.append(best)
             matched_storages.append(storage)
             layers.append(layer)
             kinds.append(1 if kv == "k" else 2)
             caches.append(cache)
+    if progress is not None:
+        progress(len(storages), len(storages))
+    del allocations  # a long log's: memory the rest reuses
     held_frees = _held_frees(dev, held)
     if not matched_allocs and not held_frees:
         return {}
@@ -286,7 +294,9 @@ def _join_kv_log(
     assert dev.category is not None and dev.method is not None
     assert dev.layer is not None and dev.kv_kind is not None
     index = np.asarray(matched_allocs, dtype=np.int64)
-    frees = _pair_frees(dev, index)
+    del matched_allocs
+    frees = _pair_frees(dev, index, frees_at)
+    del frees_at
     for target in (index, frees[frees >= 0]):
         dev.category[target] = KV
         dev.method[target] = METHOD_KV_LOG
@@ -316,33 +326,20 @@ def _join_kv_log(
     return freed_at
 
 
-class _AddrEvents:
-    """Events (`indices`, ascending) grouped by address, each group in index order with its times and sizes
-    as lists: read from numpy one scalar at a time, or one small array per address, they were most of the
-    join's time on a long run."""
-
-    def __init__(self, dev: DeviceEvents, indices: np.ndarray) -> None:
-        self.indices: dict[int, list[int]] = {}
-        self.times: dict[int, list[float]] = {}
-        self.sizes: dict[int, list[int]] = {}
-        columns = (dev.addr[indices], indices, dev.ts_us[indices], dev.delta_bytes[indices])
-        for addr, index, at, size in zip(*(column.tolist() for column in columns), strict=True):
-            if addr not in self.indices:
-                self.indices[addr], self.times[addr], self.sizes[addr] = [], [], []
-            self.indices[addr].append(index)
-            self.times[addr].append(at)
-            self.sizes[addr].append(size)
-
-
 class _Join:
     """Which of an address's allocations is one KV storage's: the latest of its size by the sighting `seen`
     that was not released well before it, else the first of its size after it within the tolerance."""
 
-    def __init__(self, seen: float, nbytes: int, blocks: bool, released: list[int], ts: np.ndarray) -> None:
+    def __init__(
+        self, seen: float, nbytes: int, blocks: bool, frees: AddrEvents, addr: int, ts: np.ndarray
+    ) -> None:
         self.seen = seen
         self.nbytes = nbytes
         self.blocks = blocks
-        self.released = released  # the address's frees, in index order
+        # the address's frees, in index order: `released[lo:hi]`
+        self.released = frees.indices
+        span = frees.span(addr)
+        self.lo, self.hi = (span[0], span[1]) if span is not None else (0, 0)
         self.ts = ts
 
     def _fits(self, size: int) -> bool:
@@ -350,14 +347,17 @@ class _Join:
 
     def _gone_before(self, index: int) -> bool:
         """Allocated and released well before the sighting: an earlier occupant of the address."""
-        freed = bisect.bisect_right(self.released, index)
-        return freed < len(self.released) and self.ts[self.released[freed]] < self.seen - JOIN_TOLERANCE_US
+        freed = bisect.bisect_right(self.released, index, self.lo, self.hi)
+        return freed < self.hi and self.ts[self.released[freed]] < self.seen - JOIN_TOLERANCE_US
 
-    def scanned_best(self, candidates: list[int], times: list[float], sizes: list[int]) -> int:
-        """In the candidates' order, stopping at the first past the tolerance (times out of order)."""
+    def scanned_best(self, allocations: AddrEvents, lo: int, hi: int) -> int:
+        """In the candidates' order (`allocations`' `lo:hi`), stopping at the first past the tolerance (times
+        out of order)."""
         limit = self.seen + JOIN_TOLERANCE_US
         best = -1
-        for i, at, size in zip(candidates, times, sizes, strict=True):
+        candidates, times, sizes = allocations.indices, allocations.times, allocations.sizes
+        for k in range(lo, hi):
+            i, at, size = candidates[k], times[k], sizes[k]
             if at > limit:
                 break
             if not self._fits(size):
@@ -369,16 +369,17 @@ class _Join:
             best = i
         return best
 
-    def sorted_best(self, candidates: list[int], times: list[float], sizes: list[int]) -> int:
-        """As `scanned_best` where `times` are in order: back from the sighting, then on within the
+    def sorted_best(self, allocations: AddrEvents, lo: int, hi: int) -> int:
+        """As `scanned_best` where the times are in order: back from the sighting, then on within the
         tolerance, so that a storage costs the candidates near its sighting, not all its address had (a
         long run reuses an address thousands of times)."""
-        by_sighting = bisect.bisect_right(times, self.seen)
-        for k in range(by_sighting - 1, -1, -1):
+        candidates, times, sizes = allocations.indices, allocations.times, allocations.sizes
+        by_sighting = bisect.bisect_right(times, self.seen, lo, hi)
+        for k in range(by_sighting - 1, lo - 1, -1):
             if self._fits(sizes[k]) and not self._gone_before(candidates[k]):
                 return candidates[k]
         limit = self.seen + JOIN_TOLERANCE_US
-        for k in range(by_sighting, len(candidates)):
+        for k in range(by_sighting, hi):
             if times[k] > limit:
                 break
             if self._fits(sizes[k]):
@@ -391,7 +392,8 @@ def trace_lead_us(dev: DeviceEvents, storages: list[_Storage], ranges_lead_us: f
     (`ranges_lead_us`, `source.meta[RANGES_LEAD]`), else as the storages' allocations prove it (see
     `_lead_of`): the readers that place the log's sightings among the trace's events read them this much
     later, as the KV log's join does."""
-    return _lead_of(dev, storages, _allocations_at(dev, storages), sizes_are_blocks(dev), ranges_lead_us)
+    allocations, frees = _events_at(dev, storages)
+    return _lead_of(dev, storages, allocations, sizes_are_blocks(dev), frees, ranges_lead_us)
 
 
 def sighting_fit_us(
@@ -409,23 +411,23 @@ def sighting_fit_us(
     fit that lead too, and the occupants of the few storages seen at once line up (one forward's
     temporaries): as many storages fit, but only while all those short-lived occupants are live, where the
     true lead's run lasts from the tightest fit to the first storage's free."""
-    return _sighting_fit(dev, storages, _allocations_at(dev, storages), sizes_are_blocks(dev), within_us)
+    allocations, frees = _events_at(dev, storages)
+    return _sighting_fit(dev, storages, allocations, sizes_are_blocks(dev), within_us, frees)
 
 
-def _allocations_at(dev: DeviceEvents, storages: list[_Storage]) -> dict[int, list[int]]:
-    """The indices of the allocations at the storages' addresses, by address, in time order."""
-    wanted = np.fromiter({s[0] for s in storages}, dtype=np.int64)
-    by_addr: dict[int, list[int]] = {}
-    for idx in np.flatnonzero((dev.delta_bytes > 0) & np.isin(dev.addr, wanted)).tolist():
-        by_addr.setdefault(int(dev.addr[idx]), []).append(idx)
-    return by_addr
+def _events_at(dev: DeviceEvents, storages: list[_Storage]) -> tuple[AddrEvents, AddrEvents]:
+    """The allocations at the storages' addresses, and the frees there (indices alone), by address."""
+    at = np.isin(dev.addr, np.fromiter({s[0] for s in storages}, dtype=np.int64))
+    allocations = AddrEvents(dev, np.flatnonzero((dev.delta_bytes > 0) & at))
+    return allocations, AddrEvents(dev, np.flatnonzero((dev.delta_bytes < 0) & at), values=False)
 
 
 def _lead_of(
     dev: DeviceEvents,
     storages: list[_Storage],
-    by_addr: dict[int, list[int]],
+    allocations: AddrEvents,
     blocks: bool,
+    frees: AddrEvents,
     ranges_lead_us: float | None = None,
 ) -> float:
     """How far (µs) the trace's clock runs ahead of the KV log's, as the storages prove it: the tightest fit
@@ -448,7 +450,7 @@ def _lead_of(
     sighting at its address, was taken for it (a one-by-one eviction's KV peak read 21,248 B, not 18,944).
     The reach is as far as `readers.trace_clock` leaves a trace unmoved: past 2 ms the storages seen at once
     fell out of the fit, and the lead found was another's."""
-    fit = _sighting_fit(dev, storages, by_addr, blocks, LEAD_REACH_US)
+    fit = _sighting_fit(dev, storages, allocations, blocks, LEAD_REACH_US, frees)
     from_fit = None
     if fit is not None:
         from_fit = fit + SIGHTING_MARGIN_US if fit > 0 else min(0.0, fit + SIGHTING_MARGIN_US)
@@ -460,58 +462,81 @@ def _lead_of(
 def _sighting_fit(
     dev: DeviceEvents,
     storages: list[_Storage],
-    by_addr: dict[int, list[int]],
+    allocations: AddrEvents,
     blocks: bool,
     within_us: float,
+    frees: AddrEvents,
 ) -> float | None:
-    """`sighting_fit_us` on the allocations `by_addr`."""
+    """`sighting_fit_us` on the `allocations` at the storages' addresses, and the `frees` there."""
     ts = dev.ts_us
-    released: dict[int, list[int]] = {}
-    watched = np.fromiter(by_addr, dtype=np.int64)
-    for idx in np.flatnonzero((dev.delta_bytes < 0) & np.isin(dev.addr, watched)).tolist():
-        released.setdefault(int(dev.addr[idx]), []).append(idx)
-    times = {addr: ts[idx].tolist() for addr, idx in by_addr.items()}
-    spans: list[tuple[float, int, int]] = []  # (lead, 0 from / 1 until, storage): its allocation live
+    indices, times, sizes, released = allocations.indices, allocations.times, allocations.sizes, frees.indices
+    # Each allocation live at its storage's sighting under some leads: a pair of spans, (lead, 0 from / 1
+    # until, storage), kept as columns: `leads` two a pair, `owners` its storage (a tuple a span, and a float
+    # object a lead, were a long light run's join peak)
+    leads, owners = array("d"), array("q")
     for storage, (addr, nbytes, first_ns, *_rest) in enumerate(storages):
-        at = times.get(addr)
-        if not at:
+        span = allocations.span(addr)
+        if span is None:
             continue
+        first, end, _ = span
         seen = first_ns / 1000.0
-        frees = released.get(addr, [])
+        freed_span = frees.span(addr)
+        free_lo, free_hi = (freed_span[0], freed_span[1]) if freed_span is not None else (0, 0)
         # the allocations live within the range of the sighting: the last made before it, those in it
-        lo = max(0, bisect.bisect_right(at, seen - within_us) - 1)
-        for j in range(lo, bisect.bisect_right(at, seen + within_us)):
-            index = by_addr[addr][j]
-            size = int(dev.delta_bytes[index])
+        lo = max(first, bisect.bisect_right(times, seen - within_us, first, end) - 1)
+        for j in range(lo, bisect.bisect_right(times, seen + within_us, first, end)):
+            index = indices[j]
+            size = sizes[j]
             if size != nbytes and not (blocks and block_holds(size, nbytes)):
                 continue
-            freed = bisect.bisect_right(frees, index)
-            until = min(float(ts[frees[freed]]) - seen if freed < len(frees) else within_us, within_us)
-            since = max(at[j] - seen, -within_us)
+            freed = bisect.bisect_right(released, index, free_lo, free_hi)
+            until = min(float(ts[released[freed]]) - seen if freed < free_hi else within_us, within_us)
+            since = max(times[j] - seen, -within_us)
             if until >= since:
-                spans += [(since, 0, storage), (until, 1, storage)]
-    if not spans:
+                leads.extend((since, until))
+                owners.append(storage)
+    if not leads:
         return None
-    spans.sort()  # at one lead, a span that opens there before one that closes: both live at it
+    # The spans in (lead, closes, storage) order, as their tuples sort: at one lead, a span that opens there
+    # before one that closes, both live at it. Span k is its pair's (k // 2) from, or (odd k) its until.
+    span_owners = np.repeat(np.frombuffer(owners, dtype=np.int64), 2)
+    span_closes = np.tile(np.array([0, 1], dtype=np.int8), len(owners))
+    order = np.lexsort((span_owners, span_closes, np.frombuffer(leads, dtype=np.float64)))
+    del span_owners, span_closes
+    sorted_leads = np.frombuffer(leads, dtype=np.float64)[order]
+    # whether the next span is at the same lead: the count at a lead is the one after all its spans opened
+    # and closed
+    same_next = np.append(sorted_leads[1:] == sorted_leads[:-1], False)
     live: dict[int, int] = {}
     best = (0, -1.0, 0.0)  # storages live, how long, from which lead
-    run_from, run_count = spans[0][0], 0
-    for position, (at_lead, closes, storage) in enumerate(spans):
-        if closes:
-            held = live[storage] - 1
-            if held:
-                live[storage] = held
+    run_from, run_count = float(sorted_leads[0]), 0
+    for start in range(0, len(order), _SPANS_A_TIME):  # Python objects for a part of the spans at a time
+        part = order[start : start + _SPANS_A_TIME]
+        for at_lead, closes, storage, same in zip(
+            sorted_leads[start : start + _SPANS_A_TIME].tolist(),
+            (part % 2).tolist(),
+            np.frombuffer(owners, dtype=np.int64)[part // 2].tolist(),
+            same_next[start : start + _SPANS_A_TIME].tolist(),
+            strict=True,
+        ):
+            if closes:
+                held = live[storage] - 1
+                if held:
+                    live[storage] = held
+                else:
+                    del live[storage]
             else:
-                del live[storage]
-        else:
-            live[storage] = live.get(storage, 0) + 1
-        if position + 1 < len(spans) and spans[position + 1][0] == at_lead:
-            continue  # the count at a lead is the one after all its spans opened and closed
-        if len(live) != run_count:
-            if (run_count, at_lead - run_from) > best[:2]:
-                best = (run_count, at_lead - run_from, run_from)
-            run_from, run_count = at_lead, len(live)
+                live[storage] = live.get(storage, 0) + 1
+            if same:
+                continue  # the count at a lead is the one after all its spans opened and closed
+            if len(live) != run_count:
+                if (run_count, at_lead - run_from) > best[:2]:
+                    best = (run_count, at_lead - run_from, run_from)
+                run_from, run_count = at_lead, len(live)
     return best[2] if best[0] else None
+
+
+_SPANS_A_TIME = 1 << 16
 
 
 def _held_frees(dev: DeviceEvents, held: list[_Storage] | None) -> list[tuple[int, _Storage]]:

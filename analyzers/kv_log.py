@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from analyzers.kv_capacity import BufferStorage, preallocated_capacity, static_capacity
@@ -34,6 +34,7 @@ from analyzers.kv_views import (
     tracked_capacity,
     tracked_rows,
 )
+from analyzers.readers.sources import STAGE_STEP
 from kvtrace.format import CALLER_REASON, NO_BEAMS_REASON, TRACK_CACHE_ID, KvEvent, Run
 
 _NO_NEW_STORAGE = ("freed", "written")
@@ -46,8 +47,11 @@ def analyze_kv_log(
     raised: Collection[int] = (),
     block_raised: bool = False,
     step_ends: dict[int, int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> KvLogAnalysis:
-    """`prompt_ends`: prefill step -> the cache positions its generate() call's prompt ends at (the step's
+    """`progress(done, total)`: the events replayed so far, every 65,536 and at the end.
+
+    `prompt_ends`: prefill step -> the cache positions its generate() call's prompt ends at (the step's
     memory sample says, since kvtrace 0.1's round 3): what the step's cache holds beyond it are draft
     tokens its forward verified and kept (assisted decoding), yielded besides the prefill's own token.
     `unfinished`: the run never ended (its manifest still says running): a last step the log holds only
@@ -207,6 +211,8 @@ def analyze_kv_log(
         gap_cropped.clear()
 
     for index, ev in enumerate(events):
+        if progress is not None and not index % STAGE_STEP:
+            progress(index, len(events))
         if ev.step != step_after[0]:
             step_after = (ev.step, last_ns)
         last_ns = max(last_ns, ev.t_ns)
@@ -342,6 +348,8 @@ def analyze_kv_log(
         if not ending:
             open_step = ev.step
         layer_series[ev.layer].append(layer_live[ev.layer])
+    if progress is not None:
+        progress(len(events), len(events))
     if whole_end:
         # The cut step never ended: the end is the last whole step's (its updates stay in the series)
         (final_state, final_total, tokens_by_layer, tokens_by_kv, rows_by_cache, last_seq_by_cache,
@@ -482,7 +490,7 @@ def _see_buffer(buffers: dict[int, BufferStorage], index: int, ev: KvEvent) -> N
         entry.tokens_written = max(entry.tokens_written, ev.tokens)
 
 
-def analyze_run_kv_log(run: Run) -> KvLogAnalysis:
+def analyze_run_kv_log(run: Run, progress: Callable[[int, int], None] | None = None) -> KvLogAnalysis:
     """A run's KV log with what its memory samples and manifest say of it: its prefills' prompts, the steps
     whose forward raised, when each step ended, and how the block ended (a run that never ended, one that
     raised)."""
@@ -509,6 +517,7 @@ def analyze_run_kv_log(run: Run) -> KvLogAnalysis:
         raised=raised,
         block_raised=status in ("exception", "interrupted"),
         step_ends=step_ends,
+        progress=progress,
     )
 
 

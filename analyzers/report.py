@@ -8,7 +8,7 @@ from typing import Any
 
 from analyzers.attribution import attribute
 from analyzers.model import MemorySource
-from analyzers.readers.sources import ProgressFn
+from analyzers.readers.sources import ProgressFn, next_stage
 from analyzers.summary import Report, summarize
 from analyzers.trace_coverage import all_memory_events_damaged
 from kvtrace.collector import collector_paused
@@ -52,7 +52,7 @@ def _load_source(path: str | os.PathLike[str], progress: ProgressFn | None) -> M
     damaged = all_memory_events_damaged(source)
     if damaged is not None:
         raise KvtraceError(f"{source.path}: {damaged}: no memory figure can be read from it")
-    return attribute(source)
+    return attribute(source, progress=next_stage(progress, "joining KV log", "storage"))
 
 
 _RUNS_NAMED = 3  # the runs a folder-of-runs error names before "and N more"

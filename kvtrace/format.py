@@ -104,10 +104,13 @@ NO_BEAMS_REASON = "no_beams"
 CALLER_REASON = "caller"
 
 
-@dataclass
+@dataclass(slots=True)
 class KvEvent:
     """One change in one KV storage. `addr`/`storage_bytes` describe the storage (the memory held), while
-    `shape`/`logical_bytes` describe the tensor the cache uses, which may be a view of a larger storage."""
+    `shape`/`logical_bytes` describe the tensor the cache uses, which may be a view of a larger storage.
+    Slotted: a long run's log is read into millions of these, kept for the whole command, and a `__dict__`
+    each was a third of their memory. Events read back share their equal values (`kvtrace.kv_event_sharing`):
+    a `shape` list is never changed in place."""
 
     seq: int
     t_ns: int
@@ -142,8 +145,35 @@ class KvEvent:
     capacity_rows: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        # A shallow copy: `asdict` deep-copies and was most of the recorder's cost per event.
-        return dict(self.__dict__)
+        # Field by field, in their order: `asdict` deep-copies and was most of the recorder's cost per event,
+        # and a slotted event has no `__dict__` to copy (the export makes a million of these)
+        return {
+            "seq": self.seq,
+            "t_ns": self.t_ns,
+            "step": self.step,
+            "phase": self.phase,
+            "event": self.event,
+            "layer": self.layer,
+            "kv": self.kv,
+            "part": self.part,
+            "addr": self.addr,
+            "storage_bytes": self.storage_bytes,
+            "view_offset": self.view_offset,
+            "shape": self.shape,
+            "logical_bytes": self.logical_bytes,
+            "dtype": self.dtype,
+            "device": self.device,
+            "tokens": self.tokens,
+            "evicted_tokens": self.evicted_tokens,
+            "prev_addr": self.prev_addr,
+            "cache": self.cache,
+            "source": self.source,
+            "reason": self.reason,
+            "rows": self.rows,
+            "masked_entries": self.masked_entries,
+            "capacity_tokens": self.capacity_tokens,
+            "capacity_rows": self.capacity_rows,
+        }
 
 
 # A KV event's `cache`: which source's state it changes. Transformers caches count 1, 2, ... and step over

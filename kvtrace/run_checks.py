@@ -12,6 +12,7 @@ from typing import Any
 
 from kvtrace.errors import KvtraceError
 from kvtrace.format import EVENT_KINDS, MAX_LAYER, MAX_LAYERS, WEIGHT_EVENTS, KvEvent, WeightRecord
+from kvtrace.kv_event_sharing import SharedValues
 
 # What a record's numbers may be. Sizes above 2**56 bytes (64 PiB) and addresses past 2**63 are damage, not
 # memory: they would overflow the analyzers' int64 columns, or print as figures no device holds. Steps and
@@ -103,10 +104,14 @@ def _check_fields(
         raise KvtraceError(f"{path}: line {lineno}: field 'shape' is {said}, expected a list of sizes")
 
 
-def _event_from(record: dict[str, Any], path: Path, lineno: int = 0) -> KvEvent:
+def _event_from(record: dict[str, Any], path: Path, lineno: int = 0, known_keys: bool = False) -> KvEvent:
+    """The line's event, its fields checked. `known_keys`: every key of the line is a KvEvent field (the
+    caller knows its layout), so the line is passed as it is, not filtered key by key."""
     known = KvEvent.__dataclass_fields__
     try:
-        event = KvEvent(**{k: v for k, v in record.items() if k in known})
+        event = (
+            KvEvent(**record) if known_keys else KvEvent(**{k: v for k, v in record.items() if k in known})
+        )
     except TypeError:
         lacking = [
             name
@@ -114,7 +119,9 @@ def _event_from(record: dict[str, Any], path: Path, lineno: int = 0) -> KvEvent:
             if name not in record and spec.default is MISSING and spec.default_factory is MISSING
         ]
         raise KvtraceError(f"{path}: line {lineno}: KV event missing fields: {', '.join(lacking)}") from None
-    _check_fields(event.__dict__, path, lineno, _EVENT_INTS, _EVENT_STRS)
+    # The line's own fields (a slotted event has no `__dict__`): those it leaves out read as KvEvent's
+    # defaults, which pass, and any other key is not an event's
+    _check_fields(record, path, lineno, _EVENT_INTS, _EVENT_STRS)
     if event.kv not in KV_KINDS:  # any other value was counted as V
         said = repr(event.kv[:40])
         raise KvtraceError(f"{path}: line {lineno}: field 'kv' is {said}, expected 'k' or 'v'")
@@ -170,9 +177,11 @@ class _KvEventLines:
         self.short_storages = 0
         self.unknown_dtypes: dict[str, int] = {}
         self.repeated_seqs = 0
-        self._seqs: set[int] = set()
+        self._seqs = _SeenSeqs()
         self.left_out: list[frozenset[str]] = []  # per event kept: the fields its line left out
-        self._left_out_by_keys: dict[tuple[str, ...], frozenset[str]] = {}  # a few distinct line layouts
+        # a few distinct line layouts: the fields each leaves out, and whether it holds only KvEvent's
+        self._layouts: dict[tuple[str, ...], tuple[frozenset[str], bool]] = {}
+        self._shared = SharedValues()
 
     def __call__(self, record: dict[str, Any], path: Path, lineno: int) -> KvEvent | None:
         self.lines += 1
@@ -180,27 +189,61 @@ class _KvEventLines:
         if type(kind) is str and kind not in EVENT_KINDS:
             self.unknown[kind[:40]] = self.unknown.get(kind[:40], 0) + 1
             return None
-        event = _event_from(record, path, lineno)
+        keys = tuple(record)
+        layout = self._layouts.get(keys)
+        if layout is None:
+            fields = KvEvent.__dataclass_fields__
+            layout = (frozenset(fields).difference(keys), all(key in fields for key in keys))
+            if len(self._layouts) < 1024:  # a crafted log of endless layouts does not grow it
+                self._layouts[keys] = layout
+        event = _event_from(record, path, lineno, known_keys=layout[1])
         if event.dtype and event.dtype not in KNOWN_DTYPES:
             self.unknown_dtypes[event.dtype[:40]] = self.unknown_dtypes.get(event.dtype[:40], 0) + 1
-        if event.seq in self._seqs:
+        if not self._seqs.add(event.seq):
             self.repeated_seqs += 1
-        else:
-            self._seqs.add(event.seq)
-        keys = tuple(record)
-        left_out = self._left_out_by_keys.get(keys)
-        if left_out is None:
-            left_out = frozenset(KvEvent.__dataclass_fields__).difference(keys)
-            if len(self._left_out_by_keys) < 1024:  # a crafted log of endless layouts does not grow it
-                self._left_out_by_keys[keys] = left_out
-        self.left_out.append(left_out)
+        self.left_out.append(layout[0])
         least = least_storage_bytes(event)
         # Only where its `logical_bytes` says the same tensor size as its shape: two fields against one. Where
         # they disagree, the shape may be the damaged field, and the line is read as it is.
         if event.storage_bytes < least <= MAX_BYTES and least - event.view_offset == event.logical_bytes:
             event.storage_bytes = least
             self.short_storages += 1
+        self._shared.share(event)
         return event
+
+
+class _SeenSeqs:
+    """The `seq`s of the lines read, for telling a repeated one: a range [low, high] seen whole, and the
+    others apart. Each line's is one more than the last's, so a real log's is one range, however long (a
+    set of them all was 16 MiB of a 4,000-token run's read)."""
+
+    def __init__(self) -> None:
+        self._low = 0
+        self._high = -1  # none yet
+        self._apart: set[int] = set()
+
+    def add(self, seq: int) -> bool:
+        """Note `seq`; False where it was seen before."""
+        low, high = self._low, self._high
+        if seq == high + 1 and high >= low:
+            high = seq
+            while high + 1 in self._apart:  # the range reaches ones seen out of order
+                high += 1
+                self._apart.remove(high)
+            self._high = high
+            return True
+        if low <= seq <= high or seq in self._apart:
+            return False
+        if high < low:  # the first
+            self._low = self._high = seq
+        elif seq == low - 1:
+            while seq - 1 in self._apart:
+                seq -= 1
+                self._apart.remove(seq)
+            self._low = seq
+        else:
+            self._apart.add(seq)
+        return True
 
 
 def _weight_from(record: dict[str, Any], path: Path, lineno: int) -> WeightRecord:

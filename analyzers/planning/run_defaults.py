@@ -43,6 +43,7 @@ from analyzers.planning.run_padding import call_padded
 from analyzers.readers.engine_files import read_engine
 from analyzers.readers.run_files import kv_log_notes
 from analyzers.readers.run_oom import limit_of
+from analyzers.readers.sources import ProgressFn, next_stage
 from analyzers.run_stop import interrupted_how
 from kvtrace.errors import KvtraceError
 from kvtrace.format import ENGINE, MODEL_CONFIG, Run
@@ -105,10 +106,15 @@ class RunDefaults:
     measured_weights_only: bool = False
 
 
-def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None = None) -> RunDefaults:
+def run_defaults(
+    path: str | Path,
+    transformers_layout: tuple[int, int] | None = None,
+    progress: ProgressFn | None = None,
+) -> RunDefaults:
     """Read a transformers run directory (KvtraceError naming the file and the problem otherwise); its
     model's caches and weights laid out as `transformers_layout` (major, minor) does, else as the manifest's
-    transformers (`plan --transformers` plans for another release than the run's)."""
+    transformers (`plan --transformers` plans for another release than the run's). `progress`: the KV log's
+    reading, then its replay (`read_run_source`'s)."""
     root = Path(path)
     engine = read_engine(root)
     if engine is not None:  # a serving engine's pool, which this planner of generate()'s caches does not size
@@ -118,7 +124,7 @@ def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None =
             or f"{root}: a vLLM run, whose pool --engine hf does not plan: drop --engine hf (or give "
             "--engine vllm)"
         )
-    run = read_run(root)
+    run = read_run(root, progress=progress)
     engine_said = run.manifest.get("engine")
     if isinstance(engine_said, dict) and engine_said.get("name"):
         # A serving engine's run without its engine files (a partial copy): planned as generate()'s cache,
@@ -130,7 +136,7 @@ def run_defaults(path: str | Path, transformers_layout: tuple[int, int] | None =
     notes: list[str] = kv_log_notes(run)
     # What the recorder warned of (a weights table cut by a full disk, ...), as `report` says it
     notes.extend(str(warning) for warning in run.manifest.get("warnings") or ())
-    main, kv, stopped = _main_cache(run)
+    main, kv, stopped = _main_cache(run, replay=next_stage(progress, "replaying KV log", "event"))
     geometry = _geometry(run, notes, main, transformers_layout)
     if main is None:
         raise KvtraceError(
@@ -389,14 +395,15 @@ class _Stop(NamedTuple):
 
 
 def _main_cache(
-    run: Run, kv: KvLogAnalysis | None = None
+    run: Run, kv: KvLogAnalysis | None = None, replay: ProgressFn | None = None
 ) -> tuple[CacheFigures | None, KvLogAnalysis, _Stop | None]:
     """The cache written last: the model's own, where an assistant's or an earlier call's may sit beside.
     Its tokens and rows are those at the end of the last whole step: a run killed part-way through a step,
     or whose forward raised (an OOM, a Ctrl-C), never held the step's tokens on every layer (nor did it
     yield its token). With it, for a run whose forward raised, where it stopped and what of it the cache's
-    figures are. `kv`: the run's KV log analysed already (a source's), else analysed here."""
-    kv = kv if kv is not None else analyze_run_kv_log(run)
+    figures are. `kv`: the run's KV log analysed already (a source's), else analysed here, with `replay`'s
+    progress."""
+    kv = kv if kv is not None else analyze_run_kv_log(run, progress=replay)
     # not a cross-attention cache (an encoder's output: its tokens are the encoder's, and a beam search
     # reorders it last, after the decoder's own)
     cross = {cid for cid, (role, _) in cache_roles(run.manifest).items() if role == CROSS_ATTENTION}

@@ -38,7 +38,7 @@ from analyzers.readers.run_files import (
     weights_counted_notes,
 )
 from analyzers.readers.run_oom import oom_of_run
-from analyzers.readers.sources import ProgressFn
+from analyzers.readers.sources import ProgressFn, next_stage
 from analyzers.readers.untraced_caches import (
     add_untraced_kv,
     adds_untraced_kv,
@@ -253,7 +253,7 @@ def _kv_log_then_trace(
 def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> MemorySource:
     kv_progress, trace_progress = _kv_log_then_trace(Path(path), progress)
     run = read_run(path, progress=kv_progress)
-    kv = analyze_run_kv_log(run)
+    kv = analyze_run_kv_log(run, progress=next_stage(progress, "replaying KV log", "event"))
     source = MemorySource(kind="run", path=str(Path(path)))
     missing = missing_files_notes(run) + kv_log_notes(run) + manifest_notes(run)
     if missing:

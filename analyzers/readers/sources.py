@@ -31,10 +31,23 @@ from kvtrace.errors import (
 if TYPE_CHECKING:
     from analyzers.model import MemorySource
 
-__all__ = ["ProgressFn", "describe_read_error", "missing", "open_input", "open_source", "sniff"]
+__all__ = ["ProgressFn", "describe_read_error", "missing", "next_stage", "open_input", "open_source", "sniff"]
 
 ProgressFn = Callable[[int, int], None]
 """progress(bytes_done, bytes_total), both counted in bytes of the file as stored on disk."""
+
+STAGE_STEP = 1 << 16  # a later stage's progress call at most every 65,536 items (events, storages)
+
+
+def next_stage(progress: ProgressFn | None, label: str, unit: str) -> ProgressFn | None:
+    """The callback of a later stage of one input's reading (a long KV log's replay, then its join), whose
+    `progress(done, total)` counts that stage's own items: the bar that drew the reading goes on in that
+    stage, relabelled and from 0 (`kvtrace.commands.progress`), rather than sit at 100% while a third of
+    the command runs; `unit`: what it counts. None where `progress` has no stages (a plain callback, or no
+    bar)."""
+    stage = getattr(progress, "stage", None)
+    return stage(label, unit) if callable(stage) else None
+
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZIP_MAGIC = b"PK\x03\x04"

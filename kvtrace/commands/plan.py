@@ -19,6 +19,7 @@ from kvtrace.commands.plan_notes import (
     limit_note,
     run_prompt_at,
 )
+from kvtrace.commands.progress import reading
 from kvtrace.errors import KvtraceError
 
 if TYPE_CHECKING:
@@ -358,7 +359,7 @@ class PlanCommand(Command):
         )
         parser.add_argument("--json", action="store_true", help="print the plan as JSON")
         parser.add_argument(
-            "-q", "--quiet", action="store_true", help="no progress bar (--from-run: while its trace is read)"
+            "-q", "--quiet", action="store_true", help="no progress bar (--from-run: while the run is read)"
         )
         vllm = parser.add_argument_group(
             "vLLM (--engine vllm)",
@@ -502,7 +503,9 @@ class PlanCommand(Command):
             from kvtrace.commands.base import require_input
 
             require_input(Path(args.from_run))
-            run = run_defaults(args.from_run, layout)
+            # A long run's KV log is read (and replayed) for a minute or more: the bar `report` draws
+            with reading(f"reading {Path(args.from_run).name}", getattr(args, "quiet", False)) as update:
+                run = run_defaults(args.from_run, layout, progress=update)
             geometry = run.geometry
             used = layout or major_minor(run.transformers_version)
         elif args.preset is None and args.config is None:
@@ -605,7 +608,6 @@ class PlanCommand(Command):
         moment = None
         if run is not None and run.context is not None:
             from analyzers.planning.run_peak import peak_moment
-            from kvtrace.commands.progress import reading
 
             # its trace read as `report` reads it, with the bar report draws on a terminal for a big one
             with reading(f"reading {Path(args.from_run).name}", getattr(args, "quiet", False)) as update:
