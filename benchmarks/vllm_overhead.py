@@ -73,18 +73,24 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(run_dir, ignore_errors=True)
         base = statistics.median(rates["unrecorded"])
         cpu_base = statistics.median(cpu_rates["unrecorded"])
-        print(f"vLLM {__import__('vllm').__version__}, {REQUESTS} requests x {NEW_TOKENS} new tokens, "
-              f"{args.rounds} interleaved rounds, medians")
+        print(
+            f"vLLM {__import__('vllm').__version__}, {REQUESTS} requests x {NEW_TOKENS} new tokens, "
+            f"{args.rounds} interleaved rounds, medians"
+        )
         print("| variant | tokens/s (wall) | vs unrecorded | tokens/CPU-s | vs unrecorded | preemptions |")
         print("|---|---|---|---|---|---|")
         for name in variants:
             rate, cpu_rate = statistics.median(rates[name]), statistics.median(cpu_rates[name])
-            print(f"| {name} | {rate:.1f} | {rate / base:.3f}x | {cpu_rate:.1f} | {cpu_rate / cpu_base:.3f}x "
-                  f"| {statistics.median(preemptions[name]):.0f} |")
+            print(
+                f"| {name} | {rate:.1f} | {rate / base:.3f}x | {cpu_rate:.1f} | {cpu_rate / cpu_base:.3f}x "
+                f"| {statistics.median(preemptions[name]):.0f} |"
+            )
         per_step_us = 1000 * statistics.median(overhead) / statistics.median(steps)
-        print(f"recorder bookkeeping: {statistics.median(overhead):.1f} ms per run, "
-              f"{statistics.median(steps)} engine steps, {per_step_us:.0f} us per step, "
-              f"{100 * statistics.median(overhead_share):.2f}% of the recorded run's CPU time")
+        print(
+            f"recorder bookkeeping: {statistics.median(overhead):.1f} ms per run, "
+            f"{statistics.median(steps)} engine steps, {per_step_us:.0f} us per step, "
+            f"{100 * statistics.median(overhead_share):.2f}% of the recorded run's CPU time"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -109,10 +109,27 @@ class KvCompare:
                 self._seq += 1
                 kv_json, part_json = KEY_JSON.get(key) or key_json(key)
                 line = EVENT_LINE % (
-                    self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json,
-                    slot.addr, slot.storage_bytes, slot.view_offset, shape_of(slot),
-                    slot.logical_bytes, slot.dtype, slot.device, tokens, evicted, slot.addr, cache_id,
-                    source_json, reason_json if evicted or kind in _REASONED else '""',
+                    self._seq,
+                    t_ns,
+                    self.step,
+                    self._phase_json,
+                    kind,
+                    layer,
+                    kv_json,
+                    part_json,
+                    slot.addr,
+                    slot.storage_bytes,
+                    slot.view_offset,
+                    shape_of(slot),
+                    slot.logical_bytes,
+                    slot.dtype,
+                    slot.device,
+                    tokens,
+                    evicted,
+                    slot.addr,
+                    cache_id,
+                    source_json,
+                    reason_json if evicted or kind in _REASONED else '""',
                 )
                 if key[1] in TRACKED_SEQ_DIMS:
                     line = with_room(line, tensor, key[1])
@@ -139,8 +156,16 @@ class KvCompare:
                     self.lines.append(
                         FREED_LINE
                         % (
-                            self._seq, t_ns, self.step, self._phase_json, layer, kv_json, part_json, addr,
-                            slot.storage_bytes, cache_id,
+                            self._seq,
+                            t_ns,
+                            self.step,
+                            self._phase_json,
+                            layer,
+                            kv_json,
+                            part_json,
+                            addr,
+                            slot.storage_bytes,
+                            cache_id,
                         )
                     )
             else:
@@ -196,9 +221,26 @@ class KvCompare:
         slots[key] = new
         self._seq += 1
         line = EVENT_LINE % (
-            self._seq, t_ns, self.step, self._phase_json, kind, layer, kv_json, part_json, addr,
-            nbytes, new.view_offset, new.shape_json, new.logical_bytes, new.dtype, new.device, tokens,
-            evicted, prev_addr, cache_id, source_json,
+            self._seq,
+            t_ns,
+            self.step,
+            self._phase_json,
+            kind,
+            layer,
+            kv_json,
+            part_json,
+            addr,
+            nbytes,
+            new.view_offset,
+            new.shape_json,
+            new.logical_bytes,
+            new.dtype,
+            new.device,
+            tokens,
+            evicted,
+            prev_addr,
+            cache_id,
+            source_json,
             reason_json if evicted or kind in _REASONED or cause == "found" else '""',
         )
         if key[1] in TRACKED_SEQ_DIMS:  # a view cut from a preallocated tensor: the room behind it

@@ -112,8 +112,21 @@ class KvDrain:
             for key, f in ((K_DATA, k_facts), (V_DATA, v_facts)):
                 if f is None:
                     continue
-                (kind, addr, nbytes, view_offset, shape, dtype, device, itemsize, prev_addr, prev_size,
-                 old_wref, old_gone, wref) = f
+                (
+                    kind,
+                    addr,
+                    nbytes,
+                    view_offset,
+                    shape,
+                    dtype,
+                    device,
+                    itemsize,
+                    prev_addr,
+                    prev_size,
+                    old_wref,
+                    old_gone,
+                    wref,
+                ) = f
                 lines = templates.get((cid, layer, key, dtype, device)) or self._slot_lines(
                     cid, layer, key, dtype, device
                 )
@@ -145,8 +158,19 @@ class KvDrain:
                 append(
                     lines[0]
                     % (
-                        seq, t_ns, step, phase_json, kind, addr, nbytes, view_offset, shape_json,
-                        count * itemsize, tokens, evicted if first else 0, prev_addr,
+                        seq,
+                        t_ns,
+                        step,
+                        phase_json,
+                        kind,
+                        addr,
+                        nbytes,
+                        view_offset,
+                        shape_json,
+                        count * itemsize,
+                        tokens,
+                        evicted if first else 0,
+                        prev_addr,
                         quoted(reason) if first and evicted else '""',
                     )
                 )

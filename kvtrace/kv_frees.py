@@ -89,9 +89,7 @@ class KvFrees:
         self._poll_locked(self._clock())
 
     @locked
-    def release_dead_at(
-        self, cache_id: int, addrs: Mapping[int, int], rank: Callable[[int], int]
-    ) -> None:
+    def release_dead_at(self, cache_id: int, addrs: Mapping[int, int], rank: Callable[[int], int]) -> None:
         """The slots of `cache_id` at one of `addrs` whose storage was released unseen leave their slots,
         logged freed now: new storages sit there, maybe another layer's (a cache module the model re-made
         after dropping the old one), whose events must come after these frees. `addrs` maps each address to
@@ -170,8 +168,16 @@ class KvFrees:
                 self.lines.append(
                     FREED_LINE
                     % (
-                        self._seq, t_ns, self.step, self._phase_json, item[1], item[2], item[3], item[4],
-                        item[5], item[6],
+                        self._seq,
+                        t_ns,
+                        self.step,
+                        self._phase_json,
+                        item[1],
+                        item[2],
+                        item[3],
+                        item[4],
+                        item[5],
+                        item[6],
                     )
                 )
             else:

@@ -47,8 +47,25 @@ def slot_lines(
 
     slot = (literal(layer), literal(kv_json), literal(part_json))
     event = EVENT_LINE.replace("%d", "%s") % (
-        "%d", "%d", "%d", "%s", "%s", *slot, "%d", "%d", "%d", "%s", "%d", literal(dtype_json),
-        literal(device_json), "%d", "%d", "%d", literal(cache), literal(source_json), "%s",
+        "%d",
+        "%d",
+        "%d",
+        "%s",
+        "%s",
+        *slot,
+        "%d",
+        "%d",
+        "%d",
+        "%s",
+        "%d",
+        literal(dtype_json),
+        literal(device_json),
+        "%d",
+        "%d",
+        "%d",
+        literal(cache),
+        literal(source_json),
+        "%s",
     )
     freed = FREED_LINE.replace("%d", "%s") % ("%d", "%d", "%d", "%s", *slot, "%d", "%d", literal(cache))
     return event, freed

@@ -182,10 +182,19 @@ class KvObserve:
                 self.lines.append(
                     NO_STORAGE_LINE
                     % (
-                        self._seq, t_ns, self.step, self._phase_json,
-                        "reset" if cause == "reset" else "evicted", layer, quoted(key[0]), quoted(key[1]),
+                        self._seq,
+                        t_ns,
+                        self.step,
+                        self._phase_json,
+                        "reset" if cause == "reset" else "evicted",
+                        layer,
+                        quoted(key[0]),
+                        quoted(key[1]),
                         tokens,
-                        evicted if first else 0, old.addr, cache_id, source_json,
+                        evicted if first else 0,
+                        old.addr,
+                        cache_id,
+                        source_json,
                         reason_json if cause == "reset" else '""',
                     )
                 )
@@ -224,8 +233,16 @@ class KvObserve:
         self.lines.append(
             FREED_LINE
             % (
-                self._seq, t_ns, self.step, self._phase_json, layer, kv_json, part_json, slot.addr,
-                slot.storage_bytes, cache_id,
+                self._seq,
+                t_ns,
+                self.step,
+                self._phase_json,
+                layer,
+                kv_json,
+                part_json,
+                slot.addr,
+                slot.storage_bytes,
+                cache_id,
             )
         )
 

@@ -149,8 +149,21 @@ def capture(slot: Slot, tensor: torch.Tensor, written: bool = False) -> tuple[An
         if tensor.data_ptr() == slot.ptr:  # written in place (static caches)
             slot.version = version
             addr = slot.addr
-            return ("written", addr, slot.storage_bytes, slot.view_offset, slot.shape, slot.dtype,
-                    slot.device, slot.itemsize, addr, 0, 0, False, slot.wref)
+            return (
+                "written",
+                addr,
+                slot.storage_bytes,
+                slot.view_offset,
+                slot.shape,
+                slot.dtype,
+                slot.device,
+                slot.itemsize,
+                addr,
+                0,
+                0,
+                False,
+                slot.wref,
+            )
     try:  # `storage_of`, inline: once per new tensor, cold between model steps (issue 11)
         storage = tensor.untyped_storage()
         addr = storage.data_ptr()
@@ -177,13 +190,39 @@ def capture(slot: Slot, tensor: torch.Tensor, written: bool = False) -> tuple[An
     slot.shape_json = ""  # worked out when an event needs it (`shape_of`)
     prev_addr, prev_bytes = slot.addr, slot.storage_bytes
     if addr == prev_addr and not expired(slot.wref):  # a new tensor over the same storage (a view): written
-        return ("written", addr, nbytes, ptr - addr, shape, slot.dtype, slot.device, slot.itemsize,
-                addr, 0, 0, False, slot.wref)
+        return (
+            "written",
+            addr,
+            nbytes,
+            ptr - addr,
+            shape,
+            slot.dtype,
+            slot.device,
+            slot.itemsize,
+            addr,
+            0,
+            0,
+            False,
+            slot.wref,
+        )
     old_wref = slot.wref
     slot.wref = wref = weak_ref_of(storage)
     slot.addr, slot.storage_bytes = addr, nbytes
-    return ("replaced" if nbytes <= prev_bytes else "grown", addr, nbytes, ptr - addr, shape, slot.dtype,
-            slot.device, slot.itemsize, prev_addr, prev_bytes, old_wref, expired(old_wref), wref)
+    return (
+        "replaced" if nbytes <= prev_bytes else "grown",
+        addr,
+        nbytes,
+        ptr - addr,
+        shape,
+        slot.dtype,
+        slot.device,
+        slot.itemsize,
+        prev_addr,
+        prev_bytes,
+        old_wref,
+        expired(old_wref),
+        wref,
+    )
 
 
 def set_dtype(slot: Slot, dtype: torch.dtype, device: torch.device) -> None:

@@ -59,9 +59,7 @@ class KvTracker(KvObserve, KvCompare, KvFrees, KvDrain):
     range there; a sliding window's evictions get theirs from the `Cache.update` wrapper, NVTX only).
     """
 
-    def __init__(
-        self, clock: Callable[[], int], on_evict: Callable[[int, str], None] | None = None
-    ) -> None:
+    def __init__(self, clock: Callable[[], int], on_evict: Callable[[int, str], None] | None = None) -> None:
         self._clock = clock
         self._on_evict = on_evict
         self._layers: dict[tuple[int, int], LayerState] = {}
@@ -203,8 +201,19 @@ class KvTracker(KvObserve, KvCompare, KvFrees, KvDrain):
             # its `freed` goes before this update's events (the log is replayed by address).
             self.poll_frees()
         self._queue.append(
-            (cache_id, layer, self._clock(), self.step, self._phase_json, tokens, evicted, reason, k_facts,
-             v_facts, both_first)
+            (
+                cache_id,
+                layer,
+                self._clock(),
+                self.step,
+                self._phase_json,
+                tokens,
+                evicted,
+                reason,
+                k_facts,
+                v_facts,
+                both_first,
+            )
         )
         if k_facts is not None and k_facts[10] and not k_facts[11]:
             self._watch(cache_id, layer, K_DATA, k_facts)
@@ -239,11 +248,31 @@ class KvTracker(KvObserve, KvCompare, KvFrees, KvDrain):
             slots = state.slots
             reason_json = quoted(reason) if evicted else '""'
             self._see(
-                slots, cache_id, layer, K_DATA, keys, tokens, evicted, reason_json, t_ns, "update", '"hf"',
+                slots,
+                cache_id,
+                layer,
+                K_DATA,
+                keys,
+                tokens,
+                evicted,
+                reason_json,
+                t_ns,
+                "update",
+                '"hf"',
                 written=written,
             )
             self._see(
-                slots, cache_id, layer, V_DATA, values, tokens, 0, '""', t_ns, "update", '"hf"',
+                slots,
+                cache_id,
+                layer,
+                V_DATA,
+                values,
+                tokens,
+                0,
+                '""',
+                t_ns,
+                "update",
+                '"hf"',
                 written=written,
             )
             refresh_fast(state)
@@ -293,7 +322,15 @@ class KvTracker(KvObserve, KvCompare, KvFrees, KvDrain):
             self.lines.append(
                 MASKED_LINE
                 % (
-                    self._seq, t_ns, self.step, self._phase_json, layer, kv_json, tokens, cache_id, reason,
+                    self._seq,
+                    t_ns,
+                    self.step,
+                    self._phase_json,
+                    layer,
+                    kv_json,
+                    tokens,
+                    cache_id,
+                    reason,
                     masked_entries,
                 )
             )

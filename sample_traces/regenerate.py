@@ -54,8 +54,15 @@ def main(argv: list[str]) -> int:
             extra["cache"] = cache
         out = HERE / name
         with torch.no_grad(), kvtrace.record(out, model=model, gzip_trace=True, overwrite=True):
-            model.generate(ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                           pad_token_id=model.config.pad_token_id, **extra)
+            model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=16,
+                min_new_tokens=16,
+                do_sample=False,
+                pad_token_id=model.config.pad_token_id,
+                **extra,
+            )
         traces = sorted((out / "profiler").glob("*.pt.trace.json.gz"))
         for old in traces[:-1]:
             old.unlink()
@@ -65,10 +72,20 @@ def main(argv: list[str]) -> int:
             html = Path(tmp) / "timeline.html"
             cli(["report", str(HERE / "sliding_b2"), "-o", str(html), "-q", "--no-export"])
             subprocess.run(
-                ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                 "--window-size=1400,1100", "--virtual-time-budget=5000",
-                 f"--screenshot={HERE / 'report_screenshot.png'}", html.as_uri()],
-                check=True, capture_output=True, timeout=120,
+                [
+                    "chromium",
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--hide-scrollbars",
+                    "--window-size=1400,1100",
+                    "--virtual-time-budget=5000",
+                    f"--screenshot={HERE / 'report_screenshot.png'}",
+                    html.as_uri(),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=120,
             )
         print(f"wrote {HERE / 'report_screenshot.png'}")
     return 0

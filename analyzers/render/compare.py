@@ -143,9 +143,7 @@ def comparison_to_text(comparison: Comparison) -> str:
     # each run's column as wide as its widest cell (a partial peak's mark), at least 14
     labels = [printable(r.label) for r in comparison.runs]  # a folder named with a newline: one header line
     cols = [max(14, len(label), *(len(row[i]) for _, row in cells)) for i, label in enumerate(labels)]
-    lines = [
-        " " * width + "  " + "  ".join(f"{label:>{c}}" for label, c in zip(labels, cols, strict=True))
-    ]
+    lines = [" " * width + "  " + "  ".join(f"{label:>{c}}" for label, c in zip(labels, cols, strict=True))]
     for name, row in cells:
         lines.append(f"{name:<{width}}  " + "  ".join(f"{v:>{c}}" for v, c in zip(row, cols, strict=True)))
     lines += [f"note: {printable(f'{r.label}: {note}')}" for r in comparison.runs for note in r.notes]

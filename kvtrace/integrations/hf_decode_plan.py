@@ -118,9 +118,7 @@ def log_planned(tracker: KvTracker, plan: DecodePlan, layers: Any, new_tokens: i
             (k_facts is not None and k_facts[1] in reused) or (v_facts is not None and v_facts[1] in reused)
         ):
             tracker.poll_frees()  # as `KvTracker.update`: a watched storage released before these were made
-        queue.append(
-            (cid, index, t_ns, step, phase_json, tokens, evicted, "window", k_facts, v_facts, False)
-        )
+        queue.append((cid, index, t_ns, step, phase_json, tokens, evicted, "window", k_facts, v_facts, False))
         if k_facts is not None and k_facts[10] and not k_facts[11]:
             tracker._watch(cid, index, K_DATA, k_facts)
         if v_facts is not None and v_facts[10] and not v_facts[11]:
@@ -152,5 +150,18 @@ def _new_tensor(slot: Slot, tensor: torch.Tensor, shape: Any) -> tuple[Any, ...]
     prev_bytes, old_wref = slot.storage_bytes, slot.wref
     slot.wref = wref = weak_ref_of(storage)
     slot.addr, slot.storage_bytes = addr, nbytes
-    return ("replaced" if nbytes <= prev_bytes else "grown", addr, nbytes, offset, shape, slot.dtype,
-            slot.device, slot.itemsize, prev_addr, prev_bytes, old_wref, expired(old_wref), wref)
+    return (
+        "replaced" if nbytes <= prev_bytes else "grown",
+        addr,
+        nbytes,
+        offset,
+        shape,
+        slot.dtype,
+        slot.device,
+        slot.itemsize,
+        prev_addr,
+        prev_bytes,
+        old_wref,
+        expired(old_wref),
+        wref,
+    )

@@ -185,7 +185,8 @@ def test_a_change_the_updates_do_not_explain_turns_deferring_off_and_says_so(
             assert final[(second, layer, kv)] == (held, kv_bytes(kv_heads, head_dim, held, rows, 4))
     # the cut step's event for layer 0 says how many tokens the cut took (an eviction by other code)
     (cut_k,) = [
-        e for e in recorded.kv_events
+        e
+        for e in recorded.kv_events
         if e.cache == first and e.layer == 0 and e.kv == "k" and e.step == NEW_TOKENS and e.event != "freed"
     ]
     assert (cut_k.tokens, cut_k.evicted_tokens, cut_k.reason) == (4, held - 4, "")
@@ -228,8 +229,11 @@ def test_a_forward_that_raises_logs_only_the_layers_it_reached(
             recording = kvtrace.record(tmp_path / str(profiler), model=tiny_model, profiler=profiler)
             with pytest.raises(RuntimeError), grad_mode(), recording:
                 tiny_model.generate(
-                    input_ids=prompt_batch.input_ids, attention_mask=prompt_batch.attention_mask,
-                    max_new_tokens=NEW_TOKENS, do_sample=False, **extra,
+                    input_ids=prompt_batch.input_ids,
+                    attention_mask=prompt_batch.attention_mask,
+                    max_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    **extra,
                 )
         finally:
             del tiny_model.model.layers[0].mlp.forward
@@ -253,15 +257,21 @@ def test_a_static_cache_filled_before_the_recording_counts_what_it_held(
         cache = StaticCache(config=tiny_model.config, max_cache_len=64)
         with torch.no_grad():
             out = tiny_model.generate(
-                input_ids=prompt_batch.input_ids, attention_mask=prompt_batch.attention_mask,
-                max_new_tokens=3, do_sample=False, past_key_values=cache,
+                input_ids=prompt_batch.input_ids,
+                attention_mask=prompt_batch.attention_mask,
+                max_new_tokens=3,
+                do_sample=False,
+                past_key_values=cache,
             )
         # ... and continued inside it
         more = torch.cat([out, out[:, -2:]], dim=1)
         run = tmp_path / str(profiler)
         with torch.no_grad(), kvtrace.record(run, model=tiny_model, profiler=profiler):
             tiny_model.generate(
-                input_ids=more, attention_mask=torch.ones_like(more), max_new_tokens=3, do_sample=False,
+                input_ids=more,
+                attention_mask=torch.ones_like(more),
+                max_new_tokens=3,
+                do_sample=False,
                 past_key_values=cache,
             )
         runs.append(run)
@@ -298,7 +308,6 @@ def test_a_keyboard_interrupt_caught_inside_the_block_ends_its_step(
     assert (first_of_second["step"], first_of_second["phase"]) == (4, "prefill")
     frees_of_first = [i for i, e in enumerate(light) if e["cache"] == 1 and e["event"] == "freed"]
     assert frees_of_first and max(frees_of_first) < light.index(first_of_second)
-
 
 
 def test_a_hook_on_any_module_of_the_model_keeps_every_update_followed(

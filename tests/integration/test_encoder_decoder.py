@@ -169,7 +169,6 @@ def test_the_kv_geometry_of_an_encoder_decoder_is_its_decoders(
     assert all(c["model_shaped"] for c in kv["caches"] if c["final_bytes"])
 
 
-
 # Mllama's tiny layout: 5 text layers, layer 2 cross-attention, 2 KV heads of 64 / 4 = 16; one image of 4
 # tiles of 2 x 2 patches and a class token: 20 vision tokens; a 12-token prompt (the image token first)
 MLLAMA_PROMPT, MLLAMA_NEW, MLLAMA_VISION_TOKENS = 12, 4, 1 * 4 * (2 * 2 + 1)

@@ -186,8 +186,9 @@ def test_a_layers_two_caches_run_in_another_order_than_registered_count_as_they_
         run = tmp_path / f"run{recording}"
         x = torch.randn(ROWS, PROMPT + DECODES, HIDDEN)
         attrs = cache_attrs if block is TwoPairAttention else None
-        with torch.no_grad(), kvtrace.record(
-            run, model=model, profiler=False, snapshots=False, cache_attrs=attrs
+        with (
+            torch.no_grad(),
+            kvtrace.record(run, model=model, profiler=False, snapshots=False, cache_attrs=attrs),
         ):
             model(x[:, :PROMPT], 0)
             for pos in range(PROMPT, PROMPT + DECODES):

@@ -85,9 +85,7 @@ def test_a_shorter_context_said_to_fit_fits_when_recorded(
     # THEN the context it says fits does, recorded (it said 17 tokens freed 2,048 B, the ends' difference,
     # and a run to 17 peaked at 558,624 B, over a budget of 557,412 B: its KV peak only 288 B lower)
     assert context["fits"] and context["setting"] < 18  # prompt + new tokens, as plan's --context
-    _record(
-        backend, tmp_path / "short", rows=2, prompt=8, new=context["setting"] - 8, group=16, residual=3
-    )
+    _record(backend, tmp_path / "short", rows=2, prompt=8, new=context["setting"] - 8, group=16, residual=3)
     assert report_json(tmp_path / "short", capsys)["peak_allocated_bytes"] <= budget
 
 

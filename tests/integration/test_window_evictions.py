@@ -199,8 +199,12 @@ def test_a_sliding_layers_transient_in_the_log_is_the_allocators(sliding_model, 
     ids = torch.randint(3, 1000, (BATCH, PROMPT))
     with torch.no_grad(), kvtrace.record(tmp_path / "run", model=sliding_model, snapshots=False):
         sliding_model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
-            do_sample=False, pad_token_id=0,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            do_sample=False,
+            pad_token_id=0,
         )
     events = read_run(tmp_path / "run").kv_events
     # THEN each decode update logs both new storages before the frees of the old ones (the layer makes

@@ -19,8 +19,20 @@ def _run(tmp_path: Path, manifest: object, events: str = "") -> Path:
 
 
 def _event(seq: int) -> str:
-    return json.dumps({"seq": seq, "t_ns": seq, "step": 1, "phase": "prefill", "event": "created", "layer": 0,
-                       "kv": "k", "part": "data", "addr": 16 * seq, "storage_bytes": 64})
+    return json.dumps(
+        {
+            "seq": seq,
+            "t_ns": seq,
+            "step": 1,
+            "phase": "prefill",
+            "event": "created",
+            "layer": 0,
+            "kv": "k",
+            "part": "data",
+            "addr": 16 * seq,
+            "storage_bytes": 64,
+        }
+    )
 
 
 GOOD = {"format": "kvtrace-run", "schema_version": SCHEMA_VERSION, "ended": {"status": "running"}}

@@ -12,8 +12,9 @@ from kvtrace.format import KvEvent
 def ev(seq: int, event: str, layer: int, kv: str, addr: int, nbytes: int, **kw: object) -> KvEvent:
     fields = {"step": 1, "phase": "prefill", "part": "data", "tokens": 0, "shape": [2, 1, 1, 1]}
     fields.update(kw)
-    return KvEvent(seq=seq, t_ns=seq * 1000, event=event, layer=layer, kv=kv, addr=addr, storage_bytes=nbytes,
-                   **fields)  # type: ignore[arg-type]
+    return KvEvent(
+        seq=seq, t_ns=seq * 1000, event=event, layer=layer, kv=kv, addr=addr, storage_bytes=nbytes, **fields
+    )  # type: ignore[arg-type]
 
 
 def test_growth_shows_transient_copy_and_churn() -> None:
