@@ -47,7 +47,10 @@ projections. At the rotary moment it takes the place of Llama's three projection
 Planned for Llama-style decoders, the planner's dense families whose MLP is gated (gate, up and down: Llama,
 Mistral, Qwen, Gemma...); a sliding window under sdpa adds its bool mask over T x T (transformers cannot skip
 it once the prompt reaches the window), its copy in the compute dtype, which torch's sdpa makes of a bool
-mask, for the rows, and K and V expanded to the query heads (a mask turns `enable_gqa` off).
+mask, for the rows, and K and V expanded to the query heads (a mask turns `enable_gqa` off), in the last
+sliding layer, its full layers taking no mask unpadded (`_last_masked_layer`). A layer that norms its
+attention's and MLP's outputs instead of their inputs (OLMo 2 and 3, EXAONE 4: `norms_after`) holds no
+normed input beside its residual stream, one hidden state fewer at every moment.
 
 Measured on their tiny models too (tests/integration/test_plan_moe_prefill.py):
 - the mixtures of experts of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, whose layers are a Llama's but for
