@@ -56,6 +56,8 @@ _QKV_BIAS_FLAG = {"glm": True, "glm4": True, "glm4_moe": False}
 _QK_NORMED = frozenset({"hunyuan_v1_dense", "hunyuan_v1_moe", "dots1"})
 # Llama-style families whose q and k norms hold a weight per head, not one head_dim vector for all heads
 _QK_NORM_PER_HEAD = frozenset({"olmo2", "olmo3", "olmoe"})
+# Llama-style families whose layer norms its attention's and MLP's outputs instead of their inputs
+_NORMS_AFTER = frozenset({"olmo2", "olmo3", "exaone4"})
 # Up/down MLPs whose prefill the planner estimates, from families whose layer otherwise holds a Llama's (RoPE,
 # a layer's input, residual and normed input; GPT-NeoX's and Phi's attention beside the MLP holds as much):
 # their config class's activation, and the tensors of R x intermediate_size each activation leaves live (the
@@ -173,6 +175,8 @@ def _llama_style_fields(get: Callable[[str, Any], Any], model_type: str) -> dict
         block["qkv_bias"] = bool(get("attention_bias", _QKV_BIAS_FLAG[model_type]))
     if model_type in _QK_NORM_PER_HEAD:
         block.update(qk_norm=True, qk_norm_per_head=True)
+    if model_type in _NORMS_AFTER:
+        block["norms_after"] = True
     if model_type in _QK_NORMED or (model_type == "glm4_moe" and get("use_qk_norm", False)):
         block["qk_norm"] = True
     if model_type == "stablelm":  # LayerNorms; its qk LayerNorms are per head and unbiased

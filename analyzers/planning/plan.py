@@ -52,7 +52,12 @@ from analyzers.planning.plan_types import (
 )
 from analyzers.planning.prefill_note import prefill_note
 from analyzers.planning.quantized_weights import quantized_weights_note
-from analyzers.planning.recorded_notes import padding_note, prefill_bound_note, quantized_prefill_note
+from analyzers.planning.recorded_notes import (
+    cpu_flash_note,
+    padding_note,
+    prefill_bound_note,
+    quantized_prefill_note,
+)
 from analyzers.planning.size_text import parse_size
 from analyzers.units import a_or_an
 
@@ -228,13 +233,25 @@ def _notes(req: PlanRequest) -> tuple[str, ...]:
     quantize = quantized_prefill_note(req)  # a quantized prefill's temporaries, which no other run makes
     encoder = encoder_pass_note(req)  # an encoder-decoder's encoder pass, grown to the encoder length
     padding = padding_note(req)  # an sdpa prefill priced as padded (the run does not tell), or unpadded
+    cpu = cpu_flash_note(req)  # a CPU run's flash kernel blocks, which outgrow a longer prompt
     # a plan without a recording: its prefill's activations estimated, the formula and what it assumes
     prompt = req.prompt if req.prompt is not None else req.context - 1  # prefill_at's
     activations = None
     if req.recorded is None:
         layer_kv = prompt_kv_by_layer(req, req.batch, prompt)
         activations = prefill_note(geom, req.effective_compute_dtype, req.batch, prompt, layer_kv)
-    notes = (cache_off, estimate, quantized, geom.kv_note, activations, prefill, quantize, encoder, padding)
+    notes = (
+        cache_off,
+        estimate,
+        quantized,
+        geom.kv_note,
+        activations,
+        prefill,
+        quantize,
+        encoder,
+        padding,
+        cpu,
+    )
     model_notes = tuple(note for note in notes if note)
     limit = geom.max_position_embeddings
     if limit is None or req.context <= limit:

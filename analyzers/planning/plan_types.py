@@ -159,6 +159,9 @@ class RecordedPeak:
     # an encoder-decoder run's encoder pass: (bytes growing with the encoder length squared, with it)
     # beside the weights at each of its moments (analyzers.planning.encoder_pass); None: not told
     encoder_pass: tuple[tuple[int, int], ...] | None = None
+    # the run's device type ("cuda", "cpu"): a CPU's kernels hold what no GPU's does (torch's flash
+    # attention's per-thread blocks, analyzers.planning.recorded_notes' `cpu_flash_note`); None: not told
+    device: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

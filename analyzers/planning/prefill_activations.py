@@ -47,7 +47,10 @@ projections. At the rotary moment it takes the place of Llama's three projection
 Planned for Llama-style decoders, the planner's dense families whose MLP is gated (gate, up and down: Llama,
 Mistral, Qwen, Gemma...); a sliding window under sdpa adds its bool mask over T x T (transformers cannot skip
 it once the prompt reaches the window), its copy in the compute dtype, which torch's sdpa makes of a bool
-mask, for the rows, and K and V expanded to the query heads (a mask turns `enable_gqa` off).
+mask, for the rows, and K and V expanded to the query heads (a mask turns `enable_gqa` off), in the last
+sliding layer, its full layers taking no mask unpadded (`_last_masked_layer`). A layer that norms its
+attention's and MLP's outputs instead of their inputs (OLMo 2 and 3, EXAONE 4: `norms_after`) holds no
+normed input beside its residual stream, one hidden state fewer at every moment.
 
 Measured on their tiny models too (tests/integration/test_plan_moe_prefill.py):
 - the mixtures of experts of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, whose layers are a Llama's but for
@@ -222,8 +225,11 @@ def prefill_activations(
     dense_at, moe_at = _last_of_each_kind(geom)
 
     def stream(layer: int, states: int) -> int:
-        """`states` hidden states, and a layer's input after the first (the embeddings are the first's)."""
-        return rows * hidden * s * (states + (1 if layer > 0 else 0))
+        """`states` hidden states, and a layer's input after the first (the embeddings are the first's); one
+        fewer where the layer norms its outputs, not its inputs (`ModelGeometry.norms_after`): no normed
+        input is made beside the residual."""
+        unnormed = states - (1 if geom.norms_after else 0)
+        return rows * hidden * s * (unnormed + (1 if layer > 0 else 0))
 
     # (moment, its layer, residual stream, the moment's own tensors)
     moments: list[tuple[str, int, int, int]] = []
@@ -252,10 +258,26 @@ def prefill_activations(
         # a masked layer's sdpa: the rotated q, K and V expanded, the mask in the compute dtype (torch's sdpa
         # turns a bool mask into one, for every row), the output and its float32 log-sum-exp
         masked = pairs * s + 2 * rows * q_width * s + expanded + batch * heads * prompt * FLOAT32 + qkv
-        moments.append(("mask", last, stream(last, 1), masked))
+        at = _last_masked_layer(geom, padded)
+        moments.append(("mask", at, stream(at, 1), masked))
     unwritten = _unwritten_kv(geom, layer_kv_bytes)
     name, layer, states, own = max(moments, key=lambda moment: moment[2] + moment[3] - unwritten(moment[1]))
     return PrefillActivations(held + states + own, name, held, states, own, layer, unwritten(layer))
+
+
+def _last_masked_layer(geom: ModelGeometry, padded: bool) -> int:
+    """The last layer whose sdpa takes a mask, where a masked moment peaks: any layer's with padded prompts
+    (a mask for the full layers too), else the last sliding one's, the full layers taking none (`is_causal`);
+    the last where the config does not say which layers slide (every layer does), or lists fewer kinds than
+    layers (layers without KV of their own). Before, always the last: a Gemma 3 of a sliding layer 0 and a
+    full layer 1 (2 rows of a 198-token prompt) was planned 15,792 B over its recording, its sliding layer's
+    mask and expanded K and V priced in layer 1, beside both layers' KV and layer 1's input, where its
+    recording peaked at layer 1's MLP."""
+    last = geom.num_layers - 1
+    slides = geom.layer_slides
+    if padded or slides is None or len(slides) != geom.num_layers or not any(slides):
+        return last
+    return max(index for index, sliding in enumerate(slides) if sliding)
 
 
 def _last_of_each_kind(geom: ModelGeometry) -> tuple[int | None, int | None]:

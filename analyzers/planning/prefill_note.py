@@ -32,16 +32,9 @@ _MOE_TEXT = {
 
 def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
     """What the moment holds, in words and widths."""
-    later = act.layer > 0  # a layer's input apart from the embeddings
-    streams = "4 hidden states" if later else "3 hidden states"
     mlp = "its last layer's MLP"
     if act.layer < geom.num_layers - 1:  # a dense layer before an MoE one
         mlp = f"its last dense layer's MLP (layer {act.layer:,} of {geom.num_layers:,})"
-    stream_names = (
-        "the embeddings, the layer's input, its residual and the normed input"
-        if later
-        else "the embeddings (the layer's input), its residual and the normed input"
-    )
     width = f"R x {geom.hidden_size:,}"
     if act.moment == "mlp" and geom.fused_gate_up:
         own = (
@@ -75,24 +68,24 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
         if geom.shared_intermediate_size and act.moment != "shared expert":
             own += " and the shared expert's output (R x hidden)"
     elif act.moment == "rotary":
-        streams = "3 hidden states" if later else "2 hidden states"
-        stream_names = "the embeddings, the layer's input and the normed input"
         own = (
             f"its last layer's rotary embedding holds q ({geom.num_attention_heads} heads x {geom.head_dim}) "
             "four times (the projection, its products with cos and sin, its rotated half), its k and v "
             "counted as its KV, which its cache has not copied yet,"
         )
     else:  # "mask": a masked layer's sdpa
-        streams = "3 hidden states" if later else "2 hidden states"
-        stream_names = "the embeddings, the layer's input and the normed input"
+        masked = "its last masked layer's sdpa"
+        if act.layer < geom.num_layers - 1:  # the last sliding one, before full layers that take no mask
+            masked = f"its last sliding layer's sdpa (layer {act.layer:,} of {geom.num_layers:,})"
         own = (
-            "its last masked layer's sdpa holds its mask in the compute dtype for every row (prompt x "
-            "prompt), the rotated q, the output, and K and V expanded to the query heads"
+            f"{masked} holds its mask in the compute dtype for every row (prompt x prompt), the rotated q, "
+            "the output, and K and V expanded to the query heads"
         )
     if act.moment in ("mask", "scores") and geom.fused_qkv:
         own += ", and its fused q, k and v projection, kept until the attention returns"
     if act.moment in ("mask", "scores") and geom.rotary_slices_kept:
         own += ", and its q and k projections beside their turned parts, kept until the attention returns"
+    streams, stream_names = _stream_text(geom, act)
     tables = geom.rotary_tables
     pairs = f", one pair for each of its {tables} kinds of layer" if tables > 1 else ""
     return (
@@ -102,10 +95,26 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
     )
 
 
+def _stream_text(geom: ModelGeometry, act: PrefillActivations) -> tuple[str, str]:
+    """How many hidden states the moment holds, and which: the embeddings, the layer's input after the
+    first, the residual beside the MLP, the normed input (none where the layer norms its outputs)."""
+    names = ["the embeddings" if act.layer > 0 else "the embeddings (the layer's input)"]
+    if act.layer > 0:
+        names.append("the layer's input")
+    if act.moment not in ("rotary", "mask", "scores"):
+        names.append("its residual")
+    if not geom.norms_after:
+        names.append("the normed input")
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"{len(names)} hidden state{'s' if len(names) != 1 else ''}", listed
+
+
 def _layer_kind(geom: ModelGeometry) -> str:
     """Which of transformers' layers the estimate follows: a Llama's, or its MLP or MoE in another's."""
     if geom.moe_layers:
         return "Llama layer with this family's MoE block"
+    if geom.norms_after:
+        return "Llama layer with its norms after the attention and the MLP"
     return "Llama layer with this family's up/down MLP" if geom.mlp_matrices == 2 else "Llama layer"
 
 

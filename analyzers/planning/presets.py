@@ -160,6 +160,10 @@ class ModelGeometry:
     # model keeps a RoPE table for each (Gemma 3 and OLMo 3 with sliding and full layers: 2); 1 otherwise.
     # Before, one: the tiny Gemma 3 below the 25,088 B of its second pair under its recording at 2 x 98 tokens
     rotary_tables: int = 1
+    # The layer norms its attention's and MLP's outputs, not their inputs (OLMo 2 and 3, EXAONE 4: no
+    # input_layernorm): its prefill holds no normed input beside the residual stream. Before, counted: the
+    # tiny OLMo 3 (2 rows of a 98-token prompt) was planned one hidden state, 50,136 B, over its recording
+    norms_after: bool = False
     attention_bias: bool = False  # every attention projection (q, k, v, output) has a bias
     output_bias: bool = False  # the attention's output projection alone has a bias (GPT-Neo)
     mlp_bias: bool = False  # every MLP matrix has a bias (dense layers and shared experts)

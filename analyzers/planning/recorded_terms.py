@@ -164,8 +164,9 @@ def moments_grown(
 def pairs_squared(req: PlanRequest, rec: RecordedPeak) -> bool:
     """Whether a plan grows the run's prefill moments' eager mask and scores (`RecordedPeak.prefill_moments`'
     last part) with the prompt squared, each within its own moment, so that none is added beyond them
-    (static_prefill's `dynamic_prefill_bytes` is not): where the run tells them (an eager run) and the
-    plan's cache fills as it goes, whose prefill attends over its prompt alone (a static cache's over its
+    (static_prefill's `dynamic_prefill_bytes` is not): where the run tells them (an eager run, or an sdpa
+    one whose prompt reached its model's sliding window: its mask and the mask's copy) and the plan's cache
+    fills as it goes, whose prefill attends over its prompt alone (a static cache's over its
     length: `static_prefill_bytes` prices that beyond the run's prefill, grown with the prompt). Before, the
     pairs beyond the run's were added to the most of any moment, which at a short prompt is the MLP's or
     the logits', holding no scores: the tiny Llama 3 (bf16, 2 layers, 2 rows, eager) planned from a

@@ -208,9 +208,10 @@ def prefill_moments(
     """The run's prefill moments as (bytes no row count or prompt changes, bytes that follow the rows alone,
     bytes that follow the rows and the prompt, bytes that follow the rows and the prompt squared) beside
     its weights and KV: the logits processors' vectors over the vocabulary (`batch_fixed_bytes`' sizes),
-    the rest of the vocabulary-long allocations (the last position's logits), the rest but eager
-    attention's tensors over prompt x prompt (its mask and one layer's scores: `eager_pair_sizes`), those
-    (0 under any other attention, which a plan prices apart). Only the moments no other exceeds in all
+    the rest of the vocabulary-long allocations (the last position's logits), the rest but attention's
+    tensors over prompt x prompt (eager's mask and one layer's scores: `eager_pair_sizes`; sdpa's window
+    mask and its copy where the prompt reached the window: `window_mask_sizes`), those (0 under any other
+    attention, which a plan prices apart). Only the moments no other exceeds in all
     four, the ones that can be a plan's most at some rows and prompt: the logits' moment at the step's end,
     one inside a layer, whose hidden states and attention a longer prompt grows beyond it (eager's scores
     at a 256-token prompt, 2 rows: 8.4 MB beside no logits), the MLP's, which holds no scores. None where
@@ -269,7 +270,7 @@ def _prefill_parts(
     `prefill_moments` splits them (with no `context`, the first two not told apart: all in the second)."""
     from analyzers.model import OTHER
     from analyzers.planning.diagnose_rows import fixed_sizes, row_units
-    from analyzers.planning.static_prefill import eager_pair_bytes, eager_pair_sizes
+    from analyzers.planning.static_prefill import eager_pair_bytes, eager_pair_sizes, window_mask_sizes
 
     geometry, main, found = report.geometry or {}, report.main_device, main_timeline(source, report)
     vocab = geometry.get("vocab_size")
@@ -306,14 +307,26 @@ def _prefill_parts(
     vocab_live, fixed_live = live(stays), live(no_rows)
     grows = found[1].by_category["other"] - vocab_live
     pairs = np.zeros_like(grows)
-    heads = geometry.get("num_attention_heads")
-    if geometry.get("attn_implementation") == "eager" and isinstance(heads, int) and heads > 0:
+    heads, window = geometry.get("num_attention_heads"), geometry.get("sliding_window")
+    attention = geometry.get("attn_implementation")
+    compute = HALF_FLOATS.get(str(geometry.get("dtype")), 4)
+    most, pair_sizes = 0, set()
+    if attention == "eager" and isinstance(heads, int) and heads > 0:
         # Told by their sizes, and no more than eager's mask and one layer's scores hold at once (the bool
         # mask is gone by then): a linear tensor of a pair's size (at a prompt as long as a head, a hidden
         # state is a score's size) counts as one up to that, an upper bound
-        compute = HALF_FLOATS.get(str(geometry.get("dtype")), 4)
         most = rows * prompt * prompt * eager_pair_bytes(heads, compute)
-        told = live(eager_pair_sizes(rows, prompt, heads, compute) - stays)
+        pair_sizes = eager_pair_sizes(rows, prompt, heads, compute)
+    elif attention == "sdpa" and isinstance(window, int) and 0 < window <= prompt:
+        # sdpa's window mask, which a prompt reaching the window makes (a bool mask across the layers, its
+        # copy in the compute dtype in a sliding layer's sdpa), told the same way: at most a bool mask of
+        # every row for each kind of layer (padded prompts mask the full layers too) and the copy. Before,
+        # they grew with the prompt alone: the tiny Mistral (a window of 128, 2 rows) planned from a
+        # 184-token prompt at 192 was 13,824 B under its recording for them
+        most = rows * prompt * prompt * (2 + compute)
+        pair_sizes = window_mask_sizes(rows, prompt, compute)
+    if most:
+        told = live(pair_sizes - stays)
         pairs = np.clip(np.minimum(told, most), 0, np.maximum(grows, 0))
         grows = grows - pairs
     return [(fixed_live[at], (vocab_live - fixed_live)[at], grows[at], pairs[at]) for at in windows]

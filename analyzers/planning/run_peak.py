@@ -433,8 +433,9 @@ def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, row
         "prefill grows them with the prompt, but for its vocabulary-long allocations (the last position's "
         "logits, the processors' vectors), which stay; where every layer slides, it grows them by "
         "generate()'s ids and mask alone, a few bytes a token, as the run's peak shows them. Attention's "
-        "tensors of prompt x prompt (eager's mask and scores, sdpa's mask where prompts are padded) grow by "
-        f"arithmetic over the pairs beyond the run's.{_shorter_prompt(moment)}"
+        "tensors of prompt x prompt (eager's mask and scores, sdpa's mask where prompts are padded or "
+        "reach a sliding window) grow by arithmetic over the pairs beyond the run's."
+        f"{_shorter_prompt(moment)}"
         if same_cache
         else ": beside this cache's KV at the run's peak, or, the larger, its KV peak (inside a cache "
         "update) beside what the run held at its own KV peak, where the run tells it (else added to that KV "

@@ -28,6 +28,7 @@ __all__ = [
     "static_prefill_bytes",
     "static_prefill_parts",
     "unknown_padding_note",
+    "window_mask_sizes",
 ]
 
 
@@ -65,12 +66,29 @@ def dynamic_prefill_bytes(
     Where the run's prefill moments tell eager's tensors apart, the plan grows them within their own moment
     instead (recorded_terms' `pairs_squared`) and does not add this."""
     eager = rec.attn_implementation in ("eager", None)
-    if not eager and not (rec.attn_implementation == "sdpa" and rec.padded is not False):
-        return 0
     compute = dtype_bytes_for(req.effective_compute_dtype, 1)
+    if rec.attn_implementation == "sdpa" and rec.padded is False:
+        return _window_mask_bytes(req, rec, batch, prompt, compute)
+    if not eager and rec.attn_implementation != "sdpa":
+        return 0
     pair = eager_pair_bytes(req.geometry.num_attention_heads, compute) if eager else 1 + compute
     held = attended(run, rec.context) if run.cache == "static" else rec.prompt or 0
     return batch * max(prompt - held, 0) * prompt * pair
+
+
+def _window_mask_bytes(req: PlanRequest, rec: RecordedPeak, batch: int, prompt: int, compute: int) -> int:
+    """Bytes an unpadded sdpa prefill of `prompt` tokens holds for its model's sliding window where the run's
+    prompt was shorter than the window and the plan's reaches it: transformers then makes the window's bool
+    mask (held across the layers) and a sliding layer's sdpa its copy in the compute dtype for every row and
+    K and V expanded to the query heads (a mask turns `enable_gqa` off), none of which the run made. Added
+    to the most the run's prefill held, grown, wherever that was: an upper bound (where a run's prompt
+    reached the window, its moments tell the mask apart and grow it with the prompt squared, run_moments'
+    `window_mask_sizes`). Before, none: the tiny Mistral (a window of 128, 2 rows) planned from a 127-token
+    prompt at 192 was 43,000 B under its recording beside the CPU kernel's blocks."""
+    window = req.geometry.sliding_window
+    if window is None or not req.geometry.windowed_layers or prompt < window or (rec.prompt or 0) >= window:
+        return 0
+    return prompt * prompt + batch * prompt * (prompt * compute + _expansion_bytes(req, compute))
 
 
 def eager_pair_bytes(heads: int, compute: int) -> int:
@@ -87,6 +105,16 @@ def eager_pair_sizes(rows: int, prompt: int, heads: int, compute: int) -> set[in
     float32 (their cast, their softmax); each also as the CUDA caching allocator rounds it (512 B blocks)."""
     pairs = rows * prompt * prompt
     exact = {pairs, pairs * compute, pairs * heads * compute, pairs * heads * 4}
+    return exact | {-(-size // _CUDA_BLOCK) * _CUDA_BLOCK for size in exact}
+
+
+def window_mask_sizes(rows: int, prompt: int, compute: int) -> set[int]:
+    """The sizes of the tensors over `prompt` x `prompt` an sdpa prefill makes for a sliding window the
+    prompt reaches (transformers 5.x `sdpa_mask`, torch's sdpa), as the allocator reports them: the bool
+    mask, one for all rows (unpadded) or a row each (padded), and the copy in the compute dtype torch's sdpa
+    makes of it, a row each; each also as the CUDA caching allocator rounds it (512 B blocks)."""
+    pairs = rows * prompt * prompt
+    exact = {prompt * prompt, pairs, pairs * compute}
     return exact | {-(-size // _CUDA_BLOCK) * _CUDA_BLOCK for size in exact}
 
 

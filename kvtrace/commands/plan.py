@@ -165,6 +165,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         padded=run.padded,
         transformers_version=run.transformers_version,
         encoder_pass=moment.encoder_pass,
+        device=run.device,
     )
 
 
