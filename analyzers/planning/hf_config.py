@@ -63,11 +63,12 @@ FP32_ROUTERS_SINCE = (5, 25)
 _FP32_ROUTERS_BEFORE = frozenset({"ernie4_5_moe", "hunyuan_v1_moe"})  # ERNIE strict, HunYuan built so
 _SCORE_BIAS_IN_DTYPE_BEFORE = frozenset({"deepseek_v3", "dots1"})
 # Families whose MoE prefill the planner estimates (`moe_prefill`), by the dtype their router's top-k weights
-# keep (Qwen's and OLMoE's cast back to the model's, Mixtral's float32), and their config class's default
+# keep (Qwen's and OLMoE's cast back to the model's, Mixtral's float32, DeepSeek-V3's and GLM-4-MoE's float32
+# beside float32 logits: `moe_prefill`), and their config class's default
 # `num_experts_per_tok`
 _EXPERT_ROUTING = {
     "mixtral": ("float32", 2), "qwen2_moe": ("compute", 4), "qwen3_moe": ("compute", 8),
-    "olmoe": ("compute", 8),
+    "olmoe": ("compute", 8), "glm4_moe": ("deepseek", 8), "deepseek_v3": ("deepseek", 8),
 }  # fmt: skip
 # Decoder families whose transformers model keeps no cache (OpenAIGPTModel.forward takes no past_key_values)
 _NO_KV_CACHE = frozenset({"openai-gpt"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from analyzers.planning.moe_prefill import DEEPSEEK_ROUTERS
 from analyzers.planning.prefill_activations import (
     PrefillActivations,
     cpu_flash_thread_bytes,
@@ -72,8 +73,14 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
         own = f"{moe} holds {_MOE_TEXT[act.moment].format(k=k, width=expert_width)}"
         if act.moment != "shared expert":
             own += f", with its router's logits (R x {geom.experts}), top-k weights and the sort's indices"
-        if geom.shared_intermediate_size and act.moment != "shared expert":
+        deepseek = geom.expert_routing in DEEPSEEK_ROUTERS  # its shared experts run after the routed ones
+        if geom.shared_intermediate_size and act.moment != "shared expert" and not deepseek:
             own += " and the shared expert's output (R x hidden)"
+        if act.moment == "shared expert" and deepseek:
+            own += (
+                f", after the routed experts, beside their sum (R x hidden) and its router's float32 logits "
+                f"(R x {geom.experts}) and top-k weights,"
+            )
     elif act.moment == "rotary":
         streams = "3 hidden states" if later else "2 hidden states"
         stream_names = "the embeddings, the layer's input and the normed input"
