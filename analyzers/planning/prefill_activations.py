@@ -73,6 +73,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from analyzers.planning.mla_prefill import (
+    COMPLEX_ROTARY_BYTES,
+    mla_attention_elements,
+    mla_outputs_elements,
+    mla_planned,
+)
 from analyzers.planning.moe_prefill import moe_moments
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
 
@@ -112,7 +118,7 @@ def unplanned_reason(geom: ModelGeometry) -> str | None:
     reasons = (
         (geom.moe_layers > 0 and geom.expert_routing is None, "its mixture-of-experts layers"),
         (geom.experts_implementation is not None, _experts_forward_reason(geom.experts_implementation)),
-        (geom.mla is not None, "its latent attention"),
+        (geom.mla is not None and not mla_planned(geom.mla, geom.indexer_head_dim), "its latent attention"),
         (geom.compressed is not None, "its compressed attention"),
         (geom.cross_kv_layers > 0, "its encoder"),
         (geom.layer_shapes is not None, "its layers of different widths"),
@@ -210,6 +216,8 @@ def prefill_activations(
     expanded = 2 * rows * q_width * s if geom.num_kv_heads < heads else 0
     # the embeddings, the rotary cos and sin (a pair for each kind of layer in Gemma 3), the positions
     rotary = 2 * geom.rotary_tables * (geom.rotary_dim or head_dim) * s
+    if geom.mla is not None and geom.mla.complex_rotary:  # DeepSeek-V2's freqs_cis, complex64
+        rotary = geom.rotary_tables * (geom.rotary_dim or head_dim) * COMPLEX_ROTARY_BYTES
     held = rows * (hidden * s + rotary + POSITION_ROW_BYTES)
     # the MLP's tensors of R x intermediate_size at once: a fused gate_up's output (two) or gate's and up's;
     # an up/down MLP's up projection and its activation's
@@ -236,7 +244,20 @@ def prefill_activations(
     # the layer's k and v projections are live here too, but its cache update has not run: they stand for the
     # last layer's KV, which the plan counts with every layer's (before, counted twice: a Qwen3 of 4 layers,
     # head_dim twice hidden / heads, was planned one layer's prompt KV over its recording)
-    moments.append(("rotary", last, stream(last, 1), rows * s * 4 * q_width))
+    # beside eager's scores: the rotated q (K and V expanded, `expanded`); beside a masked sdpa, with them
+    # its output
+    beside_scores, beside_mask = rows * q_width * s, 2 * rows * q_width * s
+    mla = geom.mla
+    if mla is not None:  # latent attention: its tensors as the attention returns (`mla_prefill`)
+        at_return = mla_attention_elements(mla, heads)
+        moments.append(("attention", last, stream(last, 1), rows * s * at_return))
+        beside_scores = rows * s * (at_return - mla_outputs_elements(mla, heads))
+        beside_mask = (
+            rows * s * (at_return - mla_outputs_elements(mla, heads) // 2)
+        )  # inside sdpa: one output
+        expanded = 0  # its K and V are every head's already
+    else:
+        moments.append(("rotary", last, stream(last, 1), rows * s * 4 * q_width))
     masks = _masks(geom, prompt, padded, attention == "eager")
     if attention == "eager":
         held += (masks + geom.window_zero_mask) * pairs * s  # the float masks, every layer's
@@ -245,14 +266,14 @@ def prefill_activations(
             name, layer, states, own = moments[index]
             moments[index] = (name, layer, states, own + probabilities)
         # at the softmax: the rotated q, K and V expanded, the scores
-        scores = pairs * heads * eager_score_bytes(s) + rows * q_width * s + expanded + qkv
+        scores = pairs * heads * eager_score_bytes(s) + beside_scores + expanded + qkv
         moments.append(("scores", last, stream(last, 1), scores))
     else:  # bool masks, one for every head (and row, unpadded); Qwen2-MoE's of window 0 read by no layer
         held += (masks + geom.window_zero_mask) * (pairs if padded else prompt * prompt)
     if attention != "eager" and masks:
         # a masked layer's sdpa: the rotated q, K and V expanded, the mask in the compute dtype (torch's sdpa
         # turns a bool mask into one, for every row), the output and its float32 log-sum-exp
-        masked = pairs * s + 2 * rows * q_width * s + expanded + batch * heads * prompt * FLOAT32 + qkv
+        masked = pairs * s + beside_mask + expanded + batch * heads * prompt * FLOAT32 + qkv
         moments.append(("mask", last, stream(last, 1), masked))
     unwritten = _unwritten_kv(geom, layer_kv_bytes)
     name, layer, states, own = max(moments, key=lambda moment: moment[2] + moment[3] - unwritten(moment[1]))

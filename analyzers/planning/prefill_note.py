@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from analyzers.planning.mla_prefill import mla_attention_elements
 from analyzers.planning.moe_prefill import DEEPSEEK_ROUTERS
 from analyzers.planning.prefill_activations import (
     PrefillActivations,
@@ -89,6 +90,19 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
             "four times (the projection, its products with cos and sin, its rotated half), its k and v "
             "counted as its KV, which its cache has not copied yet,"
         )
+    elif act.moment == "attention" and geom.mla is not None:  # latent attention (`mla_prefill`)
+        streams = "3 hidden states" if later else "2 hidden states"
+        stream_names = "the embeddings, the layer's input and the normed input"
+        mla, heads = geom.mla, geom.num_attention_heads
+        d = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+        own = (
+            "its last layer's latent attention holds, as sdpa returns, "
+            f"R x {mla_attention_elements(mla, heads):,} (its query projection, the query with its rotated "
+            f"part and the keys, {heads} heads x {d} each; "
+            f"the rotated part; the latent projection, {mla.kv_lora_rank} + {mla.qk_rope_head_dim}; the "
+            f"heads' unrotated keys and values, {heads} x {mla.qk_nope_head_dim + mla.v_head_dim}; the "
+            f"output and its transposed copy, {heads} x {mla.v_head_dim} each)"
+        )
     else:  # "mask": a masked layer's sdpa
         streams = "3 hidden states" if later else "2 hidden states"
         stream_names = "the embeddings, the layer's input and the normed input"
@@ -102,15 +116,19 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
         own += ", and its q and k projections beside their turned parts, kept until the attention returns"
     tables = geom.rotary_tables
     pairs = f", one pair for each of its {tables} kinds of layer" if tables > 1 else ""
+    rotary = geom.rotary_dim or geom.head_dim
+    tables_text = f"the rotary cos and sin (R x {rotary} each{pairs})"
+    if geom.mla is not None and geom.mla.complex_rotary:  # DeepSeek-V2's
+        tables_text = f"the rotary freqs_cis (R x {rotary // 2} complex64)"
     return (
-        f"{own} beside {streams} of {width} ({stream_names}), the rotary cos and sin "
-        f"(R x {geom.rotary_dim or geom.head_dim} "
-        f"each{pairs}) and 16 B of position ids a token"
+        f"{own} beside {streams} of {width} ({stream_names}), {tables_text} and 16 B of position ids a token"
     )
 
 
 def _layer_kind(geom: ModelGeometry) -> str:
     """Which of transformers' layers the estimate follows: a Llama's, or its MLP or MoE in another's."""
+    if geom.mla is not None:
+        return "latent-attention layer" + (" with its MoE block" if geom.moe_layers else "")
     if geom.moe_layers:
         return "Llama layer with this family's MoE block"
     return "Llama layer with this family's up/down MLP" if geom.mlp_matrices == 2 else "Llama layer"

@@ -125,19 +125,97 @@ def test_glm4_moe_other_moments_are_planned_within_scalars(
     assert 0 <= report["peak_allocated_bytes"] - planned["peak_bytes"] <= SCALARS
 
 
-def test_deepseek_v3_keeps_its_note_for_its_latent_attention(tmp_path: Path) -> None:
-    # GIVEN a DeepSeek-V3 config, whose experts are GLM-4-MoE's but whose attention is latent
-    config = transformers.DeepseekV3Config(
-        **_SMALL | {"head_dim": 8}, intermediate_size=128, moe_intermediate_size=16, n_routed_experts=EXPERTS,
-        num_experts_per_tok=K, n_group=1, topk_group=1, first_k_dense_replace=0, kv_lora_rank=16,
-        q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-    )  # fmt: skip
-    config.save_pretrained(tmp_path)
-    from analyzers.planning.hf_config import geometry_from_config
-    from analyzers.planning.prefill_activations import unplanned_reason
+# A latent attention whose query and value heads are alike wide (24 + 8 = 32), so that a CPU's sdpa runs its
+# flash kernel, as a GPU's kernels hold no prompt x prompt scores (with v != d a CPU runs the math kernel)
+NOPE, ROPE, V, LATENT = 24, 8, 32, 16
+_LATENT = {
+    "head_dim": ROPE, "num_key_value_heads": HEADS, "kv_lora_rank": LATENT, "qk_nope_head_dim": NOPE,
+    "qk_rope_head_dim": ROPE, "v_head_dim": V, "intermediate_size": 128, "n_routed_experts": EXPERTS,
+    "n_shared_experts": 1, "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1,
+}  # fmt: skip
 
-    # THEN its prefill is not estimated for its latent attention, no longer for its experts (its router's)
-    assert unplanned_reason(geometry_from_config(tmp_path, (5, 25))) == "its latent attention"
+
+def _latent_attention(complex_rotary: bool = False) -> int:
+    """Across the layers and beside the last layer's attention as sdpa returns (mla_prefill's docstring): the
+    embeddings, the rotary tables (DeepSeek-V3's cos and sin, ROPE each; V2's complex64 freqs_cis, ROPE / 2),
+    the positions; the layer's input and normed input; its query projection, the rotated part, the
+    concatenated query, the latent projection, kv_b_proj's output, the keys, sdpa's output and its transposed
+    copy."""
+    rotary = ROPE // 2 * 8 if complex_rotary else 2 * ROPE * FP32
+    held = ROWS * (HIDDEN * FP32 + rotary + 2 * INT64)
+    d = NOPE + ROPE
+    own = 2 * HEADS * d + HEADS * ROPE + LATENT + ROPE + HEADS * (NOPE + V) + HEADS * d + 2 * HEADS * V
+    return held + 2 * ROWS * HIDDEN * FP32 + ROWS * own * FP32
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "activations"),
+    [
+        # narrow experts (4 wide, 1 a token): the last layer's attention peaks (2,716,800 B)
+        ("deepseek_v3", {"q_lora_rank": None, "moe_intermediate_size": 4, "num_experts_per_tok": 1},
+         lambda: _latent_attention()),
+        # DeepSeek-V2: its router's softmax, its complex rotary table; a query bottleneck freed by then
+        ("deepseek_v2", {"q_lora_rank": 16, "moe_intermediate_size": 4, "num_experts_per_tok": 1,
+                         "n_group": None, "topk_group": None},
+         lambda: _latent_attention(complex_rotary=True)),
+        # a shared expert 1,024 wide peaks after the routed ones, as GLM-4-MoE's (2 experts a token)
+        ("glm4_moe_lite", {"q_lora_rank": 16, "moe_intermediate_size": 16, "num_experts_per_tok": K,
+                           "n_shared_experts": 64},
+         lambda: ROWS * (HIDDEN * FP32 + 2 * ROPE * FP32 + 2 * INT64) + _stream() + 3 * ROWS * 1024 * FP32
+         + _router_outputs() + ROWS * HIDDEN * FP32),
+    ],
+    ids=["deepseek-v3-attention", "deepseek-v2-attention", "glm4-moe-lite-shared-expert"],
+)  # fmt: skip
+def test_latent_attention_prefill_is_planned_as_recorded(
+    kind: str, fields: dict[str, Any], activations: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a tiny latent-attention mixture of experts, recorded and its config planned at the run's shape
+    config = transformers.AutoConfig.for_model(kind, **_SMALL | _LATENT | fields)
+    report, planned = _record(config, tmp_path, "fp32", capsys)
+    # THEN the plan counts its prefill, where it said "not estimated" (its latent attention; V2's router too)
+    assert planned["prefill_activations_bytes"] == activations()
+    at_peak = report["categories_at_peak"]
+    assert 0 <= at_peak["other"] - activations() <= SCALARS
+    # AND the KV beside it is the latent's, every layer's
+    assert planned["kv_at_peak_bytes"] == at_peak["kv"] == LAYERS * (LATENT + ROPE) * FP32 * ROWS
+    assert 0 <= report["peak_allocated_bytes"] - planned["peak_bytes"] <= SCALARS
+    assert not [note for note in planned["notes"] if note.startswith("prefill activations are not")]
+
+
+@pytest.mark.parametrize("attention", ["eager", "padded"])
+def test_latent_attentions_eager_and_padded_prefills_are_estimated_as_recorded(
+    attention: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the DeepSeek-V3 above whose attention peaks, run under eager attention or with a padded prompt
+    fields = {"q_lora_rank": None, "moe_intermediate_size": 4, "num_experts_per_tok": 1}
+    config = transformers.DeepseekV3Config(**_SMALL | _LATENT | fields)
+    config.save_pretrained(tmp_path / "config")
+    if attention == "eager":
+        config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    record_generate(model, tmp_path / "run", BATCH, PROMPT, NEW, padded=3 if attention == "padded" else 0)
+    from analyzers.planning.hf_config import geometry_from_config
+    from analyzers.planning.prefill_activations import cpu_flash_thread_bytes, prefill_activations
+
+    geometry = geometry_from_config(tmp_path / "config", (5, 25))
+    padded = attention == "padded"
+    estimate = prefill_activations(geometry, "fp32", BATCH, PROMPT, "eager" if not padded else "sdpa", padded)
+    assert estimate is not None
+    at_return = _latent_attention()
+    pairs = BATCH * PROMPT * PROMPT
+    if padded:
+        # THEN a padded prompt's masked sdpa holds, inside the kernel, the bool mask (every row's) and its
+        # float32 copy, one output, not two, and the float32 log-sum-exp (rows x heads x prompt)
+        expected = at_return + pairs + pairs * FP32 - ROWS * HEADS * V * FP32 + ROWS * HEADS * FP32
+        cpu = cpu_flash_thread_bytes(PROMPT, NOPE + ROPE, FP32)  # the CPU kernel's blocks, one thread
+    else:
+        # THEN eager holds its float32 mask, the scores and their softmax (8 B a head and pair), no outputs
+        expected = at_return + pairs * FP32 + pairs * HEADS * 8 - 2 * ROWS * HEADS * V * FP32
+        cpu = 0
+    assert estimate.peak_bytes == expected
+    other = report_json(tmp_path / "run", capsys)["categories_at_peak"]["other"]
+    assert 0 <= other - cpu - expected <= SCALARS
 
 
 def _qwen3_moe(implementation: str) -> Any:
