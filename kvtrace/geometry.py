@@ -263,10 +263,8 @@ def _experts_implementation(config: Any, get: Callable[[str], Any]) -> str | Non
     from `from_pretrained(experts_implementation=...)` and is not saved): a prefill's tensors are grouped_mm's
     rows whatever the routing, eager's loop's as the router chose, so `kvtrace plan --from-run` must know
     which it measured. None for a model without experts (transformers says "eager" for a Llama too)."""
-    if not any(
-        isinstance(get(name), int) and not isinstance(get(name), bool) and get(name) > 0
-        for name in _EXPERT_COUNTS
-    ):
+    counts = [get(name) for name in _EXPERT_COUNTS]
+    if not any(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in counts):
         return None
     try:
         implementation = getattr(config, "_experts_implementation", None)

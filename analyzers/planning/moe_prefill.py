@@ -25,16 +25,17 @@ keeps its output (R x hidden) through the routed experts. DeepSeek-V3's router (
 GLM-4-MoE's copies: sigmoid scores, group-limited top-k, a float32 correction) computes its logits in float32
 (R x experts x 4 B, kept in the block's `_`) and returns float32 top-k weights, as Mixtral's; its shared
 experts (`n_shared_experts` x `moe_intermediate_size`, ungated) run after the routed ones, on the block's
-input, beside the router's outputs and the routed experts' sum (R x hidden). Measured on a tiny GLM-4-MoE
-(tests/integration/test_plan_moe_experts.py); DeepSeek-V3's layers add latent attention, not estimated.
+input, beside the router's outputs and the routed experts' sum (R x hidden). Measured on tiny GLM-4-MoE,
+DeepSeek-V2/V3 and GLM-4-MoE-Lite models (tests/integration/test_plan_moe_experts.py), whose latent attention
+is `mla_prefill`'s; DeepSeek-V2's router takes a softmax, not a sigmoid, and keeps the same tensors.
 A model's dense layers (Qwen's `mlp_only_layers`, `decoder_sparse_step`) have a Llama MLP's moment;
 `prefill_activations` weighs each kind in its own last layer (`ModelGeometry.layer_moe`), with the KV of the
 layers up to it alone and, in layer 0, no input apart from the embeddings (before, both as in the last
 layer: a Qwen3-MoE of 2 layers, its first dense and 1,024 wide, planned 512 KB over its recording).
 Not planned: `experts_implementation="eager"` (or another than grouped_mm) where a config.json names it,
 whose loop holds each expert's tokens (as the router chose) and a one-hot of R x k x (experts + 1) int64:
-the plan says so instead of pricing grouped_mm's; and other routers (DeepSeek-V2's, PhiMoE's sparsemixer,
-GraniteMoE's, GPT-OSS's, Llama 4's), whose layers are not these. The router's own transients (DeepSeek-V3's
+the plan says so instead of pricing grouped_mm's; and other routers (PhiMoE's sparsemixer, GraniteMoE's,
+GPT-OSS's, Llama 4's), whose layers are not these. The router's own transients (DeepSeek-V3's
 scores, their masked copy: four R x experts in float32 at most) are freed before the experts run and are not
 counted: below the experts' outputs (2 x R x k x hidden x 2 B at least) wherever 4 x experts < k x hidden, as
 in DeepSeek-V3's and GLM-4.5's configs (256 experts, 8 a token, 7,168 and 5,120 wide).

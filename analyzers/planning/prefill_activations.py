@@ -51,7 +51,8 @@ mask, for the rows, and K and V expanded to the query heads (a mask turns `enabl
 
 Measured on their tiny models too (tests/integration/test_plan_moe_prefill.py):
 - the mixtures of experts of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and GLM-4-MoE (DeepSeek-V3's router and
-  shared experts; tests/integration/test_plan_moe_experts.py), whose layers are a Llama's but for the
+  shared experts, DeepSeek-V2/V3 and GLM-4-MoE-Lite, whose latent attention is `mla_prefill`'s:
+  tests/integration/test_plan_moe_experts.py), whose layers are a Llama's but for the
   experts (`moe_prefill`: S = R x k rows whatever the router chose); Qwen2-MoE also holds, across its
   layers, the mask of window 0 its model makes and no layer reads (`window_zero_mask`);
 - up/down MLPs without a gate (`ungated_mlp_widths`): the up projection beside its activation's output and
@@ -62,8 +63,8 @@ Measured on their tiny models too (tests/integration/test_plan_moe_prefill.py):
   turned parts (`rotary_slices_kept`), to the attention's end. Their attention under sdpa is not derived
   (`attention_unmeasured`): planned only where their MLP outweighs it (`_attention_may_peak`).
 
-Not planned (`unplanned_reason`): other mixtures of experts (DeepSeek-V2's, PhiMoE's, GraniteMoE's,
-GPT-OSS's, Llama 4's routers), latent attention (DeepSeek-V2/V3, GLM-4-MoE-Lite), other up/down MLPs
+Not planned (`unplanned_reason`): other mixtures of experts (PhiMoE's, GraniteMoE's, GPT-OSS's, Llama
+4's routers), sparse latent attention (DeepSeek-V3.2, GLM-MoE-DSA: its indexer), other up/down MLPs
 (GPT-2's learned positions and Bloom's ALiBi attention hold what a Llama's does not), per-layer shapes
 (Gemma 3n, 4), encoder-decoders, DeepSeek-V4's compressed attention.
 """
