@@ -253,6 +253,26 @@ def _layer_shapes(
     return split_kv_shapes(kv_shapes_by_kind(layer_get, get("layer_types"), heads, reused))
 
 
+# A config's count of routed experts under each family's name: a mixture of experts
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _experts_implementation(config: Any, get: Callable[[str], Any]) -> str | None:
+    """The experts' forward a mixture-of-experts model ran (transformers 5.x's `_experts_implementation`:
+    "grouped_mm", its default, "eager", "batched_mm"...), which a config.json need not name (it may come
+    from `from_pretrained(experts_implementation=...)` and is not saved): a prefill's tensors are grouped_mm's
+    rows whatever the routing, eager's loop's as the router chose, so `kvtrace plan --from-run` must know
+    which it measured. None for a model without experts (transformers says "eager" for a Llama too)."""
+    counts = [get(name) for name in _EXPERT_COUNTS]
+    if not any(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in counts):
+        return None
+    try:
+        implementation = getattr(config, "_experts_implementation", None)
+    except Exception:  # a config's property must not end the user's generate()
+        return None
+    return implementation if isinstance(implementation, str) else None
+
+
 def model_geometry(model: Any, notes: list[str] | None = None) -> dict[str, Any] | None:
     """Geometry of a Hugging Face model (`model.config`) or Meta's reference model (`model.params`). A
     config attribute that cannot be read leaves its figure unknown, with a line in `notes` saying why."""
@@ -296,6 +316,9 @@ def model_geometry(model: Any, notes: list[str] | None = None) -> dict[str, Any]
         implementation = getattr(config, "_attn_implementation", None)
         if isinstance(implementation, str):
             geometry.update(attn_implementation=implementation)
+        experts = _experts_implementation(config, get)
+        if experts is not None:
+            geometry.update(experts_implementation=experts)
         kinds = layer_kinds(get("layer_types"), reused)
         if kinds is not None:
             geometry.update(kv_layers=kinds[0], sliding_layers=kinds[1])

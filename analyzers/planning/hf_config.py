@@ -63,11 +63,13 @@ FP32_ROUTERS_SINCE = (5, 25)
 _FP32_ROUTERS_BEFORE = frozenset({"ernie4_5_moe", "hunyuan_v1_moe"})  # ERNIE strict, HunYuan built so
 _SCORE_BIAS_IN_DTYPE_BEFORE = frozenset({"deepseek_v3", "dots1"})
 # Families whose MoE prefill the planner estimates (`moe_prefill`), by the dtype their router's top-k weights
-# keep (Qwen's and OLMoE's cast back to the model's, Mixtral's float32), and their config class's default
+# keep (Qwen's and OLMoE's cast back to the model's, Mixtral's float32, DeepSeek-V2's, V3's and GLM-4-MoE's
+# float32 beside float32 logits: `moe_prefill`), and their config class's default
 # `num_experts_per_tok`
 _EXPERT_ROUTING = {
     "mixtral": ("float32", 2), "qwen2_moe": ("compute", 4), "qwen3_moe": ("compute", 8),
-    "olmoe": ("compute", 8),
+    "olmoe": ("compute", 8), "glm4_moe": ("deepseek", 8), "glm4_moe_lite": ("deepseek", 4),
+    "deepseek_v2": ("deepseek", 6), "deepseek_v3": ("deepseek", 8),
 }  # fmt: skip
 # Decoder families whose transformers model keeps no cache (OpenAIGPTModel.forward takes no past_key_values)
 _NO_KV_CACHE = frozenset({"openai-gpt"})
@@ -237,7 +239,8 @@ def geometry_from_config(
     dense_size = experts.pop("intermediate_size", None)  # the dense layers' MLP, when not intermediate_size
     if experts.get("moe_layers") and model_type in _EXPERT_ROUTING:
         routing, default_top_k = _EXPERT_ROUTING[model_type]
-        top_k = positive_int("num_experts_per_tok", fields.get("num_experts_per_tok", default_top_k))
+        # DeepseekV2Config saves null where not given (its model then cannot route): DeepSeek-V2's own 6
+        top_k = positive_int("num_experts_per_tok", fields.get("num_experts_per_tok") or default_top_k)
         experts.update(
             expert_routing=routing, experts_per_token=top_k, experts_implementation=_experts_forward(fields)
         )
@@ -279,7 +282,9 @@ def geometry_from_config(
         ),
         qk_norm=block.pop("qk_norm", model_type in _QK_NORMED or bool(gemma)),
         layer_norms=block.pop("layer_norms", 4 if gemma_norms else 2),
-        mla=_mla(fields, positive_int, bool(indexer) and _dsa_expanded(transformers_version), heads),
+        mla=_mla(
+            fields, positive_int, bool(indexer) and _dsa_expanded(transformers_version), heads, model_type
+        ),
         indexer_head_dim=indexer,
         max_position_embeddings=max_positions(fields, model_type),
         vllm_default_len=default_len,
@@ -471,7 +476,11 @@ def _indexer_head_dim(
 
 
 def _mla(
-    fields: dict[str, Any], positive_int: Callable[[str, Any], int], expanded: bool, heads: int
+    fields: dict[str, Any],
+    positive_int: Callable[[str, Any], int],
+    expanded: bool,
+    heads: int,
+    model_type: str = "",
 ) -> MlaShape | None:
     """The latent attention's shape; `expanded`: the cache holds the `heads` heads' K and V instead."""
     if not fields.get("kv_lora_rank"):
@@ -484,4 +493,5 @@ def _mla(
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
         },
         expanded_heads=heads if expanded else None,
+        complex_rotary=model_type == "deepseek_v2",
     )

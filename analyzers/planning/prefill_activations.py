@@ -53,8 +53,10 @@ attention's and MLP's outputs instead of their inputs (OLMo 2 and 3, EXAONE 4: `
 normed input beside its residual stream, one hidden state fewer at every moment.
 
 Measured on their tiny models too (tests/integration/test_plan_moe_prefill.py):
-- the mixtures of experts of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, whose layers are a Llama's but for
-  the experts (`moe_prefill`: S = R x k rows whatever the router chose); Qwen2-MoE also holds, across its
+- the mixtures of experts of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and GLM-4-MoE (DeepSeek-V3's router and
+  shared experts, DeepSeek-V2/V3 and GLM-4-MoE-Lite, whose latent attention is `mla_prefill`'s:
+  tests/integration/test_plan_moe_experts.py), whose layers are a Llama's but for the
+  experts (`moe_prefill`: S = R x k rows whatever the router chose); Qwen2-MoE also holds, across its
   layers, the mask of window 0 its model makes and no layer reads (`window_zero_mask`);
 - up/down MLPs without a gate (`ungated_mlp_widths`): the up projection beside its activation's output and
   temporaries, 2 x R x intermediate_size for gelu (GPT-NeoX, StarCoder2's gelu_pytorch_tanh), 3 for relu2
@@ -64,10 +66,10 @@ Measured on their tiny models too (tests/integration/test_plan_moe_prefill.py):
   turned parts (`rotary_slices_kept`), to the attention's end. Their attention under sdpa is not derived
   (`attention_unmeasured`): planned only where their MLP outweighs it (`_attention_may_peak`).
 
-Not planned (`unplanned_reason`): other mixtures of experts (DeepSeek's, PhiMoE's, GraniteMoE's, GPT-OSS's,
-Llama 4's routers), latent attention, other up/down MLPs (GPT-2's learned positions and Bloom's ALiBi
-attention hold what a Llama's does not), per-layer shapes (Gemma 3n, 4), encoder-decoders, DeepSeek-V4's
-compressed attention.
+Not planned (`unplanned_reason`): other mixtures of experts (PhiMoE's, GraniteMoE's, GPT-OSS's, Llama
+4's routers), sparse latent attention (DeepSeek-V3.2, GLM-MoE-DSA: its indexer), other up/down MLPs
+(GPT-2's learned positions and Bloom's ALiBi attention hold what a Llama's does not), per-layer shapes
+(Gemma 3n, 4), encoder-decoders, DeepSeek-V4's compressed attention.
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from analyzers.planning.mla_prefill import (
+    COMPLEX_ROTARY_BYTES,
+    mla_attention_elements,
+    mla_outputs_elements,
+    mla_planned,
+)
 from analyzers.planning.moe_prefill import moe_moments
 from analyzers.planning.presets import ModelGeometry, dtype_bytes_for
 
@@ -114,7 +122,7 @@ def unplanned_reason(geom: ModelGeometry) -> str | None:
     reasons = (
         (geom.moe_layers > 0 and geom.expert_routing is None, "its mixture-of-experts layers"),
         (geom.experts_implementation is not None, _experts_forward_reason(geom.experts_implementation)),
-        (geom.mla is not None, "its latent attention"),
+        (geom.mla is not None and not mla_planned(geom.mla, geom.indexer_head_dim), "its latent attention"),
         (geom.compressed is not None, "its compressed attention"),
         (geom.cross_kv_layers > 0, "its encoder"),
         (geom.layer_shapes is not None, "its layers of different widths"),
@@ -212,6 +220,8 @@ def prefill_activations(
     expanded = 2 * rows * q_width * s if geom.num_kv_heads < heads else 0
     # the embeddings, the rotary cos and sin (a pair for each kind of layer in Gemma 3), the positions
     rotary = 2 * geom.rotary_tables * (geom.rotary_dim or head_dim) * s
+    if geom.mla is not None and geom.mla.complex_rotary:  # DeepSeek-V2's freqs_cis, complex64
+        rotary = geom.rotary_tables * (geom.rotary_dim or head_dim) * COMPLEX_ROTARY_BYTES
     held = rows * (hidden * s + rotary + POSITION_ROW_BYTES)
     # the MLP's tensors of R x intermediate_size at once: a fused gate_up's output (two) or gate's and up's;
     # an up/down MLP's up projection and its activation's
@@ -241,7 +251,20 @@ def prefill_activations(
     # the layer's k and v projections are live here too, but its cache update has not run: they stand for the
     # last layer's KV, which the plan counts with every layer's (before, counted twice: a Qwen3 of 4 layers,
     # head_dim twice hidden / heads, was planned one layer's prompt KV over its recording)
-    moments.append(("rotary", last, stream(last, 1), rows * s * 4 * q_width))
+    # beside eager's scores: the rotated q (K and V expanded, `expanded`); beside a masked sdpa, with them
+    # its output
+    beside_scores, beside_mask = rows * q_width * s, 2 * rows * q_width * s
+    mla = geom.mla
+    if mla is not None:  # latent attention: its tensors as the attention returns (`mla_prefill`)
+        at_return = mla_attention_elements(mla, heads)
+        moments.append(("attention", last, stream(last, 1), rows * s * at_return))
+        beside_scores = rows * s * (at_return - mla_outputs_elements(mla, heads))
+        beside_mask = (
+            rows * s * (at_return - mla_outputs_elements(mla, heads) // 2)
+        )  # inside sdpa: one output
+        expanded = 0  # its K and V are every head's already
+    else:
+        moments.append(("rotary", last, stream(last, 1), rows * s * 4 * q_width))
     masks = _masks(geom, prompt, padded, attention == "eager")
     if attention == "eager":
         held += (masks + geom.window_zero_mask) * pairs * s  # the float masks, every layer's
@@ -250,14 +273,14 @@ def prefill_activations(
             name, layer, states, own = moments[index]
             moments[index] = (name, layer, states, own + probabilities)
         # at the softmax: the rotated q, K and V expanded, the scores
-        scores = pairs * heads * eager_score_bytes(s) + rows * q_width * s + expanded + qkv
+        scores = pairs * heads * eager_score_bytes(s) + beside_scores + expanded + qkv
         moments.append(("scores", last, stream(last, 1), scores))
     else:  # bool masks, one for every head (and row, unpadded); Qwen2-MoE's of window 0 read by no layer
         held += (masks + geom.window_zero_mask) * (pairs if padded else prompt * prompt)
     if attention != "eager" and masks:
         # a masked layer's sdpa: the rotated q, K and V expanded, the mask in the compute dtype (torch's sdpa
         # turns a bool mask into one, for every row), the output and its float32 log-sum-exp
-        masked = pairs * s + 2 * rows * q_width * s + expanded + batch * heads * prompt * FLOAT32 + qkv
+        masked = pairs * s + beside_mask + expanded + batch * heads * prompt * FLOAT32 + qkv
         at = _last_masked_layer(geom, padded)
         moments.append(("mask", at, stream(at, 1), masked))
     unwritten = _unwritten_kv(geom, layer_kv_bytes)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from analyzers.planning.mla_prefill import mla_attention_elements
+from analyzers.planning.moe_prefill import DEEPSEEK_ROUTERS
 from analyzers.planning.prefill_activations import (
     PrefillActivations,
     cpu_flash_thread_bytes,
@@ -65,13 +67,30 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
         own = f"{moe} holds {_MOE_TEXT[act.moment].format(k=k, width=expert_width)}"
         if act.moment != "shared expert":
             own += f", with its router's logits (R x {geom.experts}), top-k weights and the sort's indices"
-        if geom.shared_intermediate_size and act.moment != "shared expert":
+        deepseek = geom.expert_routing in DEEPSEEK_ROUTERS  # its shared experts run after the routed ones
+        if geom.shared_intermediate_size and act.moment != "shared expert" and not deepseek:
             own += " and the shared expert's output (R x hidden)"
+        if act.moment == "shared expert" and deepseek:
+            own += (
+                f", after the routed experts, beside their sum (R x hidden) and its router's float32 logits "
+                f"(R x {geom.experts}) and top-k weights,"
+            )
     elif act.moment == "rotary":
         own = (
             f"its last layer's rotary embedding holds q ({geom.num_attention_heads} heads x {geom.head_dim}) "
             "four times (the projection, its products with cos and sin, its rotated half), its k and v "
             "counted as its KV, which its cache has not copied yet,"
+        )
+    elif act.moment == "attention" and geom.mla is not None:  # latent attention (`mla_prefill`)
+        mla, heads = geom.mla, geom.num_attention_heads
+        d = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+        own = (
+            "its last layer's latent attention holds, as sdpa returns, "
+            f"R x {mla_attention_elements(mla, heads):,} (its query projection, the query with its rotated "
+            f"part and the keys, {heads} heads x {d} each; "
+            f"the rotated part; the latent projection, {mla.kv_lora_rank} + {mla.qk_rope_head_dim}; the "
+            f"heads' unrotated keys and values, {heads} x {mla.qk_nope_head_dim + mla.v_head_dim}; the "
+            f"output and its transposed copy, {heads} x {mla.v_head_dim} each)"
         )
     else:  # "mask": a masked layer's sdpa
         masked = "its last masked layer's sdpa"
@@ -88,10 +107,12 @@ def _moment_text(geom: ModelGeometry, act: PrefillActivations) -> str:
     streams, stream_names = _stream_text(geom, act)
     tables = geom.rotary_tables
     pairs = f", one pair for each of its {tables} kinds of layer" if tables > 1 else ""
+    rotary = geom.rotary_dim or geom.head_dim
+    tables_text = f"the rotary cos and sin (R x {rotary} each{pairs})"
+    if geom.mla is not None and geom.mla.complex_rotary:  # DeepSeek-V2's
+        tables_text = f"the rotary freqs_cis (R x {rotary // 2} complex64)"
     return (
-        f"{own} beside {streams} of {width} ({stream_names}), the rotary cos and sin "
-        f"(R x {geom.rotary_dim or geom.head_dim} "
-        f"each{pairs}) and 16 B of position ids a token"
+        f"{own} beside {streams} of {width} ({stream_names}), {tables_text} and 16 B of position ids a token"
     )
 
 
@@ -101,7 +122,7 @@ def _stream_text(geom: ModelGeometry, act: PrefillActivations) -> tuple[str, str
     names = ["the embeddings" if act.layer > 0 else "the embeddings (the layer's input)"]
     if act.layer > 0:
         names.append("the layer's input")
-    if act.moment not in ("rotary", "mask", "scores"):
+    if act.moment not in ("rotary", "mask", "scores", "attention"):
         names.append("its residual")
     if not geom.norms_after:
         names.append("the normed input")
@@ -111,6 +132,8 @@ def _stream_text(geom: ModelGeometry, act: PrefillActivations) -> tuple[str, str
 
 def _layer_kind(geom: ModelGeometry) -> str:
     """Which of transformers' layers the estimate follows: a Llama's, or its MLP or MoE in another's."""
+    if geom.mla is not None:
+        return "latent-attention layer" + (" with its MoE block" if geom.moe_layers else "")
     if geom.moe_layers:
         return "Llama layer with this family's MoE block"
     if geom.norms_after:

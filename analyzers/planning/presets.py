@@ -43,6 +43,8 @@ class MlaShape:
     # The heads' K (nope + rope) and V cached instead of the latent: DeepSeek-V3.2's sparse attention
     # under a transformers before 5.25 (`hf_config.DSA_CACHES_LATENT_SINCE`); vLLM caches the latent
     expanded_heads: int | None = None
+    # DeepSeek-V2's rotary table: complex `freqs_cis` (r / 2 complex64 a token), not cos and sin
+    complex_rotary: bool = False
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from analyzers.planning.run_cache_kind import (
     quantized_layout,
 )
 from analyzers.planning.run_calls import CallRequest, call_request, prompt_ends
+from analyzers.planning.run_experts import run_experts
 from analyzers.planning.run_padding import call_padded
 from analyzers.readers.engine_files import read_engine
 from analyzers.readers.run_files import kv_log_notes
@@ -138,6 +139,9 @@ def run_defaults(
     notes.extend(str(warning) for warning in run.manifest.get("warnings") or ())
     main, kv, stopped = _main_cache(run, replay=next_stage(progress, "replaying KV log", "event"))
     geometry = _geometry(run, notes, main, transformers_layout)
+    geometry, experts_note = run_experts(geometry, run.manifest.get("model"), run.path.name)
+    if experts_note is not None:
+        notes.append(experts_note)
     if main is None:
         raise KvtraceError(
             f"{root}: the run logged no KV cache, so it has no cache, batch or context to plan from; plan it "
