@@ -8,6 +8,7 @@ analyzers.planning.diagnose_remedies prices the usual remedies and calls these w
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from analyzers.planning.diagnose_buffer_remedies import PreallocatedBuffers
@@ -38,6 +39,8 @@ __all__ = [
     "quantized_widening",
     "static_cache_at_model_dtype",
 ]
+
+_FP8_SCALE_BYTES = 2 * 4  # a float32 scale for a layer's K and one for its V
 
 
 def int4_remedy(
@@ -270,7 +273,9 @@ def fp8_remedy(d: dict[str, object], own_kv: int, kv_bits: int, held_by: str, ne
     step's end was priced: the demo's Llama (8 rows, 20-token prompt, 64 new tokens, fp32) was promised
     31.12 MiB off its 110.17 MiB peak, "fits" on an 80 MiB budget, where the fp8 recording peaked at
     80.71 MiB (29.46 MiB off). Where the run does not tell that moment, the step's end alone."""
-    saved = round(own_kv * (1 - 8 / kv_bits))
+    # less the float32 scale of each K and V the layers hold by then, which the fp8 cache adds (before, the
+    # step's end was priced that many bytes under the fp8 recording: 16 B on the tiny 2-layer Llama)
+    saved = round(own_kv * (1 - 8 / kv_bits)) - _fp8_scale_bytes(d, own_kv, kv_bits)
     text = (
         f"An fp8 KV cache (QuantizedCache(backend='fp8')) saves {human_bytes(saved)} of the "
         f"{human_bytes(own_kv)} {held_by}"
@@ -290,6 +295,21 @@ def fp8_remedy(d: dict[str, object], own_kv: int, kv_bits: int, held_by: str, ne
         f"the fp8 run's peak at {_against_this_moment(peak_bytes, lower)}"
     )
     return Remedy("quantized_kv", 8, lower, fits(lower, need), text)
+
+
+def _fp8_scale_bytes(d: dict[str, object], own_kv: int, kv_bits: int) -> int:
+    """Bytes of the float32 scales an fp8 cache keeps at the moment: one for each K and V of every layer
+    holding KV then, as many as the moment's `own_kv` fills at the tokens held (at a prefill, the layers
+    its step had reached; `layer_tokens` counts them at the step's end). 0 where the run does not tell
+    the KV geometry."""
+    batch, tokens, layers = d.get("batch"), d.get("tokens_held"), d.get("kv_layers")
+    if not isinstance(batch, int) or not isinstance(tokens, int) or not isinstance(layers, int):
+        return 0
+    elements = _layer_elements(d, batch, layers) if tokens and layers else None
+    if elements is None:
+        return 0
+    layer_bytes = elements * tokens * kv_bits / 8  # one layer's K and V at the tokens held, every row
+    return _FP8_SCALE_BYTES * min(layers, math.ceil(own_kv / layer_bytes - 1e-9))
 
 
 def _fp8_update_moment(d: dict[str, object], own_kv: int, kv_bits: int) -> tuple[int, int] | None:
@@ -314,7 +334,7 @@ def _fp8_update_moment(d: dict[str, object], own_kv: int, kv_bits: int) -> tuple
     # what the model's cache stores, without a growth copy live at the moment (the run's, at full width)
     stored = d.get("kv_stored_bytes")
     stored = min(stored, own_kv) if isinstance(stored, int) and stored else own_kv
-    held = round(stored * 8 / kv_bits) + 2 * 4 * layers  # a float32 scale per layer's K and per its V
+    held = round(stored * 8 / kv_bits) + _FP8_SCALE_BYTES * layers
     old_and_new, copies = fp8_update_bytes(elements, elements / 2, tokens)
     return run.update_beside_bytes + (kv - own_kv) + held + old_and_new + copies, copies
 

@@ -19,6 +19,7 @@ from analyzers.planning.encoder_pass import encoder_pass_bytes
 from analyzers.planning.fp8_update import fp8_update_bytes
 from analyzers.planning.plan_kv import kv_sizes
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, RecordedPeak
+from analyzers.planning.presets import dtype_bytes_for
 from analyzers.planning.recorded_dtype import in_compute_dtype
 from analyzers.planning.recorded_run import run_request, same_cache_as_run
 from analyzers.planning.recorded_terms import (
@@ -31,6 +32,7 @@ from analyzers.planning.recorded_terms import (
     moments_grown,
     pairs_squared,
     prefill_growth,
+    prefill_moment_kv,
     prefill_peaks,
     prompt_bytes_kept,
     prompt_ratio,
@@ -38,6 +40,7 @@ from analyzers.planning.recorded_terms import (
     scaled_activations,
     shorter_prefill,
     static_mask_bytes,
+    step_end_beside,
     token_growth,
     unseen_at_end,
     update_token_growth,
@@ -141,9 +144,17 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
         # context 206 was 27,740 B, 4.4%, below the recording), grown as all are (an upper bound)
         mask = static_mask_bytes(req, run, rec, batch, context)
         at_end = activations + growth + gain.grown(unseen, None) + mask
+        ended = step_end_beside(run, rec, activations)
+        if ended < activations:
+            # a run that peaked at its prefill ended its steps beside less than the prefill held: at most
+            # its peak less its weights and final KV. Before, the prefill's went beside this cache's final
+            # KV: the tiny Llama (8 rows, 20-token prompt, 40 new tokens) planned fp8 from its dynamic run
+            # said 1,045,416 B where the fp8 recording peaked at its prefill at 1,005,480
+            at_end = gain.grown(ended, rec.context_token_bytes, fixed) + mask
         at_peak = max(at_end, at_prefill)
         beside_update = rec.update_activations_bytes
-        if beside_update is None or (req.cache == "quantized" and prefill_peaks(rec, grown, prompt_grown)):
+        quantize_unpriced = req.cache == "quantized" and req.kv_dtype != "fp8"
+        if beside_update is None or (quantize_unpriced and prefill_peaks(rec, grown, prompt_grown)):
             # the update's copies beside: a bound
             return req.weights_bytes + sizes.step_peak_bytes + at_peak + tokens, sizes.step_peak_bytes
         # Two moments, never live together: the run's peak (a step's end, its logits) holding this cache's
@@ -161,9 +172,10 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
         # beside its prefill's activations, not a step's end's. Before, the larger KV went beside the
         # larger activations: the demo's Llama planned at --cache sliding --window 10 said 78.67 MiB where
         # the recording peaked at its prefill at 74.74 MiB
+        moment_kv = prefill_moment_kv(req, rec, batch, context)
         step_end = _larger(
             (sizes.end_bytes + at_end + tokens, sizes.end_bytes),
-            (sizes.prefill_bytes + at_prefill + tokens, sizes.prefill_bytes),
+            (moment_kv + at_prefill + tokens, moment_kv),
         )
         peak, kv = _larger(step_end, (sizes.step_peak_bytes + in_update, sizes.step_peak_bytes))
         return req.weights_bytes + peak, kv
@@ -230,6 +242,7 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
         # eager, batch 2, a 40-token prompt, planned from context 44 at 206 was 2,305,491 B where the
         # recording peaked at 1,012,460 (+128%)
         beside = _beside_late(req, run_request(req, rec), rec, batch, context)
+        beside -= _new_token_states(req, rec, batch) if rec.update_activations_bytes is not None else 0
         return req.weights_bytes + kv + beside + copies, kv
     rows, more = max(batch / rec.batch, 1.0), attended_gain(req, rec, context)
     gain = Gain(rows, context_growth(req, rec, context), max(batch, rec.batch), more)
@@ -237,7 +250,8 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
         rec.activations_bytes - rows_freed(rec, batch), rec.context_token_bytes, rec.batch_fixed_bytes
     )
     tokens = token_growth(req, rec, batch, context)
-    if (repeats_new or fp8_new) and rec.update_activations_bytes is not None:
+    eager_after = _new_token_states(req, rec, batch) > 0  # beside eager's copies, the update's
+    if (repeats_new or fp8_new or eager_after) and rec.update_activations_bytes is not None:
         # The copies come right after a layer's update, mid-forward: beside them, what the run held at its
         # KV peak (a dynamic cache's last update), not at its peak, which may be a step's end (its logits
         # processors' vectors) or its prefill. The tiny Llama (bf16, 8 rows, 20-token prompt, 100 new
@@ -249,6 +263,7 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
             rec.update_activations_bytes * kept, rec.update_context_token_bytes, rec.update_batch_fixed_bytes
         )
         tokens = update_token_growth(rec, batch, context, kept * rows * gain.stretch)
+        activations -= _new_token_states(req, rec, batch)
         if fp8_new:
             # An fp8 cache dequantizes inside its update (`Fp8QuantizedLayer.update`), while the layer's
             # old K and V are still held beside their torch.cat copy: its KV peak, not its final KV. Before,
@@ -263,6 +278,21 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
             held, _ = fp8_update_bytes(batch * layer, 0, sizes.kv_tokens)
             copies += max(sizes.kv_bytes + held - kv, 0)
     return req.weights_bytes + kv + activations + tokens + copies, kv
+
+
+def _new_token_states(req: PlanRequest, rec: RecordedPeak, batch: int) -> int:
+    """Bytes of a decode step's new K and V (one position of a layer, every row) that the run's KV peak, a
+    dynamic cache's update, held and eager attention's copies do not: the update returns the layer's whole K
+    and V, the attention rebinds its names to them, and the new token's are freed before `repeat_kv` copies
+    the returned ones. So beside those copies a plan puts what the run held at its KV peak less these, not
+    its peak's activations (the logits a step ends with, which no layer's attention holds). 0 but for an
+    eager run planned on its own dynamic cache. Before, the peak's: the tiny Llama (fp32, 2 rows, 3-token
+    prompt), eager, planned from context 12 at 240 said 1,393,436 B where the recording peaked at 1,341,036
+    in its last layer's attention (+3.9%)."""
+    if rec.attn_implementation != "eager" or rec.cache != "dynamic" or not same_cache_as_run(req):
+        return 0
+    compute = dtype_bytes_for(req.effective_compute_dtype, 1)
+    return batch * max(k + v for k, v in req.geometry.layer_kv_widths) * compute
 
 
 def _moment_floors(

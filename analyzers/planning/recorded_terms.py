@@ -22,10 +22,12 @@ __all__ = [
     "attention_copies",
     "context_growth",
     "covering_moments",
+    "eager_scores_bytes",
     "grown_with_prompt",
     "moments_grown",
     "pairs_squared",
     "prefill_growth",
+    "prefill_moment_kv",
     "prefill_peaks",
     "prompt_bytes_kept",
     "prompt_ratio",
@@ -34,6 +36,7 @@ __all__ = [
     "scaled_activations",
     "shorter_prefill",
     "static_mask_bytes",
+    "step_end_beside",
     "token_growth",
     "unseen_at_end",
     "update_token_growth",
@@ -43,9 +46,9 @@ __all__ = [
 def attention_copies(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
     """Bytes one layer's attention holds over the attended tokens at a decode step beyond the cache's own
     storages, where they grow with the context: eager attention (the run's `attn_implementation`) expands K
-    and V to the query heads (`repeat_kv`, where there are fewer KV heads) and makes the scores, its
-    softmax in float32 (3 copies of heads x tokens, at 4 bytes: a bound); an fp8 cache dequantizes the K
-    and V it holds to float32 (`fp8_update_bytes`: 3 of K's or V's copies live at once, measured), a
+    and V to the query heads (`repeat_kv`, where there are fewer KV heads) over the last step's keys (the
+    context less the token never fed) and makes the scores (`eager_scores_bytes`); an fp8 cache dequantizes
+    the K and V it holds to float32 (`fp8_update_bytes`: 3 of K's or V's copies live at once, measured), a
     quanto or HQQ cache returns its K and V in the compute dtype. sdpa's kernels take the KV heads as they
     are, but for a static cache's decode steps under a transformers before 5.23 (`sdpa_repeats_kv`): K and
     V expanded to the query heads over every position of the cache, with the step's mask and the kernel's
@@ -62,14 +65,15 @@ def attention_copies(req: PlanRequest, rec: RecordedPeak, batch: int, context: i
         # is never fed); before, over the context: the demo's Llama planned fp8 from its dynamic run was
         # 196,608 B (8 rows x a token's 3 float32 copies of a layer's K) over its recording
         _, dequantized = fp8_update_bytes(0, batch * side, context - 1)
-    eager = rec.attn_implementation == "eager"
-    if eager:
-        head_dim = max(geom.head_dim, geom.global_head_dim or 0)
-        expanded = geom.num_attention_heads * head_dim
-        if req.cache == "quantized" and req.kv_dtype != "fp8":
-            per_token += 2 * side * compute
-        per_token += (2 * expanded * compute if expanded > side else 0) + 3 * geom.num_attention_heads * 4
-    elif sdpa_copies_unmeasured(req, rec):
+    if rec.attn_implementation == "eager":
+        # over the keys the last step's layer holds after its update, the context less the token never fed
+        keys = _attended(req, context - 1)
+        expanded = geom.num_attention_heads * max(geom.head_dim, geom.global_head_dim or 0)
+        per_key = 2 * side * compute if req.cache == "quantized" and req.kv_dtype != "fp8" else 0
+        per_key += 2 * expanded * compute if expanded > side else 0
+        scores = eager_scores_bytes(batch * geom.num_attention_heads * keys, compute)
+        return batch * keys * per_key + scores + dequantized
+    if sdpa_copies_unmeasured(req, rec):
         # beside the copies, the step's bool mask a position, torch's copy of it in the compute dtype (sdpa
         # takes a float mask) and the kernel's own buffers, bounded by the scores' float32 row a head (on the
         # CPU, flash attention's per-thread buffers: 4,100 B of the tiny Llama's 8 rows x 319 positions)
@@ -77,6 +81,22 @@ def attention_copies(req: PlanRequest, rec: RecordedPeak, batch: int, context: i
         if expanded > side:
             per_token += 2 * expanded * compute + 1 + compute + geom.num_attention_heads * 4
     return batch * attended * per_token + dequantized
+
+
+# torch's 0-dim tensors of the Python scale eager attention multiplies its scores by (a double and its
+# float32 copy), live while the scaled copy is made: measured on the CPU
+_EAGER_SCALE_SCALARS = 12
+
+
+def eager_scores_bytes(scores: int, compute: int) -> int:
+    """Bytes eager attention's scores hold at once (`eager_attention_forward`): `scores` values (rows x
+    query heads x keys) made in the compute dtype, scaled, masked, softmaxed in float32 and cast back, each
+    a new copy freeing the one before: the product beside its scaled copy (with the scale's scalars), or
+    the masked copy beside softmax's float32 copy of it (none where the compute dtype is float32) and its
+    float32 output, measured on the tiny Llama in fp32 (2 copies) and bf16 (a bf16 and 2 float32 copies).
+    Before, three float32 copies over the context, a token more than the last step's keys."""
+    upcast = 4 if compute != 4 else 0  # softmax(dtype=float32) converts its input first
+    return max(2 * scores * compute + _EAGER_SCALE_SCALARS, scores * (compute + upcast + 4))
 
 
 def context_growth(req: PlanRequest, rec: RecordedPeak, context: int) -> float:
@@ -87,6 +107,42 @@ def context_growth(req: PlanRequest, rec: RecordedPeak, context: int) -> float:
     keeps its activations (before, they grew by context / (window + 1): on the tiny Llama at batch 2,
     context 12, window 8, +19,186 B, +3.1%, over the full cache's recording; the demo's, +88%)."""
     return max(_attended(req, context) / _attended(req, rec.context), 1.0)
+
+
+def step_end_beside(run: PlanRequest, rec: RecordedPeak, activations: int) -> int:
+    """What the run held beside its weights and KV at a decode step's end, at most, of `activations` (the
+    peak moment's at the plan's rows): a run that peaked at its prefill held its final KV at its last
+    step's end within its peak, so no more than its peak less its weights and that KV beside it, kept in the
+    share fewer rows keep; the peak's own where the run peaked elsewhere, or was cut short before its end."""
+    if rec.phase != "prefill" or rec.cut_short:
+        return activations
+    final_kv = kv_sizes(run, rec.batch, rec.context).kv_bytes
+    kept = activations / max(rec.activations_bytes, 1)
+    return min(activations, math.floor(max(rec.peak_bytes - rec.weights_bytes - final_kv, 0) * kept))
+
+
+def prefill_moment_kv(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """The plan's KV at the run's prefill peak moment: the prompt's, or, for an fp8 cache planned from a
+    dynamic run whose prefill peaked before its last layers wrote their KV (`kv_at_peak_bytes` below the
+    prompt's), the layers it held then. That moment is the fp8 prefill's most where its activations are the
+    prefill's most (`prefill_activations_bytes`) and each layer's KV no larger than the run's: an earlier
+    layer's moment holds no more beside less KV, a later one's at most the run's peak less the run's KV
+    there, which outgrows the fp8 KV. Before, the prompt's whole KV: the demo's Llama (2 rows, 128-token
+    prompt, 4 new tokens), whose prefill peaked in its third of 4 layers, planned fp8 1,048,584 B over its
+    fp8 recording (a layer's 8-bit KV). Layers of one width only, where bytes count layers."""
+    sizes = kv_sizes(req, batch, context)
+    held, widths = rec.kv_at_peak_bytes, req.geometry.layer_kv_widths
+    fp8_from_dynamic = req.cache == "quantized" and req.kv_dtype == "fp8" and rec.cache == "dynamic"
+    if not fp8_from_dynamic or rec.phase != "prefill" or rec.cut_short or held is None:
+        return sizes.prefill_bytes
+    at_run = kv_sizes(run_request(req, rec), rec.batch, rec.context).prefill_bytes
+    most = rec.prefill_activations_bytes
+    if len(set(widths)) != 1 or not 0 < held < at_run or sizes.prefill_bytes > at_run:
+        return sizes.prefill_bytes
+    if most is None or rec.activations_bytes < most:
+        return sizes.prefill_bytes
+    reached = round(held / at_run * len(widths))
+    return math.ceil(sizes.prefill_bytes * reached / len(widths))
 
 
 def unseen_at_end(run: PlanRequest, rec: RecordedPeak) -> int:

@@ -61,9 +61,10 @@ def test_remedies_on_the_models_cache_leave_the_assistants_draft_cache(
     assert d["kv_bytes"] == model_kv + draft_kv
     remedies = {(r["kind"], r["setting"]): r for r in d["remedies"]}
 
-    # AND fp8 saves three quarters of the model's cache alone (32 -> 8 bits of its 18 KiB): short
+    # AND fp8 saves three quarters of the model's cache alone (32 -> 8 bits of its 18 KiB) less the float32
+    # scale the fp8 cache keeps for each of its 4 layers' K and V: short
     fp8 = remedies[("quantized_kv", 8)]
-    assert fp8["saved_bytes"] == model_kv * 3 // 4 < SHORT
+    assert fp8["saved_bytes"] == model_kv * 3 // 4 - 4 * 2 * 4 < SHORT
     assert fp8["fits"] is False
     assert "of the 18.00 KiB the model's cache holds at 32 bits" in fp8["sentence"]
     assert "The other 15.00 KiB of KV at this moment is in other caches" in fp8["sentence"]

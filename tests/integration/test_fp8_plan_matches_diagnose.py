@@ -47,3 +47,51 @@ def test_plan_and_diagnose_price_the_fp8_run_as_recorded(
     # THEN both say the recording's peak, to the byte
     assert plan["peak_bytes"] == measured
     assert diagnosis["allocated_bytes"] - fp8["saved_bytes"] == measured
+
+
+# The tiny Llama's prefill peaks above its decode steps at these shapes; the first holds the prompt's KV of
+# every layer at its peak (its last layer's MLP), the demo's Llama (64 KiB of KV a token) that of 3 of its
+# 4 layers (its third layer's)
+PREFILL_PEAKS = {"tiny": (8, 20, 40), "demo": (2, 128, 4)}
+
+
+@pytest.fixture(scope="module", params=sorted(PREFILL_PEAKS))
+def prefill_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A greedy generate() that peaks at its prefill, with a dynamic cache and with an fp8 one."""
+    import torch
+
+    batch, prompt, new = PREFILL_PEAKS[request.param]
+    folder = tmp_path_factory.mktemp(f"fp8_prefill_{request.param}")
+    torch.manual_seed(0)
+    model = build_model(tiny_size(2, 2) if request.param == "tiny" else "demo").eval()
+    found = {name: folder / name for name in ("dynamic", "fp8")}
+    record_generate(model, found["dynamic"], batch, prompt, new)
+    if HAS_FP8_CACHE:
+        record_generate(model, found["fp8"], batch, prompt, new, "fp8")
+    return found
+
+
+@needs_fp8_cache
+def test_a_run_peaking_at_its_prefill_is_priced_there_on_fp8(
+    prefill_runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the fp8 recording, peaking in its prefill: the KV it holds there is the prompt's of the layers
+    # reached, a byte a value and a float32 scale for each layer's K and V
+    report = report_json(prefill_runs["fp8"], capsys)
+    geometry = report["geometry"]
+    layer_token = 2 * geometry["num_kv_heads"] * geometry["head_dim"]  # a layer's K and V a token, 8 bits
+    batch, prompt = report["kv"]["batch"], report["kv"]["tokens_held"] - (report["steps"] - 1)
+    held = report["categories_at_peak"]["kv"]
+    layers = held // (batch * prompt * layer_token)
+    assert 0 < layers <= geometry["num_layers"]
+    assert held == layers * (batch * prompt * layer_token + 2 * 4)
+    measured = report["peak_allocated_bytes"]
+    # WHEN the dynamic run is planned on an fp8 cache, and diagnosed against a budget it exceeds
+    plan = plan_json(prefill_runs["dynamic"], capsys, "--cache", "fp8")
+    diagnosis = cli_json(["diagnose", str(prefill_runs["dynamic"]), "--budget", "1MB", "--json"], capsys)
+    (fp8,) = [r for r in diagnosis["remedies"] if r["kind"] == "quantized_kv" and r["setting"] == 8]
+    # THEN both say the recording's peak, to the byte: before, the plan put the fp8 cache's KV peak (its
+    # last update's) beside the prefill's activations, the tiny Llama 69,632 B over, the demo's 2,211,848;
+    # diagnose left out the scales, 16 and 24 B under
+    assert plan["peak_bytes"] == measured
+    assert diagnosis["allocated_bytes"] - fp8["saved_bytes"] == measured

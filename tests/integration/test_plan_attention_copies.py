@@ -109,3 +109,42 @@ def test_an_fp8_cache_planned_from_a_dynamic_run_dequantizes_beside_its_update(
     # THEN the plan is a tight upper bound: before, the copies went beside the step's end (its logits),
     # which no update holds, 22.3% over the recording
     assert measured <= plan["peak_bytes"] <= measured * (1 + 0.08), (plan["peak_bytes"], measured)
+
+
+# A 70-token prompt: generate()'s tensors that grow with the context are the only ones of more tokens than
+# the prompt, so the run tells exactly what a token adds beside its update
+LONG_PROMPT, FROM, TO = 70, 101, 400
+
+
+@pytest.fixture(scope="module")
+def eager_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """The eager Llama (fp32, 2 rows, a 70-token prompt) at contexts 101 and 400."""
+    import torch
+    import transformers
+
+    folder = tmp_path_factory.mktemp("attention_copies_eager")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    eager = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    found = {context: folder / str(context) for context in (FROM, TO)}
+    for context, run in found.items():
+        record_generate(eager, run, BATCH, LONG_PROMPT, context - LONG_PROMPT)
+    return found
+
+
+def test_eager_attention_copies_are_priced_over_the_last_steps_keys(
+    eager_runs: dict[int, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the eager run at context 400, peaking in its last layer's attention at the last step: the final
+    # KV live (2 layers of K and V, 2 KV heads x 16 at fp32, over the 399 tokens fed), not the prompt's
+    report = report_json(eager_runs[TO], capsys)
+    assert report["categories_at_peak"]["kv"] == 2 * 2 * 2 * 16 * 4 * (TO - 1) * BATCH
+    # WHEN the run at context 101, which peaked at its prefill, is planned at 400
+    plan = plan_json(eager_runs[FROM], capsys, "--context", str(TO))
+    # THEN the plan is the recording's peak, to the byte: K and V expanded to the 4 query heads and two
+    # copies of the scores over the 399 keys, beside what the run's update held less the new token's K and
+    # V. Before, three float32 copies of the scores over 400 keys beside the new token's K and V
+    assert plan["peak_bytes"] == report["peak_allocated_bytes"]
