@@ -49,7 +49,7 @@ from analyzers.readers.untraced_caches import (
 from analyzers.readers.weight_changes import add_weight_events, weight_changes, weights_changed_note
 from analyzers.trace_coverage import damaged_memory_events, skipped_events_note
 from kvtrace.errors import KvtraceError
-from kvtrace.format import ENGINE_FILES, KV_EVENTS, profiler_traces
+from kvtrace.format import ENGINE_FILES, ENGINE_NOT_FOLLOWED_NOTE, KV_EVENTS, profiler_traces
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
 from kvtrace.run_lock import holder
 from kvtrace.run_reader import read_run
@@ -148,6 +148,15 @@ def _no_model_note(manifest: dict[str, Any], from_table: list[bool]) -> str | No
     user can do: the script has no record() call to pass model= to."""
     if "model" not in manifest or manifest["model"] is not None:
         return None
+    notes = manifest.get("notes") or ()
+    if any(isinstance(note, str) and note.startswith(ENGINE_NOT_FOLLOWED_NOTE) for note in notes):
+        return (
+            "the recording (kvtrace run, or record(model='auto')) found a vLLM LLM at its first generate(), "
+            "but its engine ran in a process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1): the pool, "
+            "weights and engine steps are not in this run; record the engine in the script's process (leave "
+            "VLLM_ENABLE_V1_MULTIPROCESSING unset under kvtrace run, which sets it to 0) or with kvtrace's "
+            "vLLM plugin (KVTRACE_DIR=DIR in its environment)"
+        )
     if any(name in (manifest.get("files") or ()) for name in ENGINE_FILES) or not from_table:
         return None
     if recorded_by_kvtrace_run(manifest):
