@@ -98,16 +98,31 @@ def _read_export(export_dir: str | os.PathLike[str]) -> dict[str, pa.Table]:
     return tables
 
 
+def _flattened(
+    paths: tuple[str | os.PathLike[str] | list[Any] | tuple[Any, ...], ...],
+) -> tuple[str | os.PathLike[str], ...]:
+    """Each list or tuple among `paths` replaced by its paths: a list handed whole reached `os.fspath` deep
+    in the reader ("TypeError: expected str, bytes or os.PathLike object, not list")."""
+    flat: list[str | os.PathLike[str]] = []
+    for path in paths:
+        flat.extend(path if isinstance(path, (list, tuple)) else (path,))
+    return tuple(flat)
+
+
 def load_tables(
-    *paths: str | os.PathLike[str], strict: bool = True, on_skip: Callable[[str], None] | None = None
+    *paths: str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...],
+    strict: bool = True,
+    on_skip: Callable[[str], None] | None = None,
 ) -> Tables:
     """The export tables of `paths`: one export directory, or any sources (run directories, run groups,
     traces, snapshots, folders searched recursively), exported in memory. An export directory is read
-    alone: beside other paths it is an input that cannot be read.
+    alone: beside other paths it is an input that cannot be read. A list or tuple of paths counts as its
+    paths (`load_tables(glob.glob("runs/*"))`, as duckdb's `read_parquet([...])` takes one).
 
     With `strict` (the default) an unreadable source raises `KvtraceError`; otherwise it is left out and
     `on_skip` gets its one-line problem (as `kvtrace export` warns and goes on).
     """
+    paths = _flattened(paths)
     if not paths:
         raise KvtraceError("load_tables: give at least one path")
     for path in paths:  # first: "" would read the current folder as an export directory

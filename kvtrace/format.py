@@ -57,6 +57,9 @@ ENGINE = "engine.json"
 ENGINE_STEPS = "engine_steps.jsonl"
 ENGINE_REQUESTS = "engine_requests.jsonl"
 ENGINE_FILES = (ENGINE, ENGINE_STEPS, ENGINE_REQUESTS)
+# The manifest note of a `record(model="auto")` run whose vLLM LLM kept its engine in another process
+# (VLLM_ENABLE_V1_MULTIPROCESSING=1): readers tell it from a run that found no generate() call
+ENGINE_NOT_FOLLOWED_NOTE = "vLLM engine not followed: "
 # Written into a run by `kvtrace report` (and the demo), replaced when the run is recorded again.
 # The manifest written at start is padded with spaces (valid JSON) to this size, so that on a full disk,
 # where its atomic rewrite's new file cannot be written, the final one still fits over the same blocks.

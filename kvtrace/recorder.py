@@ -416,7 +416,7 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
             engine_core_of(llm)
         except KvtraceError as exc:
             self.engine_not_followed = type(llm).__name__
-            self.notes.append(f"vLLM engine not followed: {exc}")
+            self.notes.append(f"{fmt.ENGINE_NOT_FOLLOWED_NOTE}{exc}")
             return
         try:
             for hooks in (self._vllm, self._paged):  # the refusal watch, transformers' pool: not this run's

@@ -27,7 +27,7 @@ from kvtrace.format import MAX_LAYERS
 from kvtrace.json_reads import read_json_file
 from kvtrace.run_checks import MAX_BYTES
 
-__all__ = ["block_bytes", "has_engine", "read_engine"]
+__all__ = ["block_bytes", "has_engine", "model_in_worker_process", "read_engine"]
 
 _I64 = 2**63 - 1
 _I32 = 2**31 - 1  # the export's int32 columns (block_size, the model's geometry)
@@ -52,6 +52,23 @@ _STEP_COLUMNS = (
 def has_engine(path: str | os.PathLike[str]) -> bool:
     """Whether the run has engine files (an engine.json that is not a file is read, and refused)."""
     return os.path.lexists(Path(path) / ENGINE)
+
+
+def model_in_worker_process(path: str | os.PathLike[str]) -> bool:
+    """Whether the run's vLLM engine ran its model in a worker process of its own: its KV tensors were
+    reached through vLLM's `collective_rpc` (engine.json `pool_source` `kv_tensors_rpc`: vLLM's CPU build
+    under multiprocessing, tensor and pipeline parallelism). A profiler in the recording process then
+    traced none of the model's memory. False where engine.json is absent or damaged (its reader says so)."""
+    file = Path(path) / ENGINE
+    if not file.is_file():
+        return False
+    try:
+        data = read_json_file(file, "not valid JSON")
+    except KvtraceError:
+        return False
+    return (
+        isinstance(data, dict) and data.get("name") == "vllm" and data.get("pool_source") == "kv_tensors_rpc"
+    )
 
 
 def _int(value: Any, where: str, name: str, default: int | None = None) -> int:

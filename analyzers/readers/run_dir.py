@@ -28,6 +28,7 @@ from analyzers.model import (
     MemorySource,
     normal_device,
 )
+from analyzers.readers.engine_files import model_in_worker_process
 from analyzers.readers.kv_before_trace import add_kv_frees, held_bytes, kv_held_before_trace
 from analyzers.readers.run_baseline import held_before_trace, weights_from_table
 from analyzers.readers.run_files import (
@@ -48,7 +49,7 @@ from analyzers.readers.untraced_caches import (
 from analyzers.readers.weight_changes import add_weight_events, weight_changes, weights_changed_note
 from analyzers.trace_coverage import damaged_memory_events, skipped_events_note
 from kvtrace.errors import KvtraceError
-from kvtrace.format import ENGINE_FILES, KV_EVENTS, profiler_traces
+from kvtrace.format import ENGINE_FILES, ENGINE_NOT_FOLLOWED_NOTE, KV_EVENTS, profiler_traces
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
 from kvtrace.run_lock import holder
 from kvtrace.run_reader import read_run
@@ -104,6 +105,12 @@ FORWARDS_ELSEWHERE_NOTE = (
     "profiler's trace has no memory events of the model's thread: memory figures are the KV log's over the "
     "weights, as for a run recorded with profiler=False (activations, logits and other allocations unseen)"
 )
+VLLM_WORKER_NOTE = (
+    "vLLM ran the model in its worker process (engine.json pool_source kv_tensors_rpc), not in the process "
+    "whose profiler wrote this run's trace, which has none of the model's memory events: memory figures are "
+    "the KV log's over the weights, as for a run recorded with profiler=False (activations, logits and "
+    "other allocations unseen)"
+)
 PROFILE_MEMORY_OFF_NOTE = (
     "the run was recorded with profile_memory=False, so its profiler trace has no allocator events: memory "
     "figures are the KV log's over the weights, as for a run recorded with profiler=False (activations and "
@@ -141,6 +148,15 @@ def _no_model_note(manifest: dict[str, Any], from_table: list[bool]) -> str | No
     user can do: the script has no record() call to pass model= to."""
     if "model" not in manifest or manifest["model"] is not None:
         return None
+    notes = manifest.get("notes") or ()
+    if any(isinstance(note, str) and note.startswith(ENGINE_NOT_FOLLOWED_NOTE) for note in notes):
+        return (
+            "the recording (kvtrace run, or record(model='auto')) found a vLLM LLM at its first generate(), "
+            "but its engine ran in a process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1): the pool, "
+            "weights and engine steps are not in this run; record the engine in the script's process (leave "
+            "VLLM_ENABLE_V1_MULTIPROCESSING unset under kvtrace run, which sets it to 0) or with kvtrace's "
+            "vLLM plugin (KVTRACE_DIR=DIR in its environment)"
+        )
     if any(name in (manifest.get("files") or ()) for name in ENGINE_FILES) or not from_table:
         return None
     if recorded_by_kvtrace_run(manifest):
@@ -311,12 +327,14 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
                 _sampled_step_starts(run.memory_samples),
             )
     elsewhere = bool(traces and run.kv_events) and _forwards_all_elsewhere(run.manifest)
+    # vLLM's worker in a process of its own (KVTRACE_PROFILER=1 profiles the engine core's)
+    in_worker = bool(traces and run.kv_events) and model_in_worker_process(path)
     trace_empty = bool(traces) and not any(len(dev) for dev in source.devices)
     # A block that ended before its first allocation (it raised at once) leaves a trace without memory
     # events and a KV log without a line: the weights, resident since before the block, are what it held,
     # as a run recorded with profiler=False reports them, not an empty device list
     ended_before_allocating = trace_empty and not run.kv_events and bool(run.weights)
-    trace_missed_the_model = bool(traces and run.kv_events) and (elsewhere or trace_empty)
+    trace_missed_the_model = bool(traces and run.kv_events) and (elsewhere or in_worker or trace_empty)
     memory_off = run.manifest.get("options", {}).get("profile_memory") is False
     if ended_before_allocating and not memory_off:
         source.meta.setdefault("input_notes", []).append(_before_allocating_note(run.manifest))
@@ -333,6 +351,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
         # what it misses.
         if memory_off:
             note = PROFILE_MEMORY_OFF_NOTE
+        elif in_worker:
+            note = VLLM_WORKER_NOTE
         elif elsewhere:
             note = FORWARDS_ELSEWHERE_NOTE
         elif memory_damaged:
@@ -374,6 +394,8 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
             source.meta["events_from"] = "kv_log (it was recorded with profile_memory=False)"
         elif ended_before_allocating:
             source.meta["events_from"] = f"kv_log ({_before_allocating_clause(run.manifest)})"
+        elif in_worker:
+            source.meta["events_from"] = "kv_log (vLLM ran the model in its worker process, not traced)"
         elif elsewhere:
             source.meta["events_from"] = "kv_log (the model's forwards ran on another thread)"
         elif memory_damaged:

@@ -140,8 +140,8 @@ def _batch_lines(result: VllmPlan) -> list[str]:
     lines = [f"--batch {req.batch} does not fit: {need} ({fit})."]
     if at_once and result.starts:
         lines.append(
-            f"  vLLM starts, and runs the others as blocks free up, preempting some; --max-num-seqs "
-            f"{at_once} keeps every running request at full length"
+            f"  vLLM starts, and runs the others as blocks free up, preempting some; vLLM's --max-num-seqs "
+            f"{at_once} keeps every running request at full length (here: --batch {at_once})"
         )
     return lines
 

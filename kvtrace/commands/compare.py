@@ -30,9 +30,11 @@ class CompareCommand(Command):
     included, the profiler's start-up and trace writing not; per row, and over every batch row (under beam
     search the rows are beams: the table says so). Run groups compare by their totals (tokens/s: rank 0's
     under tensor parallelism, the ranks' sum under data parallelism), and rank by rank when all RUNs are
-    groups of the same world size. Exit status: 0 on success; 1 when the HTML or standard output cannot be
-    written; 2 for unreadable input or bad flags, a run group's rank included (the others are compared, and
-    its error follows on stderr).
+    groups of the same world size. An engine run (vLLM, transformers' continuous batching) adds its pool's
+    rows (requests, blocks, preemptions, output tokens), its tokens/s the requests' output tokens over the
+    time from its first request to its last step (the per-row figures: "-"). Exit status: 0 on success;
+    1 when the HTML or standard output cannot be written; 2 for unreadable input or bad flags, a run
+    group's rank included (the others are compared, and its error follows on stderr).
     """
 
     name = "compare"

@@ -143,7 +143,8 @@ class DemoCommand(Command):
             default="hf",
             help="hf: transformers generate() (default); vllm: a tiny Llama 3 shape served by vLLM (needs "
             "vLLM installed) in a KV pool small enough to preempt (8 requests x 100 tokens; of the other "
-            "flags only --out, --no-profiler, --no-report and -q apply)",
+            "flags only --out, --overwrite, --no-profiler, --no-report and -q apply, the others are "
+            "refused)",
         )
 
     def run(self, args: argparse.Namespace) -> int:

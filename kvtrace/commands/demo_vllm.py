@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from kvtrace.commands.base import shell_arg
 from kvtrace.commands.demo import refuse_not_a_run_folder, refuse_occupied
-from kvtrace.errors import MissingPart
+from kvtrace.errors import KvtraceError, MissingPart
 
 if TYPE_CHECKING:
     from kvtrace.llama import ModelSize
@@ -31,6 +31,23 @@ POOL_BLOCKS = 32
 MAX_MODEL_LEN = 512
 REQUESTS = 8
 NEW_TOKENS = 100
+# The transformers demo's flags, with the value each has when not typed: the vLLM demo's workload is fixed,
+# so a flag typed here would be ignored, and the run would not be the one asked for
+_HF_ONLY_FLAGS = (
+    ("size", "--size", "demo"),
+    ("batch", "--batch", 8),
+    ("prompt", "--prompt", None),
+    ("new_tokens", "--new-tokens", 64),
+    ("gpu_memory", "--gpu-memory", None),
+    ("dtype", "--dtype", "float32"),
+    ("cache", "--cache", "dynamic"),
+    ("window", "--window", None),
+    ("beams", "--beams", 1),
+    ("with_stack", "--with-stack", False),
+    ("device", "--device", "cpu"),
+    ("press", "--press", None),
+    ("compression", "--compression", None),
+)
 
 
 def _model_size() -> ModelSize:
@@ -48,8 +65,22 @@ def pool_bytes(size: ModelSize) -> int:
     return POOL_BLOCKS * per_block
 
 
+def refuse_hf_flags(args: argparse.Namespace) -> None:
+    """Refuse a transformers demo flag typed with --engine vllm, before vLLM starts: its workload is fixed
+    (8 requests x 100 new tokens in a 32-block pool), and a --batch or --gpu-memory silently dropped would
+    report a run other than the one asked for."""
+    typed = [flag for name, flag, default in _HF_ONLY_FLAGS if getattr(args, name, default) != default]
+    if typed:
+        raise KvtraceError(
+            f"{', '.join(typed)} {'does' if len(typed) == 1 else 'do'} not apply with --engine vllm: its "
+            f"workload is fixed ({REQUESTS} requests x {NEW_TOKENS} new tokens in a {POOL_BLOCKS}-block "
+            "pool); of the other flags only --out, --overwrite, --no-profiler, --no-report and -q apply"
+        )
+
+
 def run_vllm_demo(args: argparse.Namespace) -> int:
     """Record the preempting workload, print the report's summary and write the HTML."""
+    refuse_hf_flags(args)
     out = Path(args.out or "runs/demo-vllm")
     refuse_not_a_run_folder(out)
     refuse_occupied(out, args.overwrite)  # as the HF demo: no silent loss

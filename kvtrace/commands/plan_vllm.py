@@ -326,6 +326,26 @@ def _defaults(args: argparse.Namespace, measured: dict[str, Any], length_default
     return tuple(left)
 
 
+# vLLM's settings that are whole numbers of at least 1: (args attribute, flag); --context gives
+# max_model_len under --engine vllm
+_AT_LEAST_ONE = (
+    ("max_model_len", "--max-model-len"),
+    ("context", "--context"),
+    ("block_size", "--block-size"),
+    ("tensor_parallel_size", "--tensor-parallel-size"),
+    ("max_num_batched_tokens", "--max-num-batched-tokens"),
+)
+
+
+def _refuse_sizes_below_one(args: argparse.Namespace) -> None:
+    """A setting typed as 0 or less, refused naming the flag typed: the plan's own check names the setting
+    ("max model length"), which --context, its other name here, does not say."""
+    for name, flag in _AT_LEAST_ONE:
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value < 1:
+            raise KvtraceError(f"{flag} must be at least 1, got {value}")
+
+
 def run_vllm_plan(args: argparse.Namespace) -> int:
     from analyzers.engine import draft_kv_layers
     from analyzers.planning.hf_config import geometry_from_config
@@ -336,6 +356,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
 
     # transformers-side flags that vLLM's arithmetic has its own names for: refused rather than ignored
     refuse_transformers_flags(args)
+    _refuse_sizes_below_one(args)
     if args.kv_dtype is not None:
         raise KvtraceError("--kv-dtype does not apply with --engine vllm: use --kv-cache-dtype (auto or fp8)")
     if getattr(args, "prompt", None) is not None:

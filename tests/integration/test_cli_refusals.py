@@ -490,7 +490,7 @@ REAL = SAMPLES.parent.parent / "shared" / "real_traces"
     [
         (["--dtype", "fp8"], "--dtype fp8 with --engine vllm: vLLM's plan takes bf16, fp16 or fp32"),
         (["--kv-dtype", "fp8"], "--kv-dtype does not apply with --engine vllm: use --kv-cache-dtype"),
-        (["--max-model-len", "0"], "max model length must be at least 1, got 0"),
+        (["--max-model-len", "0"], "--max-model-len must be at least 1, got 0"),
     ],
     ids=["dtype", "kv-dtype", "max-model-len-0"],
 )

@@ -312,3 +312,20 @@ def test_to_pandas_without_pandas_is_one_clear_error(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "pandas", None)  # what `import pandas` meets where it is not installed
     with pytest.raises(KvtraceError, match="pip install pandas"):
         tables.to_pandas()
+
+
+def test_load_tables_takes_a_list_of_paths_as_its_paths(tmp_path: Path) -> None:
+    # GIVEN two runs, named as a notebook names them: a list, as glob.glob returns (duckdb's read_parquet
+    # takes one too)
+    first, second = _small_run(tmp_path / "a"), _small_run(tmp_path / "b")
+    # WHEN the list is given whole (it raised TypeError: "expected str, bytes or os.PathLike object, not
+    # list", from deep in the reader)
+    listed = kvtrace.load_tables([first, second])
+    # THEN it reads as the paths given one by one
+    named = kvtrace.load_tables(first, second)
+    assert listed.runs.column("run_id").to_pylist() == [first.as_posix(), second.as_posix()]
+    for name in named:
+        assert listed[name].equals(named[name]), name
+    # AND an empty list is refused in one line, as no path at all is
+    with pytest.raises(KvtraceError, match="load_tables: give at least one path"):
+        kvtrace.load_tables([])

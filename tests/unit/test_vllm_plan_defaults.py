@@ -188,7 +188,8 @@ def test_batch_asks_whether_that_many_requests_fit_at_once(capsys: pytest.Captur
         "--batch 10 does not fit: 10 requests of 8,192 tokens hold 5,120 blocks at once, the pool has 5,119 "
         "beside the null block (9 fit at once, max concurrency 10.00x)."
     ) in text
-    assert "--max-num-seqs 9 keeps every running request at full length" in text
+    assert "vLLM's --max-num-seqs 9 keeps every running request at full length (here: --batch 9)" in text
+    # (`kvtrace plan` has no --max-num-seqs: "unrecognized arguments" where a user typed the advice back)
     # AND without --batch nothing is asked: null, and the exit status is the start's alone
     status, data, text = _plan(capsys, *argv)
     assert status == 0 and data["batch_fits"] is None and data["request"]["batch"] is None

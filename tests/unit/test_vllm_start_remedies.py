@@ -144,3 +144,33 @@ def test_each_remedys_flag_typed_into_plan_plans_that_remedy(capsys: pytest.Capt
             remedy["num_blocks"],
         )
     assert remedies[2]["flag"] == f"--kv-cache-memory-bytes {513 * BLOCK}" and remedies[2]["starts"]
+
+
+def test_the_l4_example_of_docs_vllm_analysis_is_the_plans(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN docs/vllm-analysis.md's example, Llama 3.1 8B on an L4 at vLLM's default length (131,072)
+    from pathlib import Path
+
+    from kvtrace.cli import main
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "vllm-analysis.md").read_text()
+    assert "`kvtrace plan --engine vllm --preset llama-3.1-8b --gpu-memory L4`" in doc
+    # the L4's nvidia-smi total less the driver's 512 MiB, at vLLM's 0.92; bf16 weights, 8,030,261,248
+    # parameters on one GPU, and a tensor-parallel rank's 8,030,527,488 B (the vocabulary padded and split)
+    utilized = math.ceil((23_034 - 512) * MIB * 0.92)
+    # an fp8 pool: 1 MiB blocks of 16 tokens; the longest length fits in the blocks less the null block
+    fp8_blocks = (utilized - 8_030_261_248 * 2) // MIB
+    longest = (fp8_blocks - 1) * 16
+    # tensor_parallel_size 2: 4 KV heads a rank, 1 MiB a block in bf16
+    tp2_blocks = (utilized - 8_030_527_488) // MIB
+    assert (longest, tp2_blocks) == (86_432, 13_061)
+    # WHEN planned THEN the plan says those figures, and so does the doc
+    assert main(["plan", "--engine", "vllm", "--preset", "llama-3.1-8b", "--gpu-memory", "L4"]) == 1
+    text = capsys.readouterr().out
+    assert f"still refused, the longest max_model_len {longest:,}" in text
+    assert f"{tp2_blocks:,} blocks, one request of 131,072 tokens needs 8.00 GiB" in text
+    flat = " ".join(doc.split())
+    assert (
+        f'still refused, the longest max_model_len {longest:,}", "[starts] --tensor-parallel-size 2: ...'
+        in flat
+    )
+    assert f'2: ... {tp2_blocks:,} blocks")' in flat

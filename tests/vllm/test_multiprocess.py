@@ -40,8 +40,11 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def plugin_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The workload under KVTRACE_DIR, with the plugin's profiler on (KVTRACE_PROFILER=1)."""
     run_dir = tmp_path_factory.mktemp("vllm-mp") / "run"
-    figures = run_script("multiprocess", str(tiny_model_dir), kvtrace_dir=run_dir, multiprocess=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KVTRACE_PROFILER", "1")
+        figures = run_script("multiprocess", str(tiny_model_dir), kvtrace_dir=run_dir, multiprocess=True)
     return {"dir": run_dir, **figures}
 
 
@@ -118,6 +121,22 @@ def _cli_json(argv: list[str], ok: tuple[int, ...] = (0,)) -> dict[str, Any]:
 def test_kvtrace_report_reads_it(plugin_run: dict[str, Any]) -> None:
     report = _report_json(plugin_run["dir"])
     assert report["kv"]["peak_bytes"] == POOL_BYTES
+
+
+def test_the_engine_cores_profiler_is_read_as_missing_the_workers_memory(plugin_run: dict[str, Any]) -> None:
+    # GIVEN KVTRACE_PROFILER=1: torch.profiler runs in the engine core, where the plugin records, while vLLM's
+    # CPU build runs the model in a worker process of its own (its MultiprocExecutor, even for one worker)
+    run_dir = plugin_run["dir"]
+    assert fmt.profiler_traces(run_dir), "the plugin wrote no profiler trace"
+    assert json.loads((run_dir / fmt.ENGINE).read_text())["pool_source"] == "kv_tensors_rpc"
+    # WHEN reported
+    report = _report_json(run_dir)
+    # THEN the memory figures are the KV log's, the pool held through the run, not the engine core's few
+    # traced allocations (it read "peak 32 B", KV 0 B at the peak, beside a 1 MiB pool), and a note says why
+    (device,) = report["devices"]
+    assert device["peak_allocated_bytes"] == POOL_BYTES
+    assert device["categories_at_peak"]["kv"] == POOL_BYTES
+    assert any(note.startswith("vLLM ran the model in its worker process") for note in report["notes"])
 
 
 def test_a_tensor_parallel_run_reads_as_one_workers_share(tensor_parallel_run: dict[str, Any]) -> None:

@@ -92,7 +92,7 @@ def test_a_vllm_script_is_recorded_with_its_engine_found(
 
 
 def test_an_engine_the_user_keeps_in_its_own_process_is_said_not_recorded(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN the same script with VLLM_ENABLE_V1_MULTIPROCESSING=1 set by the user (kvtrace run keeps it)
     script, run = tmp_path / "serve.py", tmp_path / "run"
@@ -109,3 +109,11 @@ def test_an_engine_the_user_keeps_in_its_own_process_is_said_not_recorded(
     assert f"KVTRACE_DIR={run}-engine python {script}" in line
     assert "no transformers or vLLM generate() call" not in line
     assert not (run / fmt.ENGINE).exists()
+    # AND its report says so too, not that the script called no generate() ("found no generate() call, so
+    # the run has no model ... call the model's generate() while it records")
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any(
+        "found a vLLM LLM at its first generate(), but its engine ran in a process" in n for n in notes
+    )
+    assert not any("found no generate() call" in note for note in notes)
