@@ -21,18 +21,32 @@ _FRAME_KEYS = itemgetter("filename", "line", "name")
 ACTION = methodcaller("get", "action")
 
 
+class _FrameLines(dict[tuple[Any, Any, Any], str]):
+    """Each distinct frame's "file:line:name", made once: distinct stacks share most of their frames (78
+    stacks of a real snapshot hold 4,012 frames, 340 of them distinct). Frames that compare equal share a
+    text (a line 1.0 reads as an earlier frame's 1), as equal stacks already share theirs."""
+
+    def __missing__(self, frame: tuple[Any, Any, Any]) -> str:
+        file, line, name = frame
+        self[frame] = text = f"{file}:{line}:{name}"
+        return text
+
+
 class FrameTable:
     """Interns stacks: one string per distinct stack, shared by every event allocated from it."""
 
     def __init__(self) -> None:
         self.texts: list[str] = []
+        self._lines = _FrameLines()
         self._ids: dict[tuple[tuple[Any, Any, Any], ...], int] = {}
-        # Snapshots share each frame dict among the stacks that hold it (pickle memo): the identities of a
-        # stack's dicts name it without reading them. Valid while the loaded snapshot is alive (the read).
-        self._by_identity: dict[tuple[int, ...], int] = {}
         # Whole frame lists are shared too (one per call site): one look-up then, not one per frame, so a
         # long list shared by many entries costs its length once.
         self._by_list: dict[int, int] = {}
+        # Snapshots share each frame dict among the stacks that hold it (pickle memo): a stack seen before
+        # is then a list of the same dicts. It is found among those of its outline (its length and five of
+        # its dicts, by identity) and compared with them in C, where each element is the same object (a
+        # pointer test, 52 frames in ~0.2 µs), not read. Valid while the loaded snapshot is alive (the read).
+        self._by_outline: dict[tuple[int, ...], list[tuple[list[Any], int]]] = {}
 
     def intern(self, frames: Any) -> int:
         if not frames or not isinstance(frames, list):
@@ -40,11 +54,21 @@ class FrameTable:
         known = self._by_list.get(id(frames))
         if known is not None:
             return known
-        identity = tuple(map(id, frames))
-        known = self._by_identity.get(identity)
-        if known is not None:
-            self._by_list[id(frames)] = known
-            return known
+        last = len(frames) - 1
+        outline = (
+            last,
+            id(frames[0]),
+            id(frames[last >> 2]),
+            id(frames[last >> 1]),
+            id(frames[last - (last >> 2)]),
+            id(frames[last]),
+        )
+        seen = self._by_outline.get(outline)
+        if seen is not None:
+            for stack, stack_id in seen:
+                if stack == frames:  # equal frame dicts (the same ones, in a real dump): the same key
+                    self._by_list[id(frames)] = stack_id
+                    return stack_id
         try:  # the usual frame: a dict with all three keys, read in C
             key = tuple(map(_FRAME_KEYS, frames))
         except (KeyError, TypeError):
@@ -53,8 +77,11 @@ class FrameTable:
         if frame_id is None:
             frame_id = len(self.texts)
             self._ids[key] = frame_id
-            self.texts.append("\n".join(f"{file}:{line}:{name}" for file, line, name in key))
-        self._by_identity[identity] = frame_id
+            self.texts.append("\n".join(map(self._lines.__getitem__, key)))
+        if seen is None:
+            self._by_outline[outline] = [(frames, frame_id)]
+        else:
+            seen.append((frames, frame_id))
         self._by_list[id(frames)] = frame_id
         return frame_id
 
@@ -77,6 +104,8 @@ def checked_bytes(value: Any, where: str, field: str = "size") -> int:
     """A size field as an int. No allocator writes a negative size: only a damaged or crafted file has
     one, and it would make memory curves go below zero; nor one past any device, whose sums wrap the int64
     columns (ValueError: the file is reported malformed)."""
+    if type(value) is int and 0 <= value <= MAX_EVENT_BYTES:  # every size of a real dump: no more calls
+        return value
     size = integer(value, where, field)
     if size < 0:
         raise ValueError(f"negative size {shown_integer(size)} in {where}")
@@ -102,8 +131,13 @@ def blocks_with_addresses(segment: dict[str, Any]) -> list[tuple[int, dict[str, 
     address = integer(segment.get("address", 0), "a segment", "address")
     pairs = []
     for block in segment.get("blocks", []):
-        pairs.append((integer(block.get("address", address), "a block", "address"), block))
-        address = pairs[-1][0] + checked_bytes(block.get("size", 0), "a block")
+        at, size = block.get("address", address), block.get("size", 0)
+        if type(at) is not int:  # the checks' calls only where a value is odd: a dump has ~1,000 blocks
+            at = integer(at, "a block", "address")
+        if type(size) is not int or not 0 <= size <= MAX_EVENT_BYTES:
+            size = checked_bytes(size, "a block")
+        pairs.append((at, block))
+        address = at + size
     return pairs
 
 
@@ -143,8 +177,11 @@ LOST_SIZE_UNKNOWN = (
 )
 
 
-def segment_record(device: str, segment: dict[str, Any]) -> Segment:
-    blocks = [block for _, block in blocks_with_addresses(segment)]
+def segment_record(
+    device: str, segment: dict[str, Any], pairs: list[tuple[int, dict[str, Any]]] | None = None
+) -> Segment:
+    """The segment at the dump; `pairs`: its `blocks_with_addresses`, where the replay has walked them."""
+    blocks = [block for _, block in (blocks_with_addresses(segment) if pairs is None else pairs)]
     allocated = segment.get("allocated_size")
     if allocated is None:
         allocated = sum(int(b.get("size", 0)) for b in blocks if b.get("state") in LIVE_STATES)
