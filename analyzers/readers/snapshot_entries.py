@@ -207,7 +207,8 @@ def private_pool(pool_id: Any) -> bool:
     torch 2.0's snapshots have no such key. Anything but a pair of ints is taken as the default pool."""
     if not isinstance(pool_id, tuple | list) or len(pool_id) != 2:
         return False
-    return all(isinstance(v, int) and not isinstance(v, bool) for v in pool_id) and any(pool_id)
+    # (0, 0) first, in C: every segment of a dump without CUDA graphs has it
+    return any(pool_id) and all(isinstance(v, int) and not isinstance(v, bool) for v in pool_id)
 
 
 def refuse_more_than_reserved(
