@@ -47,6 +47,9 @@ class FrameTable:
         # its dicts, by identity) and compared with them in C, where each element is the same object (a
         # pointer test, 52 frames in ~0.2 µs), not read. Valid while the loaded snapshot is alive (the read).
         self._by_outline: dict[tuple[int, ...], list[tuple[list[Any], int]]] = {}
+        # The first frame dicts seen: a stack whose first dict is new has dicts of its own (torch 2.0), and
+        # skips that look-up.
+        self._first_frames: set[int] = set()
         # torch 2.0's blocks each hold their own frame dicts and strings (791 stacks of 13 distinct texts in
         # a 300 kB dump): a stack's key then hashes every string anew. One of each distinct stack per shape
         # (its length and three frames' lines) is kept, and a new list compared with those (`==` reads the
@@ -60,22 +63,24 @@ class FrameTable:
         if known is not None:
             return known
         last = len(frames) - 1
-        outline = (
-            last,
-            id(frames[0]),
-            id(frames[last >> 2]),
-            id(frames[last >> 1]),
-            id(frames[last - (last >> 2)]),
-            id(frames[last]),
-        )
-        seen = self._by_outline.get(outline)
+        outline = seen = None
+        if id(frames[0]) in self._first_frames:  # a first frame dict seen before: its dicts are shared
+            outline = (
+                last,
+                id(frames[0]),
+                id(frames[last >> 2]),
+                id(frames[last >> 1]),
+                id(frames[last - (last >> 2)]),
+                id(frames[last]),
+            )
+            seen = self._by_outline.get(outline)
+        else:
+            self._first_frames.add(id(frames[0]))
         frame_id = None if seen is None else _equal_in(seen, frames)
         if frame_id is None:
             frame_id = self._by_content(frames, last)
-            if seen is None:
-                self._by_outline[outline] = [(frames, frame_id)]
-            else:
-                seen.append((frames, frame_id))
+            if outline is not None:
+                self._by_outline.setdefault(outline, []).append((frames, frame_id))
         self._by_list[id(frames)] = frame_id
         return frame_id
 
