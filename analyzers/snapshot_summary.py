@@ -8,6 +8,7 @@ stack rules' KV and weights), the reserved bytes, the final level. So for a snap
 kept as lists and those figures are worked out here, by the same rules as the columns path
 (`analyzers.attribution.attribute`, `analyzers.timeline.device_timeline`, `analyzers.summary`); anything
 larger or odd takes the columns path. The report has no timelines: it is for `--json` and text, not HTML.
+Each trace is checked and replayed in one pass (`analyzers.readers.snapshot_one_pass`) where it can be.
 """
 
 from __future__ import annotations
