@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from analyzers.attribution import attribute
 from analyzers.model import MemorySource
 from analyzers.readers.sources import ProgressFn, next_stage
 from analyzers.summary import Report, summarize
@@ -52,6 +51,8 @@ def _load_source(path: str | os.PathLike[str], progress: ProgressFn | None) -> M
     damaged = all_memory_events_damaged(source)
     if damaged is not None:
         raise KvtraceError(f"{source.path}: {damaged}: no memory figure can be read from it")
+    from analyzers.attribution import attribute  # here: a small snapshot's report needs none of it
+
     return attribute(source, progress=next_stage(progress, "joining KV log", "storage"))
 
 

@@ -33,7 +33,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from itertools import chain
-from operator import methodcaller
+from operator import itemgetter, methodcaller
 from typing import Any
 
 import numpy as np
@@ -105,11 +105,15 @@ def _refuse_shared_containers(name: str, segments: list[Any], traces: list[list[
 def _value_counts(traces: list[list[dict[str, Any]]], key: str, boring: frozenset[str]) -> dict[str, int]:
     """Distinct per-entry values of `key` (compile_context, user_metadata) worth showing, with counts."""
     counts: Counter[str] = Counter()
-    getter = methodcaller("get", key)
+    getter, every = methodcaller("get", key), itemgetter(key)
     for trace in traces:
         if not trace or (key not in trace[0] and key not in trace[-1]):
             continue  # written by every entry of the torch versions that have it
-        for value, count in Counter(map(getter, trace)).items():  # counted in C; few distinct values
+        try:  # counted in C; few distinct values. An item read is half a `get`'s time, where all have it
+            values = Counter(map(every, trace))
+        except (KeyError, TypeError):  # an entry without it (or odd): counted, or refused, as `get` reads it
+            values = Counter(map(getter, trace))
+        for value, count in values.items():
             if value is not None and str(value) not in boring:
                 counts[str(value)] += count
     return dict(counts)
@@ -142,10 +146,15 @@ def load_snapshot(name: str, progress: ProgressFn | None = None) -> dict[str, An
 # (60 ms here) is then most of the report's time. The lists cost ~4 µs per entry, so past it (both took
 # 0.13 s at 20,000 entries; at 100,000, 0.55 s against 0.37 s) the columns are faster.
 def snapshot_source(
-    name: str, data: dict[str, Any], plain: Callable[[PlainDevice], None] | None = None
+    name: str,
+    data: dict[str, Any],
+    plain: Callable[[PlainDevice], None] | None = None,
+    one_pass: bool = False,
 ) -> MemorySource:
     """The `MemorySource` of a loaded snapshot (`load_snapshot`). With `plain`, each device's replay is
-    handed to it as a `PlainDevice` instead of joining `source.devices` as arrays: numpy is never used."""
+    handed to it as a `PlainDevice` instead of joining `source.devices` as arrays: numpy is never used.
+    With `one_pass` too, each trace is checked as it is replayed, and `NotPlain` raised for one that is not
+    plain (`analyzers.readers.snapshot_one_pass`): the caller reads the snapshot by the two-step path."""
     traces = data.get("device_traces") or []
     try:
         segments_by_device: dict[int, list[dict[str, Any]]] = {}
@@ -175,13 +184,25 @@ def snapshot_source(
             if counts:
                 source.meta.setdefault(key, counts)
         frames = FrameTable()
+        block_pairs: dict[int, list[tuple[int, dict[str, Any]]]] = {}  # walked once for both uses
         for index in device_indices:
             trace = traces[index] if index < len(traces) else []
             device_segments = segments_by_device.get(index, [])
-            replayed = replay_device(index, trace, device_segments, frames, source, plain=plain is not None)
+            replayed = replay_device(
+                index,
+                trace,
+                device_segments,
+                frames,
+                source,
+                plain=plain is not None,
+                one_pass=one_pass,
+                block_pairs=block_pairs,
+            )
             if plain is not None and replayed is not None:
                 plain(replayed)
-            source.segments.extend(segment_record(f"cuda:{index}", s) for s in device_segments)
+            source.segments.extend(
+                segment_record(f"cuda:{index}", s, block_pairs.get(id(s))) for s in device_segments
+            )
         source.frames = frames.texts
         source.markers.sort(key=lambda m: m.ts_us)
         if "skipped_events" in source.meta:  # the note's "skipped 1 of 97 events"

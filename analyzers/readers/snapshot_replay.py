@@ -37,6 +37,7 @@ from analyzers.readers.snapshot_entries import (
     segment_bytes,
     stream_of,
 )
+from analyzers.readers.snapshot_one_pass import NotPlain, replay_one_pass
 from analyzers.readers.snapshot_pools import pool_levels
 from kvtrace.errors import KvtraceError, shown_integer
 
@@ -327,16 +328,29 @@ def replay_device(
     frames: FrameTable,
     source: MemorySource,
     plain: bool = False,
+    one_pass: bool = False,
+    block_pairs: dict[int, list[tuple[int, dict[str, Any]]]] | None = None,
 ) -> PlainDevice | None:
     """Turn one device's trace ring buffer plus its final block state into a `DeviceEvents`, appended to
-    `source.devices`; with `plain`, into the `PlainDevice` returned (the trace passed `plain_trace_ok`)."""
+    `source.devices`; with `plain`, into the `PlainDevice` returned (the trace passed `plain_trace_ok`).
+    With `one_pass` too, the trace is checked and replayed in one pass (`replay_one_pass`), and `NotPlain`
+    raised where it is not plain. `block_pairs` keeps each segment's `blocks_with_addresses` (by the
+    segment's id) for its record (`segment_record`), which walks the same blocks."""
     device = f"cuda:{device_index}"
-    timed = bool(trace) and all(map(HAS_TIME, trace))
     # Reserved bytes are replayed from 0 and shifted at the end: the dump's segments minus the trace's net
     # segment growth is what was reserved when the ring buffer began.
-    replay = None if plain else _replay_columns(trace, timed, frames, device, source)
-    if replay is None:  # odd value types: the plain loop converts them one by one
-        replay = _replay_loop(trace, timed, frames, device, source)
+    counted: dict[str, int] | None = None
+    replay: tuple[Any, ...] | None
+    if plain and one_pass:
+        passed = replay_one_pass(trace, frames, device, source)
+        if passed is None:
+            raise NotPlain(device)
+        timed, counted, replay = passed
+    else:
+        timed = bool(trace) and all(map(HAS_TIME, trace))
+        replay = None if plain else _replay_columns(trace, timed, frames, device, source)
+        if replay is None:  # odd value types: the plain loop converts them one by one
+            replay = _replay_loop(trace, timed, frames, device, source)
     (
         ts,
         addrs,
@@ -370,16 +384,21 @@ def replay_device(
     pools = None
     if any(private_pool(segment.get("segment_pool_id")) for segment in segments):  # CUDA graphs' (rare)
         pools = pool_levels(segments, _as_list(addrs), _as_list(deltas), segment_changes)
-    actions = {str(action): count for action, count in Counter(map(ACTION, trace)).items()}
+    if counted is None:
+        counted = {str(action): count for action, count in Counter(map(ACTION, trace)).items()}
 
     baseline = orphan_bytes
     baseline_blocks: list[tuple[int, int, int]] = []
     rounded_at_dump = 0  # what torch.cuda.memory_allocated() counted at the dump: whole blocks
     for segment in segments:
-        for address, block in blocks_with_addresses(segment):
-            if block.get("state") in LIVE_STATES:
-                rounded_at_dump += int(block.get("size", 0))
-            if block.get("state") in LIVE_STATES and address not in live:
+        pairs = blocks_with_addresses(segment)
+        if block_pairs is not None:
+            block_pairs[id(segment)] = pairs
+        for address, block in pairs:
+            if block.get("state") not in LIVE_STATES:
+                continue
+            rounded_at_dump += int(block.get("size", 0))
+            if address not in live:
                 size = block_request_size(block)
                 baseline += size
                 stack = block.get("frames")
@@ -405,11 +424,13 @@ def replay_device(
             "bytes: not a real snapshot (damaged or made up)"
         )
     refuse_more_than_reserved(source.path, device, trace, baseline, reserved_at_dump)
-    running: Any = (
-        list(accumulate(deltas, initial=baseline))
-        if delta_arr is None
-        else baseline + np.concatenate(([0], np.cumsum(delta_arr)))
-    )
+    running: Any = None  # the allocated level before each event: an OOM's (most traces have none)
+    if pending_ooms:
+        running = (
+            list(accumulate(deltas, initial=baseline))
+            if delta_arr is None
+            else baseline + np.concatenate(([0], np.cumsum(delta_arr)))
+        )
     impossible_free: list[int] = []
     for done, entry, reserved_then, when in pending_ooms:
         field = "device_free" if "device_free" in entry else "addr"
@@ -437,7 +458,7 @@ def replay_device(
             f"({shown_integer(impossible_free[0])} B): read as unknown, as an OOM torch records without it"
         )
     source.meta["timestamps"][device] = "time_us" if timed else "event_index"
-    source.meta["trace_actions"][device] = actions
+    source.meta["trace_actions"][device] = counted
     source.meta["orphan_frees"][device] = orphan_count
     if delta_arr is None:
         return PlainDevice(
@@ -445,7 +466,7 @@ def replay_device(
             ts_us=ts,
             addr=addrs,
             delta_bytes=deltas,
-            total_reserved=[level + reserved_at_start for level in reserved_col],
+            total_reserved=list(map(reserved_at_start.__add__, reserved_col)),
             frame_id=frame_ids,
             baseline_bytes=int(baseline),
             baseline_blocks=baseline_blocks,
