@@ -276,6 +276,8 @@ def plain_trace_ok(trace: list[Any]) -> bool:
     hashable and every size, address and time a plain int in int64, no size negative or past any device,
     and the sizes' sum exact as a float. Anything else (damaged or crafted files) is read with numpy, which
     names the problem as it always has."""
+    if not ONLY_DICT.issuperset(map(type, trace)):  # an entry that is no dict: the numpy path names it
+        return False
     try:
         set(map(ACTION, trace))
     except TypeError:  # an unhashable action
@@ -298,6 +300,7 @@ HAS_TIME = methodcaller("__contains__", "time_us")
 ADDR = methodcaller("get", "addr", -1)
 TIME = itemgetter("time_us")
 ONLY_INT = frozenset({int})
+ONLY_DICT = frozenset({dict})
 
 
 def stream_of(value: Any) -> int | None:

@@ -262,3 +262,23 @@ def test_a_snapshot_without_device_traces_says_its_peak_is_the_dump(tmp_path: Pa
         note.startswith("cuda:0: the snapshot's trace holds no allocs or frees: the peak and final are what")
         for note in report["notes"]
     )
+
+
+@pytest.mark.parametrize("entry", [["alloc", 512], "alloc", 7], ids=["list", "str", "int"])
+def test_a_trace_entry_that_is_no_dict_is_refused_in_one_line(
+    tmp_path: Path, entry: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a real snapshot whose first trace entry was replaced by something that is not an event
+    from kvtrace.cli import main
+
+    data = copy.deepcopy(_raw("1.3b_snapshot.pickle"))
+    trace = next(t for t in data["device_traces"] if t)
+    trace[0] = entry
+    path = _write(tmp_path, "damaged.pickle", data)
+    # WHEN it is reported
+    code = main(["report", str(path), "--json", "--no-export"])
+    # THEN a usage-class error naming the file and the problem, not kvtrace's internal error
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert str(path) in err and "malformed snapshot" in err and "internal error" not in err
