@@ -26,6 +26,7 @@ __all__ = [
     "prefill_beside",
     "prefill_beside_at",
     "prefill_held_bytes",
+    "prefill_moment_at",
     "prefill_moments",
     "prefill_prompt_bytes",
     "prefill_windows",
@@ -232,6 +233,29 @@ def prefill_moments(
         if not any(all(a >= b for a, b in zip(other, moment, strict=True)) for other in kept):
             kept.append(moment)
     return tuple(kept)
+
+
+def prefill_moment_at(
+    source: MemorySource,
+    report: Report,
+    rows: int | None,
+    prompt: int | None,
+    context: int | None,
+    index: int,
+) -> PrefillMoment | None:
+    """The bytes beside the weights and KV after the main device's event `index` split as `prefill_moments`
+    splits them, where `index` is inside a whole prefill step: the peak's own moment, which a shorter prompt
+    shrinks (recorded_terms' `shorter_prefill`). The prefill's most beside the KV may be another moment, one
+    holding less KV (an earlier layer's), whose shrink is not the peak's. None elsewhere, or not told."""
+    parts = _prefill_parts(source, report, rows, prompt, context) if context else None
+    if parts is None:
+        return None
+    for window, (fixed, row_only, grows, pairs) in zip(prefill_windows(source, report), parts, strict=True):
+        found = np.flatnonzero(window == index)
+        if len(found):
+            at = int(found[0])
+            return int(fixed[at]), int(row_only[at]), int(grows[at]), int(pairs[at])
+    return None
 
 
 def prefill_held_bytes(

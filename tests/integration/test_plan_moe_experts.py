@@ -278,3 +278,22 @@ def test_a_dense_models_manifest_names_no_experts(tmp_path: Path) -> None:
     # THEN its manifest names none
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert "experts_implementation" not in manifest["model"]
+
+
+def test_a_shorter_prompt_is_planned_from_the_peaks_own_layer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the eager Qwen3-MoE, whose prefill peaks in its last layer (both layers' KV), while its first
+    # layer's MoE held the most beside the KV (the router sent it more rows)
+    model = _qwen3_moe("eager")
+    record_generate(model, tmp_path / "run", BATCH, PROMPT, NEW)
+    report = report_json(tmp_path / "run", capsys)
+    assert report["categories_at_peak"]["kv"] == LAYERS * 2 * KV_HEADS * HEAD_DIM * FP32 * ROWS
+    # WHEN it is planned at half its prompt, and recorded so
+    short = PROMPT // 2
+    planned = plan_json(tmp_path / "run", capsys, "--prompt", str(short), "--reserve", "0")
+    record_generate(model, tmp_path / "short", BATCH, short, NEW)
+    recorded = report_json(tmp_path / "short", capsys)["peak_allocated_bytes"]
+    # THEN the plan bounds it: the peak's own layer shrinks, not the first layer's (25,944 B under before),
+    # over it by the step's ids, mask and positions, which the plan keeps at the run's prompt
+    assert 0 <= planned["peak_bytes"] - recorded <= 3 * BATCH * PROMPT * INT64 + SCALARS
