@@ -297,3 +297,22 @@ def test_a_shorter_prompt_is_planned_from_the_peaks_own_layer(
     # THEN the plan bounds it: the peak's own layer shrinks, not the first layer's (25,944 B under before),
     # over it by the step's ids, mask and positions, which the plan keeps at the run's prompt
     assert 0 <= planned["peak_bytes"] - recorded <= 3 * BATCH * PROMPT * INT64 + SCALARS
+
+
+def test_diagnoses_shorter_prompt_is_priced_from_the_peaks_own_layer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the eager Qwen3-MoE above, which peaks in its last layer at 2,254,604 B, diagnosed on a budget
+    # a shorter prompt meets
+    model = _qwen3_moe("eager")
+    record_generate(model, tmp_path / "run", BATCH, PROMPT, NEW)
+    budget = 1_700_000
+    diagnosis = cli_json(["diagnose", str(tmp_path / "run"), "--json", "--budget", f"{budget}B"], capsys)
+    (shorter,) = [r for r in diagnosis["remedies"] if r["kind"] == "prompt"]
+    assert shorter["fits"] and 1 <= shorter["setting"] < PROMPT
+    # WHEN recorded at the prompt it says fits
+    record_generate(model, tmp_path / "short", BATCH, shorter["setting"], NEW)
+    recorded = report_json(tmp_path / "short", capsys)["peak_allocated_bytes"]
+    # THEN the recording fits under the peak it priced (before, the first layer's shrink said 196 tokens
+    # peak at 1,697,192 B, and they peaked at 1,705,128, over the budget)
+    assert recorded <= diagnosis["allocated_bytes"] - shorter["saved_bytes"] <= budget
