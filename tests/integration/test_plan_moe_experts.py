@@ -316,3 +316,29 @@ def test_diagnoses_shorter_prompt_is_priced_from_the_peaks_own_layer(
     # THEN the recording fits under the peak it priced (before, the first layer's shrink said 196 tokens
     # peak at 1,697,192 B, and they peaked at 1,705,128, over the budget)
     assert recorded <= diagnosis["allocated_bytes"] - shorter["saved_bytes"] <= budget
+
+
+@pytest.mark.parametrize("model_kind", ["qwen3-moe", "llama"])
+def test_tokens_as_many_as_the_vocabulary_grow_with_the_prompt(
+    model_kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run of 2 rows x 500 tokens, as many as its vocabulary's 1,000 ids: its int64 positions and
+    # ids over the tokens (the MoE's float32 top-2 weights too), 8,000 B each, as long as an int64 vector
+    # over the vocabulary, which a longer prompt would keep
+    if model_kind == "llama":
+        config = transformers.LlamaConfig(**_SMALL, intermediate_size=128)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    else:
+        model = _qwen3_moe("grouped_mm")
+    vocab, prompt = _SMALL["vocab_size"], 500
+    assert BATCH * prompt == vocab
+    record_generate(model, tmp_path / "run", BATCH, prompt, NEW)
+    # WHEN planned at twice the prompt, and recorded so
+    longer = ["--prompt", str(2 * prompt), "--context", str(2 * prompt + NEW), "--reserve", "0"]
+    planned = plan_json(tmp_path / "run", capsys, *longer)
+    record_generate(model, tmp_path / "longer", BATCH, 2 * prompt, NEW)
+    recorded = report_json(tmp_path / "longer", capsys)["peak_allocated_bytes"]
+    # THEN those grow with the prompt: the plan is the recording's peak but for a few scalars (before, 39,944
+    # B under for the MoE's five, 15,960 for the Llama's two)
+    assert 0 <= planned["peak_bytes"] - recorded <= SCALARS
