@@ -305,9 +305,9 @@ def _chunk_remedy(
     # that does not say its attention
     pair = 0 if flash or told else (1 + peak.compute_bytes if attention == "sdpa" else peak.pair_bytes)
 
-    # Every chunk holds about the prompt's KV, so the last chunk's most is the most of every moment at the
-    # chunk, the moment's own among them, less than what the moment held: not the moment's own shrink
-    # (a shorter prompt's, whose earlier layers hold less KV), nor the most's, which may be another's
+    # The last chunk holds about the prompt's whole KV in every layer (`gap`), so it peaks at the most of all
+    # the moments at the chunk's length, this one's among them: not at this moment's own (a shorter prompt's
+    # figure, whose earlier layers hold less KV), nor this moment less the most's shrink (another's)
     own = peak.moments if peak.at is None else (peak.at,)
     every = (*peak.moments, *own)
 

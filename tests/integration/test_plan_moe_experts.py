@@ -7,6 +7,10 @@ Before, a GLM-4-MoE's plan counted no prefill activations ("not estimated": the 
 1,121,600 B, recorded at 2,997,432); and a run's manifest did not say whether its experts ran grouped_mm
 (k expert rows a token) or eager's loop (the tokens the router sent each expert), which its model_config.json
 does not hold either, so `plan --from-run` of an eager run said nothing of it.
+
+Also two plans that were under their recordings: a shorter prompt shrank the prefill's most beside the KV
+(the eager Qwen3-MoE's first layer) where the run peaked in another layer, and at a longer prompt a run whose
+rows x prompt make the vocabulary kept its per-token tensors, taken for vectors over the vocabulary.
 """
 
 from __future__ import annotations
