@@ -17,6 +17,7 @@ from analyzers.planning.run_moments import (
     main_timeline,
     outside_prefill_peak,
     prefill_held_bytes,
+    prefill_moment_at,
     prefill_moments,
 )
 from analyzers.planning.static_prefill import eager_pair_bytes
@@ -91,6 +92,7 @@ def prefill_peak(
         expansion_bytes=expansion,
         compute_bytes=compute,
         pair_bytes=pair,
+        at=prefill_moment_at(source, report, rows, prompt, context, index),
     )
 
 

@@ -63,6 +63,9 @@ class PrefillPeak:
     expansion_bytes: int  # one layer's K and V expanded to the query heads, a token and row (0: no GQA)
     compute_bytes: int  # an element of the model's compute dtype
     pair_bytes: int  # eager's mask and one layer's scores, a row and (query, key) pair
+    # the moment's own split as `moments`' (run_moments' `prefill_moment_at`), which a shorter prompt shrinks;
+    # None: not told, the most of `moments` shrinks
+    at: PrefillMoment | None = None
 
 
 def context_remedy(
@@ -217,7 +220,7 @@ def _prompt_remedy(
     squared = any(m[3] for m in peak.moments)
 
     def at(shorter: int) -> int:  # the prefill's peak at a prompt of `shorter` tokens
-        freed = shorter_prefill(peak.moments, peak.held_bytes, 1.0, shorter / prompt, squared)
+        freed = shorter_prefill(peak.moments, peak.held_bytes, 1.0, shorter / prompt, squared, peak.at)
         return peak.allocated_bytes - round(per_token * (prompt - shorter)) - freed
 
     acts = moments_grown(peak.moments, 1.0, 1.0, squared)
@@ -302,8 +305,17 @@ def _chunk_remedy(
     # that does not say its attention
     pair = 0 if flash or told else (1 + peak.compute_bytes if attention == "sdpa" else peak.pair_bytes)
 
+    # The last chunk holds about the prompt's whole KV in every layer (`gap`), so it peaks at the most of all
+    # the moments at the chunk's length, this one's among them: not at this moment's own (a shorter prompt's
+    # figure, whose earlier layers hold less KV), nor this moment less the most's shrink (another's)
+    own = peak.moments if peak.at is None else (peak.at,)
+    every = (*peak.moments, *own)
+
     def at(chunk: int) -> int:
-        shrunk = shorter_prefill(peak.moments, peak.held_bytes, 1.0, chunk / prompt, False)
+        shrunk = 0  # one chunk of the whole prompt: the run's prefill
+        if chunk < prompt:
+            kept = moments_grown(every, 1.0, chunk / prompt, False, peak.held_bytes)
+            shrunk = moments_grown(own, 1.0, 1.0) - kept
         return peak.allocated_bytes - shrunk + gap + layer_copy + expanded + rows * chunk * prompt * pair
 
     base, whole = at(0), moments_grown(peak.moments, 1.0, 1.0, told)

@@ -106,6 +106,10 @@ class RecordedPeak:
     # of the prefill moments' bytes that follow the prompt, those a prefill step still holds at its end
     # (run_moments' `prefill_held_bytes`), which a shorter prompt keeps; None: not told, all shrink
     prefill_held_bytes: int | None = None
+    # the peak's own moment split as `prefill_moments` are, where the run peaked inside a whole prefill step
+    # (run_moments' `prefill_moment_at`): what a shorter prompt shrinks at the peak, which the prefill's
+    # most beside the KV need not be (an earlier layer's, holding less KV); None: not told
+    prefill_peak_moment: PrefillMoment | None = None
     # held beside the weights and KV at the run's KV peak, inside a cache update making its transient copies
     # (run_moments' `update_beside`): what another cache's update copies are priced beside, rather than the
     # peak moment's activations (the logits at a step's end); None: not told

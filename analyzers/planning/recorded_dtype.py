@@ -53,6 +53,7 @@ def in_compute_dtype(rec: RecordedPeak, dtype: str) -> RecordedPeak:
         prefill_attention_bytes=None if attention is None else grown(attention, None),
         prefill_prompt_bytes=None if prompt_bytes is None else math.ceil(prompt_bytes * factor),
         prefill_moments=None,  # not told apart by dtype: `prefill_prompt_bytes`' bound stands
+        prefill_peak_moment=None,
         context_token_bytes=None if context is None else math.ceil(context * factor),
         update_context_token_bytes=None if update_context is None else math.ceil(update_context * factor),
     )

@@ -204,7 +204,11 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
         shorter = prompt_ratio(run, rec, prompt)
         squared = pairs_squared(req, rec)
         shrunk = (
-            shorter_prefill(moments, rec.prefill_held_bytes, rows * kept, shorter, squared) if moments else 0
+            shorter_prefill(
+                moments, rec.prefill_held_bytes, rows * kept, shorter, squared, rec.prefill_peak_moment
+            )
+            if moments
+            else 0
         )
         growth, tokens = max(grown_at_prefill - activations, 0) + quadratic - shrunk, 0
     grew = (req.weights_bytes - rec.weights_bytes) + moved - freed + growth + tokens

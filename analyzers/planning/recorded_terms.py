@@ -342,21 +342,32 @@ def prompt_ratio(run: PlanRequest, rec: RecordedPeak, prompt: int) -> float:
 
 
 def shorter_prefill(
-    moments: tuple[PrefillMoment, ...], held: int | None, rows: float, shorter: float, squared: bool
+    moments: tuple[PrefillMoment, ...],
+    held: int | None,
+    rows: float,
+    shorter: float,
+    squared: bool,
+    at: PrefillMoment | None = None,
 ) -> int:
     """Bytes the run's prefill `moments` (`RecordedPeak.prefill_moments`) hold less at `rows` times the run's
     rows and a prompt `shorter` times its (below 1), each its prompt's bytes in proportion but for the `held`
     ones the step never frees (`RecordedPeak.prefill_held_bytes`), eager's mask and scores with the prompt
     squared where `squared` (`pairs_squared`), else in proportion: the same figure `kvtrace diagnose` prices a
-    shorter prompt with at a prefill peak (analyzers.planning.diagnose_prompt_remedies). Before, a shorter
-    prompt kept the prefill's activations as measured (an upper bound): the tiny Llama 3 with an 8,192-wide
-    MLP, 2 rows of 2,000 tokens, planned at a 983-token prompt, said 411,833,192 B where the recording at that
-    prompt peaked at 209,507,144 (209,556,001 after: the step's ids and mask kept at the run's prompt). 0 at
-    the run's prompt or longer."""
+    shorter prompt with at a prefill peak (analyzers.planning.diagnose_prompt_remedies). Where `at`, the
+    peak's own moment (`RecordedPeak.prefill_peak_moment`), is told, what that moment holds less, as it is
+    what the figure is taken from: the prefill's most beside the KV may be another layer's moment, holding
+    less KV, whose shrink was larger (a tiny Qwen3-MoE with eager experts, 2 rows of 300 tokens peaking in its
+    last layer, planned at a 150-token prompt, was 25,944 B under its recording, its first layer's shrink
+    taken; 14,094 B over after, the step's ids kept).
+    Before, a shorter prompt kept the prefill's activations as measured (an upper bound): the tiny Llama 3
+    with an 8,192-wide MLP, 2 rows of 2,000 tokens, planned at a 983-token prompt, said 411,833,192 B where
+    the recording at that prompt peaked at 209,507,144 (209,556,001 after: the step's ids and mask kept at
+    the run's prompt). 0 at the run's prompt or longer."""
     if shorter >= 1:
         return 0
-    return moments_grown(moments, rows, 1.0, squared) - moments_grown(
-        moments, rows, shorter, squared, held or 0
+    shrunk = moments if at is None else (at,)
+    return moments_grown(shrunk, rows, 1.0, squared) - moments_grown(
+        shrunk, rows, shorter, squared, held or 0
     )
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "prefill_beside",
     "prefill_beside_at",
     "prefill_held_bytes",
+    "prefill_moment_at",
     "prefill_moments",
     "prefill_prompt_bytes",
     "prefill_windows",
@@ -234,6 +235,29 @@ def prefill_moments(
     return tuple(kept)
 
 
+def prefill_moment_at(
+    source: MemorySource,
+    report: Report,
+    rows: int | None,
+    prompt: int | None,
+    context: int | None,
+    index: int,
+) -> PrefillMoment | None:
+    """The bytes beside the weights and KV after the main device's event `index` split as `prefill_moments`
+    splits them, where `index` is inside a whole prefill step: the peak's own moment, which a shorter prompt
+    shrinks (recorded_terms' `shorter_prefill`). The prefill's most beside the KV may be another moment, one
+    holding less KV (an earlier layer's), whose shrink is not the peak's. None elsewhere, or not told."""
+    parts = _prefill_parts(source, report, rows, prompt, context) if context else None
+    if parts is None:
+        return None
+    for window, (fixed, row_only, grows, pairs) in zip(prefill_windows(source, report), parts, strict=True):
+        found = np.flatnonzero(window == index)
+        if len(found):
+            at = int(found[0])
+            return int(fixed[at]), int(row_only[at]), int(grows[at]), int(pairs[at])
+    return None
+
+
 def prefill_held_bytes(
     source: MemorySource, report: Report, rows: int | None, prompt: int | None
 ) -> int | None:
@@ -284,7 +308,13 @@ def _prefill_parts(
         return None
     vocab_units = {vocab * 4, vocab * HALF_FLOATS.get(str(geometry.get("dtype")), 4)}
     every_position = {rows * unit * prompt for unit in vocab_units} if prompt > 1 else set()
-    stays = (fixed_sizes(geometry) | {rows * unit for unit in vocab_units}) - every_position
+    # A token's scalar over the prompt (rows x prompt: an int64 position or id, a norm's float32 variance, a
+    # router's two float32 weights) is as long as a vector over the vocabulary where the rows and prompt
+    # make the vocabulary (or half, a quarter, an eighth of it): counted as the prompt's, which a longer one
+    # grows, an upper bound at the logits' moment. Before, they stayed: the tiny Qwen3-MoE (vocabulary 1,000)
+    # recorded at 2 x 500 tokens, planned at 2 x 1,000, was 39,944 B under, its five 8,000 B tensors kept
+    per_token = {rows * prompt * element for element in (1, 2, 4, 8)}
+    stays = (fixed_sizes(geometry) | {rows * unit for unit in vocab_units}) - every_position - per_token
     # of those, the ones no row count changes, as `batch_fixed_bytes` tells them (none without a context)
     other_units = row_units(geometry) - vocab_units
 

@@ -24,6 +24,7 @@ from analyzers.planning.run_moments import (
     main_timeline,
     prefill_beside_at,
     prefill_held_bytes,
+    prefill_moment_at,
     prefill_moments,
     prefill_prompt_bytes,
     update_beside_at,
@@ -84,6 +85,8 @@ class PeakMoment:
     prefill_moments: tuple[PrefillMoment, ...] | None = None
     # of those moments' prompt bytes, what a prefill step still holds at its end (`prefill_held_bytes`)
     prefill_held_bytes: int | None = None
+    # the peak's own moment split as those are, where it is inside a whole prefill step (`prefill_moment_at`)
+    prefill_peak_moment: PrefillMoment | None = None
     # held beside the weights and KV at the KV log's peak, a cache update's transient (`update_beside`)
     update_activations_bytes: int | None = None
     # of the activations at the peak, at the prefill's and at the update's, those in no model dtype
@@ -202,6 +205,11 @@ def peak_moment(
         prefill_prompt_bytes=prefill_prompt_bytes(source, report, diagnosis.batch, prompt),
         prefill_moments=prefill_moments(source, report, diagnosis.batch, prompt, context),
         prefill_held_bytes=prefill_held_bytes(source, report, diagnosis.batch, prompt),
+        prefill_peak_moment=(
+            None
+            if peak_at is None
+            else prefill_moment_at(source, report, diagnosis.batch, prompt, context, peak_at)
+        ),
         update_activations_bytes=update,
         dtype_fixed_bytes=dtype_fixed_bytes(source, report, peak_at),
         prefill_dtype_fixed_bytes=dtype_fixed_bytes(source, report, prefill_at),

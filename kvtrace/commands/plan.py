@@ -144,6 +144,7 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         prefill_prompt_bytes=moment.prefill_prompt_bytes if same_rows else None,
         prefill_moments=moment.prefill_moments if same_rows else None,
         prefill_held_bytes=moment.prefill_held_bytes if same_rows else None,
+        prefill_peak_moment=moment.prefill_peak_moment if same_rows else None,
         update_activations_bytes=moment.update_activations_bytes,
         compute_dtype=run.weights_dtype,  # a float dtype, the model's, where the run says
         dtype_fixed_bytes=moment.dtype_fixed_bytes,

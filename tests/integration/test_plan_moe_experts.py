@@ -7,6 +7,10 @@ Before, a GLM-4-MoE's plan counted no prefill activations ("not estimated": the 
 1,121,600 B, recorded at 2,997,432); and a run's manifest did not say whether its experts ran grouped_mm
 (k expert rows a token) or eager's loop (the tokens the router sent each expert), which its model_config.json
 does not hold either, so `plan --from-run` of an eager run said nothing of it.
+
+Also two plans that were under their recordings: a shorter prompt shrank the prefill's most beside the KV
+(the eager Qwen3-MoE's first layer) where the run peaked in another layer, and at a longer prompt a run whose
+rows x prompt make the vocabulary kept its per-token tensors, taken for vectors over the vocabulary.
 """
 
 from __future__ import annotations
@@ -278,3 +282,67 @@ def test_a_dense_models_manifest_names_no_experts(tmp_path: Path) -> None:
     # THEN its manifest names none
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert "experts_implementation" not in manifest["model"]
+
+
+def test_a_shorter_prompt_is_planned_from_the_peaks_own_layer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the eager Qwen3-MoE, whose prefill peaks in its last layer (both layers' KV), while its first
+    # layer's MoE held the most beside the KV (the router sent it more rows)
+    model = _qwen3_moe("eager")
+    record_generate(model, tmp_path / "run", BATCH, PROMPT, NEW)
+    report = report_json(tmp_path / "run", capsys)
+    assert report["categories_at_peak"]["kv"] == LAYERS * 2 * KV_HEADS * HEAD_DIM * FP32 * ROWS
+    # WHEN it is planned at half its prompt, and recorded so
+    short = PROMPT // 2
+    planned = plan_json(tmp_path / "run", capsys, "--prompt", str(short), "--reserve", "0")
+    record_generate(model, tmp_path / "short", BATCH, short, NEW)
+    recorded = report_json(tmp_path / "short", capsys)["peak_allocated_bytes"]
+    # THEN the plan bounds it: the peak's own layer shrinks, not the first layer's (25,944 B under before),
+    # over it by the step's ids, mask and positions, which the plan keeps at the run's prompt
+    assert 0 <= planned["peak_bytes"] - recorded <= 3 * BATCH * PROMPT * INT64 + SCALARS
+
+
+def test_diagnoses_shorter_prompt_is_priced_from_the_peaks_own_layer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the eager Qwen3-MoE above, which peaks in its last layer at 2,254,604 B, diagnosed on a budget
+    # a shorter prompt meets
+    model = _qwen3_moe("eager")
+    record_generate(model, tmp_path / "run", BATCH, PROMPT, NEW)
+    budget = 1_700_000
+    diagnosis = cli_json(["diagnose", str(tmp_path / "run"), "--json", "--budget", f"{budget}B"], capsys)
+    (shorter,) = [r for r in diagnosis["remedies"] if r["kind"] == "prompt"]
+    assert shorter["fits"] and 1 <= shorter["setting"] < PROMPT
+    # WHEN recorded at the prompt it says fits
+    record_generate(model, tmp_path / "short", BATCH, shorter["setting"], NEW)
+    recorded = report_json(tmp_path / "short", capsys)["peak_allocated_bytes"]
+    # THEN the recording fits under the peak it priced (before, the first layer's shrink said 196 tokens
+    # peak at 1,697,192 B, and they peaked at 1,705,128, over the budget)
+    assert recorded <= diagnosis["allocated_bytes"] - shorter["saved_bytes"] <= budget
+
+
+@pytest.mark.parametrize("model_kind", ["qwen3-moe", "llama"])
+def test_tokens_as_many_as_the_vocabulary_grow_with_the_prompt(
+    model_kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run of 2 rows x 500 tokens, as many as its vocabulary's 1,000 ids: its int64 positions and
+    # ids over the tokens (the MoE's float32 top-2 weights too), 8,000 B each, as long as an int64 vector
+    # over the vocabulary, which a longer prompt would keep
+    if model_kind == "llama":
+        config = transformers.LlamaConfig(**_SMALL, intermediate_size=128)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    else:
+        model = _qwen3_moe("grouped_mm")
+    vocab, prompt = _SMALL["vocab_size"], 500
+    assert BATCH * prompt == vocab
+    record_generate(model, tmp_path / "run", BATCH, prompt, NEW)
+    # WHEN planned at twice the prompt, and recorded so
+    longer = ["--prompt", str(2 * prompt), "--context", str(2 * prompt + NEW), "--reserve", "0"]
+    planned = plan_json(tmp_path / "run", capsys, *longer)
+    record_generate(model, tmp_path / "longer", BATCH, 2 * prompt, NEW)
+    recorded = report_json(tmp_path / "longer", capsys)["peak_allocated_bytes"]
+    # THEN those grow with the prompt: the plan is the recording's peak but for a few scalars (before, 39,944
+    # B under for the MoE's five, 15,960 for the Llama's two)
+    assert 0 <= planned["peak_bytes"] - recorded <= SCALARS
