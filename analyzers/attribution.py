@@ -412,7 +412,8 @@ def sighting_fit_us(
     temporaries): as many storages fit, but only while all those short-lived occupants are live, where the
     true lead's run lasts from the tightest fit to the first storage's free."""
     allocations, frees = _events_at(dev, storages)
-    return _sighting_fit(dev, storages, allocations, sizes_are_blocks(dev), within_us, frees)
+    run = _sighting_fit(dev, storages, allocations, sizes_are_blocks(dev), within_us, frees)
+    return None if run is None else run[0]
 
 
 def _events_at(dev: DeviceEvents, storages: list[_Storage]) -> tuple[AddrEvents, AddrEvents]:
@@ -449,11 +450,21 @@ def _lead_of(
     read as it was: 1-2.4 ms late, the next layer's same-sized projection output, 0.9 ms after a storage's
     sighting at its address, was taken for it (a one-by-one eviction's KV peak read 21,248 B, not 18,944).
     The reach is as far as `readers.trace_clock` leaves a trace unmoved: past 2 ms the storages seen at once
-    fell out of the fit, and the lead found was another's."""
-    fit = _sighting_fit(dev, storages, allocations, blocks, LEAD_REACH_US, frees)
+    fell out of the fit, and the lead found was another's.
+
+    Where the fit's run holds every storage (all live under each of its leads), the margin never reads a
+    sighting past it: under the true lead each storage's own allocation is live at its sighting, so such
+    a run holds it (a run of fewer storages may be another lead's, the true one's past the reach),
+    and past the run's end a storage freed soon after its sighting (an eviction hook's) is gone. A margin
+    past it gave such a storage the same-sized allocation that took its address within 0.5 ms (the next
+    layer's projection output: a one-by-one eviction's KV peak read 21,248 B, not 18,944)."""
+    run = _sighting_fit(dev, storages, allocations, blocks, LEAD_REACH_US, frees)
     from_fit = None
-    if fit is not None:
+    if run is not None:
+        fit, run_end, every_storage = run
         from_fit = fit + SIGHTING_MARGIN_US if fit > 0 else min(0.0, fit + SIGHTING_MARGIN_US)
+        if every_storage:
+            from_fit = min(from_fit, run_end)
     if ranges_lead_us is None:
         return from_fit or 0.0
     return ranges_lead_us if from_fit is None else min(ranges_lead_us, from_fit)
@@ -466,8 +477,9 @@ def _sighting_fit(
     blocks: bool,
     within_us: float,
     frees: AddrEvents,
-) -> float | None:
-    """`sighting_fit_us` on the `allocations` at the storages' addresses, and the `frees` there."""
+) -> tuple[float, float, bool] | None:
+    """`sighting_fit_us` on the `allocations` at the storages' addresses, and the `frees` there, with the
+    end of its run: (the run's least lead, its greatest, whether every storage with a span is live in it)."""
     ts = dev.ts_us
     indices, times, sizes, released = allocations.indices, allocations.times, allocations.sizes, frees.indices
     # Each allocation live at its storage's sighting under some leads: a pair of spans, (lead, 0 from / 1
@@ -533,7 +545,11 @@ def _sighting_fit(
                 if (run_count, at_lead - run_from) > best[:2]:
                     best = (run_count, at_lead - run_from, run_from)
                 run_from, run_count = at_lead, len(live)
-    return best[2] if best[0] else None
+    if not best[0]:
+        return None
+    storage_of = np.frombuffer(owners, dtype=np.int64)  # in storage order: each storage's spans together
+    with_spans = int(np.count_nonzero(storage_of[1:] != storage_of[:-1])) + 1
+    return best[2], best[2] + best[1], best[0] == with_spans
 
 
 _SPANS_A_TIME = 1 << 16
