@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from analyzers.planning.diagnose_buffer_remedies import PreallocatedBuffers
 from analyzers.planning.diagnosis import CONTEXT_COUNTED, Remedy, fits, no_geometry
-from analyzers.planning.fp8_update import fp8_update_bytes
+from analyzers.planning.fp8_update import fp8_prefill_attention_bytes, fp8_update_bytes
 from analyzers.planning.quantized_cache import (
     DEFAULT_GROUP_SIZE,
     DEFAULT_RESIDUAL_LENGTH,
@@ -276,6 +276,7 @@ def fp8_remedy(d: dict[str, object], own_kv: int, kv_bits: int, held_by: str, ne
     # less the float32 scale of each K and V the layers hold by then, which the fp8 cache adds (before, the
     # step's end was priced that many bytes under the fp8 recording: 16 B on the tiny 2-layer Llama)
     saved = round(own_kv * (1 - 8 / kv_bits)) - _fp8_scale_bytes(d, own_kv, kv_bits)
+    saved -= _fp8_attending_bytes(d)  # a prefill layer's K and V, its KV in the run, beside the fp8 cache
     text = (
         f"An fp8 KV cache (QuantizedCache(backend='fp8')) saves {human_bytes(saved)} of the "
         f"{human_bytes(own_kv)} {held_by}"
@@ -295,6 +296,27 @@ def fp8_remedy(d: dict[str, object], own_kv: int, kv_bits: int, held_by: str, ne
         f"the fp8 run's peak at {_against_this_moment(peak_bytes, lower)}"
     )
     return Remedy("quantized_kv", 8, lower, fits(lower, need), text)
+
+
+def _fp8_attending_bytes(d: dict[str, object]) -> int:
+    """The attending layer's full-precision K and V an fp8 cache's prefill holds beside its 8-bit copy where
+    the run peaked inside a prefill layer's attention (`fp8_prefill_attention_bytes`, the figure
+    `kvtrace plan --cache fp8` takes too): the run's cache held them as KV, which the remedy saved. 0
+    where the run does not tell the moment (`prefill_peak`'s own split) or the KV geometry."""
+    peak, batch, tokens, layers = (
+        d.get("prefill_peak"),
+        d.get("batch"),
+        d.get("tokens_held"),
+        d.get("kv_layers"),
+    )
+    at = getattr(peak, "at", None)
+    if at is None or not isinstance(batch, int) or not isinstance(tokens, int) or not isinstance(layers, int):
+        return 0
+    elements = _layer_elements(d, batch, layers) if batch and layers else None
+    compute = getattr(peak, "compute_bytes", None)
+    if elements is None or not isinstance(compute, int):
+        return 0
+    return fp8_prefill_attention_bytes(at[3], batch, tokens, elements / batch, compute)
 
 
 def _fp8_scale_bytes(d: dict[str, object], own_kv: int, kv_bits: int) -> int:

@@ -28,6 +28,7 @@ from analyzers.planning.recorded_terms import (
     attention_copies,
     context_growth,
     covering_moments,
+    fp8_prefill_attending,
     grown_with_prompt,
     moments_grown,
     pairs_squared,
@@ -175,7 +176,7 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
         moment_kv = prefill_moment_kv(req, rec, batch, context)
         step_end = _larger(
             (sizes.end_bytes + at_end + tokens, sizes.end_bytes),
-            (moment_kv + at_prefill + tokens, moment_kv),
+            (moment_kv + at_prefill + fp8_prefill_attending(req, rec, batch, context) + tokens, moment_kv),
         )
         peak, kv = _larger(step_end, (sizes.step_peak_bytes + in_update, sizes.step_peak_bytes))
         return req.weights_bytes + peak, kv

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from analyzers.planning.fp8_update import fp8_update_bytes
+from analyzers.planning.fp8_update import fp8_prefill_attention_bytes, fp8_update_bytes
 from analyzers.planning.plan_kv import kv_sizes
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, PrefillMoment, RecordedPeak
 from analyzers.planning.presets import dtype_bytes_for
@@ -23,6 +23,7 @@ __all__ = [
     "context_growth",
     "covering_moments",
     "eager_scores_bytes",
+    "fp8_prefill_attending",
     "grown_with_prompt",
     "moments_grown",
     "pairs_squared",
@@ -143,6 +144,23 @@ def prefill_moment_kv(req: PlanRequest, rec: RecordedPeak, batch: int, context: 
         return sizes.prefill_bytes
     reached = round(held / at_run * len(widths))
     return math.ceil(sizes.prefill_bytes * reached / len(widths))
+
+
+def fp8_prefill_attending(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
+    """The attending layer's full-precision K and V beside an fp8 cache's prefill, planned from a dynamic
+    run that peaked inside a prefill layer's attention (`fp8_prefill_attention_bytes`, the figure
+    `kvtrace diagnose`'s fp8 remedy takes too): measured at the run's rows and prompt, priced at the plan's.
+    0 for any other cache or moment."""
+    fp8_from_dynamic = req.cache == "quantized" and req.kv_dtype == "fp8" and rec.cache == "dynamic"
+    at = rec.prefill_peak_moment
+    if not fp8_from_dynamic or rec.phase != "prefill" or rec.cut_short or at is None:
+        return 0
+    run_prompt = kv_sizes(run_request(req, rec), rec.batch, rec.context).prompt
+    layer = max(k + v for k, v in req.geometry.layer_kv_widths)
+    compute = dtype_bytes_for(req.effective_compute_dtype, 1)
+    at_run = fp8_prefill_attention_bytes(at[3], rec.batch, run_prompt, layer, compute)
+    prompt = kv_sizes(req, batch, context).prompt
+    return math.ceil(at_run * batch * prompt / (rec.batch * run_prompt)) if at_run else 0
 
 
 def unseen_at_end(run: PlanRequest, rec: RecordedPeak) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtrace.llama import build_model
+from kvtrace.llama import ModelSize, build_model
 from tests.cli_json import cli_json, plan_json, report_json
 from tests.hf_versions import HAS_FP8_CACHE, needs_fp8_cache
 from tests.tiny import record_generate, tiny_size
@@ -93,5 +93,53 @@ def test_a_run_peaking_at_its_prefill_is_priced_there_on_fp8(
     # THEN both say the recording's peak, to the byte: before, the plan put the fp8 cache's KV peak (its
     # last update's) beside the prefill's activations, the tiny Llama 69,632 B over, the demo's 2,211,848;
     # diagnose left out the scales, 16 and 24 B under
+    assert plan["peak_bytes"] == measured
+    assert diagnosis["allocated_bytes"] - fp8["saved_bytes"] == measured
+
+
+# MHA (4 KV heads of 16), a tiny MLP, eager: the prompt's 128 x 128 scores make the prefill's last layer's
+# attention the fp8 run's peak, its full-precision K and V live beside the 8-bit copy the cache keeps
+ATTENDING = ModelSize(
+    hidden_size=64, intermediate_size=16, num_layers=2, num_heads=4, num_kv_heads=4, vocab_size=1000
+)
+ATTENDING_BATCH, ATTENDING_PROMPT, ATTENDING_NEW = 2, 128, 2
+
+
+@pytest.fixture(scope="module")
+def attending_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A greedy generate() of an eager MHA Llama peaking in its prefill's last layer's attention, with a
+    dynamic cache and with an fp8 one."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("fp8_attending")
+    torch.manual_seed(0)
+    model = build_model(ATTENDING).eval()
+    model.set_attn_implementation("eager")
+    found = {name: folder / name for name in ("dynamic", "fp8")}
+    record_generate(model, found["dynamic"], ATTENDING_BATCH, ATTENDING_PROMPT, ATTENDING_NEW)
+    if HAS_FP8_CACHE:
+        record_generate(model, found["fp8"], ATTENDING_BATCH, ATTENDING_PROMPT, ATTENDING_NEW, "fp8")
+    return found
+
+
+@needs_fp8_cache
+def test_a_prefill_peaking_in_attention_holds_the_layers_full_precision_kv_on_fp8(
+    attending_runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the fp8 recording, peaking while its last prefill layer attends: every layer's 8-bit prompt KV
+    # and its float32 scales, beside which that layer's float32 K and V (which the dynamic run counted as
+    # KV) are still live
+    report = report_json(attending_runs["fp8"], capsys)
+    layer_token = 2 * ATTENDING.num_kv_heads * ATTENDING.attention_head_dim  # K and V elements a token
+    assert report["categories_at_peak"]["kv"] == ATTENDING.num_layers * (
+        ATTENDING_BATCH * ATTENDING_PROMPT * layer_token + 2 * 4
+    )
+    measured = report["peak_allocated_bytes"]
+    # WHEN the dynamic run is planned on an fp8 cache, and diagnosed against a budget it exceeds
+    plan = plan_json(attending_runs["dynamic"], capsys, "--cache", "fp8")
+    diagnosis = cli_json(["diagnose", str(attending_runs["dynamic"]), "--budget", "1MB", "--json"], capsys)
+    (fp8,) = [r for r in diagnosis["remedies"] if r["kind"] == "quantized_kv" and r["setting"] == 8]
+    # THEN both say the recording's peak, to the byte: before, both left out that layer's float32 K and V,
+    # 2 x 2 rows x 128 tokens x 64 x 4 B = 131,072 B under
     assert plan["peak_bytes"] == measured
     assert diagnosis["allocated_bytes"] - fp8["saved_bytes"] == measured
