@@ -60,6 +60,9 @@ ENGINE_FILES = (ENGINE, ENGINE_STEPS, ENGINE_REQUESTS)
 # The manifest note of a `record(model="auto")` run whose vLLM LLM kept its engine in another process
 # (VLLM_ENABLE_V1_MULTIPROCESSING=1): readers tell it from a run that found no generate() call
 ENGINE_NOT_FOLLOWED_NOTE = "vLLM engine not followed: "
+# The manifest note of a `record(dir)` run (no model=) inside which a vLLM LLM started fine: the block
+# records a refused start only, so readers say the engine's pool is missing, not that the run held no KV
+ENGINE_NOT_RECORDED_NOTE = "vLLM engine not recorded: "
 # Written into a run by `kvtrace report` (and the demo), replaced when the run is recorded again.
 # The manifest written at start is padded with spaces (valid JSON) to this size, so that on a full disk,
 # where its atomic rewrite's new file cannot be written, the final one still fits over the same blocks.

@@ -628,6 +628,13 @@ class Recording(ForwardSteps, RunLogs, RunManifest):
                 "first generate(), and the block called none: pass the model, record(model=model), to "
                 "profile forwards of your own"
             )
+        started = self._vllm.unfollowed_starts() if self._vllm is not None else []
+        if started and self._vllm_llm is None and self.engine_not_followed is None and not self._discover:
+            # record(dir) alone follows no engine: without this the run reads as one that held no KV
+            self.notes.append(
+                f"{fmt.ENGINE_NOT_RECORDED_NOTE}a vLLM {started[0]} started in the block, which record(dir) "
+                "without model= does not follow (it records a refused start only)"
+            )
         self._manifest["notes"] = self.notes
         self._manifest["warnings"] = self._warnings()
         engine = self._vllm.summary() if self._vllm is not None else None

@@ -453,6 +453,11 @@ def _largest_seqs(demands: list[int], usable: int) -> int:
     return count
 
 
+def _largest_fit(seqs: int) -> str:
+    """What `seqs` largest requests do in the pool, worded for one request or several."""
+    return "the largest request fits" if seqs == 1 else f"the {seqs} largest requests fit together"
+
+
 def _shared_caveat(remedy: VllmRemedy, lower_bound: bool) -> VllmRemedy:
     """`remedy` (a max_num_seqs that avoids every preemption), said unknown where it is only a lower bound:
     its demand counts a shared block once per request, so a larger setting may avoid them too."""
@@ -548,7 +553,7 @@ def _pool_within_budget(
             f"{size}, {within}, cannot hold the largest request's {max(demand, default=0):,} blocks: no "
             "setting within the budget avoids every preemption.",
         )
-    largest = "the largest request fits" if seqs == 1 else f"the {seqs} largest requests fit together"
+    largest = _largest_fit(seqs)
     return _shared_caveat(
         VllmRemedy(
             f"{knob}+max_num_seqs",
@@ -642,7 +647,7 @@ def diagnose_preemptions(run: EngineRun, budget: EngineBudget | None = None) -> 
                         "max_num_seqs",
                         seqs,
                         True,
-                        f"max_num_seqs={seqs}{now}: the {seqs} largest requests fit together in the "
+                        f"max_num_seqs={seqs}{now}: {_largest_fit(seqs)} in the "
                         f"{usable:,} usable blocks, so none is preempted (the others wait instead).",
                     ),
                     kv_bytes,

@@ -49,7 +49,13 @@ from analyzers.readers.untraced_caches import (
 from analyzers.readers.weight_changes import add_weight_events, weight_changes, weights_changed_note
 from analyzers.trace_coverage import damaged_memory_events, skipped_events_note
 from kvtrace.errors import KvtraceError
-from kvtrace.format import ENGINE_FILES, ENGINE_NOT_FOLLOWED_NOTE, KV_EVENTS, profiler_traces
+from kvtrace.format import (
+    ENGINE_FILES,
+    ENGINE_NOT_FOLLOWED_NOTE,
+    ENGINE_NOT_RECORDED_NOTE,
+    KV_EVENTS,
+    profiler_traces,
+)
 from kvtrace.format import WEIGHTS as WEIGHTS_FILE
 from kvtrace.run_lock import holder
 from kvtrace.run_reader import read_run
@@ -156,6 +162,14 @@ def _no_model_note(manifest: dict[str, Any], from_table: list[bool]) -> str | No
             "weights and engine steps are not in this run; record the engine in the script's process (leave "
             "VLLM_ENABLE_V1_MULTIPROCESSING unset under kvtrace run, which sets it to 0) or with kvtrace's "
             "vLLM plugin (KVTRACE_DIR=DIR in its environment)"
+        )
+    unrecorded = [n for n in notes if isinstance(n, str) and n.startswith(ENGINE_NOT_RECORDED_NOTE)]
+    if unrecorded:  # whatever the device: the KV figures lack the engine's pool
+        return (
+            f"{unrecorded[0].removeprefix(ENGINE_NOT_RECORDED_NOTE)}: the engine's pool, weights and steps "
+            "are not in this run (its KV figures are transformers caches' alone); record it with "
+            "kvtrace.record(dir, model=llm) around its generate() calls, model='auto', or kvtrace's vLLM "
+            "plugin (KVTRACE_DIR=DIR in its environment)"
         )
     if any(name in (manifest.get("files") or ()) for name in ENGINE_FILES) or not from_table:
         return None

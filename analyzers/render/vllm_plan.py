@@ -94,7 +94,7 @@ def format_vllm_text(result: VllmPlan, remedies: Sequence[StartRemedy] = ()) -> 
         ("KV cache size", f"{result.kv_tokens:,} tokens"),
         (
             f"max concurrency @ {req.max_model_len:,}",
-            f"{result.max_concurrency:.2f}x",
+            f"{result.max_concurrency:,.2f}x",
         ),
         ("one request at max_model_len", readable_bytes(result.needed_bytes)),
     ]
@@ -134,7 +134,7 @@ def _batch_lines(result: VllmPlan) -> list[str]:
         f"{req.batch:,} {requests} of {req.max_model_len:,} tokens hold {held:,} blocks at once, the pool "
         f"has {free:,} beside the null block"
     )
-    fit = f"{at_once:,} fit at once, max concurrency {result.max_concurrency:.2f}x"
+    fit = f"{at_once:,} fit at once, max concurrency {result.max_concurrency:,.2f}x"
     if result.batch_fits:
         return [f"--batch {req.batch} fits: {need} ({fit})."]
     lines = [f"--batch {req.batch} does not fit: {need} ({fit})."]

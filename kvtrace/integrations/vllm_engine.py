@@ -24,6 +24,7 @@ from kvtrace.integrations.vllm import (
     engine_document,
     write_refused,
 )
+from kvtrace.integrations.vllm_starts import EngineStarts
 from kvtrace.json_writes import JsonlAppender, write_json_atomic
 
 _EMPTIED = ("preempted", "finished")  # request events after which it holds no KV
@@ -560,18 +561,28 @@ class VllmRecording:
         self.hooks = EngineHooks(recording, core, process, wrap_step) if core is not None else None
         use_watch = core is None if watch is None else watch
         self.watch = RefusalWatch(self.on_refused) if use_watch else None
+        # beside the watch: an LLM that starts fine, which this recording does not follow
+        self.starts = EngineStarts() if use_watch else None
 
     def install(self) -> None:
         if self.hooks is not None:
             self.hooks.install()
         if self.watch is not None:
             self.watch.install()
+        if self.starts is not None:
+            self.starts.install()
 
     def uninstall(self) -> None:
         if self.hooks is not None:
             self.hooks.uninstall()
         if self.watch is not None:
             self.watch.uninstall()
+        if self.starts is not None:
+            self.starts.uninstall()
+
+    def unfollowed_starts(self) -> list[str]:
+        """The class names of the LLMs that started while watched (none for a recording of an engine)."""
+        return list(self.starts.started) if self.starts is not None and self.hooks is None else []
 
     def on_refused(self, refused: dict[str, Any], vllm_config: Any) -> None:
         self.refused = dict(refused)

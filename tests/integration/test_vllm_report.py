@@ -522,6 +522,26 @@ def test_plan_from_a_refused_start_refuses_as_vllm_did(capsys: pytest.CaptureFix
     assert data["estimated_max_model_len"] == refused["estimated_max_model_len"] == 480
 
 
+@pytest.mark.skipif(not REFUSED.is_dir(), reason="sample_traces/vllm_refused not generated yet")
+def test_a_huge_pools_concurrency_has_thousands_separators(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN the refused start planned with 1 PiB of KV memory (a memory node that large) and a --batch
+    info = json.loads((REFUSED / "engine.json").read_text())
+    model, block = info["model"], info["block_size"]
+    max_len = info["config"]["max_model_len"]
+    block_bytes = model["num_layers"] * 2 * block * model["num_kv_heads"] * model["head_dim"] * 2  # bf16
+    blocks = 2**50 // block_bytes
+    concurrency = blocks * block // max_len  # vLLM's: the pool's tokens over one request's
+    assert (block_bytes, blocks, concurrency) == (65_536, 2**34, 2**30)
+    # WHEN planned as text
+    argv = ["plan", "--engine", "vllm", "--from-run", str(REFUSED), "--kv-cache-memory", str(2**50)]
+    assert main([*argv, "--batch", "3"]) == 0
+    text = capsys.readouterr().out
+    # THEN the concurrency reads like every other figure (it was "1073741824.00x"), in the table and --batch
+    assert re.search(rf"max concurrency @ {max_len} +1,073,741,824\.00x\n", text)
+    assert "fit at once, max concurrency 1,073,741,824.00x)." in text
+    assert "1073741824" not in text
+
+
 @pytest.mark.skipif(not PREEMPT.is_dir(), reason="sample_traces/vllm_preempt not generated yet")
 def test_a_vllm_runs_page_shows_the_pool_not_one_point_charts(tmp_path: Path) -> None:
     # GIVEN a vLLM run without a profiler trace: its one memory event is the pool's allocation

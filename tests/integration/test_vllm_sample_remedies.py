@@ -220,3 +220,22 @@ def test_fp8_short_of_the_worst_case_alone_is_not_refused(capsys: pytest.Capture
     assert main(["diagnose", str(MIXED)]) == 0
     (line,) = [x for x in capsys.readouterr().out.splitlines() if "kv_cache_dtype='fp8'" in x]
     assert line.lstrip().startswith("[?]")
+
+
+@pytest.mark.skipif(not MIXED.is_dir(), reason="sample_traces/vllm_preempt_mixed not generated")
+def test_max_num_seqs_of_one_speaks_of_one_request(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN the mixed sample: its final demands, cdiv(prompt + output - 1, 32) each, and its usable blocks
+    engine = _read(MIXED / "engine.json")
+    block, usable = engine["block_size"], engine["num_blocks"] - 1
+    finished = [r for r in _lines(MIXED / "engine_requests.jsonl") if r["event"] == "finished"]
+    final = sorted(
+        (math.ceil((r["prompt_tokens"] + r["output_tokens"] - 1) / block) for r in finished), reverse=True
+    )
+    # only the largest request fits the 9 usable blocks alone; the two largest do not
+    assert usable == 9 and final[0] <= usable < final[0] + final[1]
+    # WHEN diagnosed
+    assert main(["diagnose", str(MIXED)]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "max_num_seqs=1 " in x]
+    # THEN the remedy speaks of one request (it read "the 1 largest requests fit together")
+    assert f"the largest request fits in the {usable:,} usable blocks" in line
+    assert "1 largest requests" not in line
