@@ -26,11 +26,14 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 class ForwardSignature:
     """Where a model's forward takes Meta's arguments: `forward(tokens, start_pos)`, `tokens` being
     [batch, seq] ids (or [batch, seq, hidden] states) and `start_pos` the int position its cache writes
-    from. Read once per recording, from the signature: the names say what the arguments are."""
+    from. Read once per recording, from the signature: the names say what the arguments are, and where no
+    parameter is named `start_pos`, an int passed as the second positional argument (`model(ids, pos)`) is
+    the position, as `is_prefill` reads it (a tensor there, gpt-fast's `input_pos`, says nothing)."""
 
     first: str | None = None  # the first positional parameter's name
     start_pos_at: int | None = None  # `start_pos`'s index among the positional parameters
     takes_start_pos: bool = False
+    second: str | None = None  # the second positional parameter's name, read where none is `start_pos`
 
     @classmethod
     def of(cls, model: Any) -> ForwardSignature:
@@ -43,14 +46,18 @@ class ForwardSignature:
             first=positional[0] if positional else None,
             start_pos_at=positional.index("start_pos") if "start_pos" in positional else None,
             takes_start_pos=any(p.name == "start_pos" for p in params),
+            second=positional[1] if len(positional) > 1 else None,
         )
 
     def start_pos(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-        """The forward's `start_pos` when it takes one and it is an int; else None."""
-        if not self.takes_start_pos:
+        """The forward's `start_pos` (else its second positional argument) when it is an int; else None."""
+        if self.takes_start_pos:
+            at = self.start_pos_at
+            value = kwargs.get("start_pos", args[at] if at is not None and len(args) > at else None)
+        elif self.second is not None:
+            value = args[1] if len(args) > 1 else kwargs.get(self.second)
+        else:
             return None
-        at = self.start_pos_at
-        value = kwargs.get("start_pos", args[at] if at is not None and len(args) > at else None)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def progress(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:

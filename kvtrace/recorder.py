@@ -770,4 +770,11 @@ def track(tensor: torch.Tensor, layer: int, kind: str, layout: str = "bhsd") -> 
         raise RecordingError(f"kvtrace.track(kind=...): 'k' or 'v', got {kind!r}")
     if layout not in ("bhsd", "bshd"):
         raise RecordingError(f"kvtrace.track(layout=...): 'bhsd' or 'bshd', got {layout!r}")
+    # The readers take tokens, rows and KV heads from the layout's dims: another rank would log them wrong
+    if tensor.dim() != 4:
+        dims = "[batch, kv_heads, seq, head_dim]" if layout == "bhsd" else "[batch, seq, kv_heads, head_dim]"
+        raise RecordingError(
+            f"kvtrace.track(tensor=...): a 4-D K or V tensor {dims} (layout={layout!r}), got shape "
+            f"{tuple(tensor.shape)}; an unbatched cache is tracked as tensor.unsqueeze(0)"
+        )
     recording._modules.track(tensor, layer, kind, layout)  # written by the writer thread within 0.1 s

@@ -157,7 +157,8 @@ class RunManifest:
             warnings.append(
                 f"the model's own KV buffers ({names}) were written {self._module_tokens_unknown} times "
                 "without saying where: kvtrace reads the tokens they hold from a forward's int `start_pos` "
-                "and its input's length (Meta's reference Llama), so their token counts are unknown (logged "
+                "(or int second argument, `model(ids, pos)`) and its input's length (Meta's reference "
+                "Llama), so their token counts are unknown (logged "
                 "as 0), and tokens held, generated tokens and tokens/s are left out"
             )
         if self._hf is not None and self._hf.unexplained:

@@ -247,7 +247,7 @@ def test_nested_record_is_refused(tmp_path):
             pass  # pragma: no cover - never entered
         # The refused recording left nothing behind, and the outer one still records.
         assert not (tmp_path / "inner" / MANIFEST).exists()
-        kvtrace.track(torch.zeros(2, 4), layer=0, kind="k")
+        kvtrace.track(torch.zeros(1, 2, 4, 8), layer=0, kind="k")
     run = read_run(tmp_path / "outer")
     assert run.manifest["ended"]["status"] == "ok"
     assert [e.event for e in run.kv_events][:1] == ["created"]
@@ -485,13 +485,21 @@ def test_a_re_tracked_custom_cache_is_not_kept_alive(tmp_path):
         (("t", 40000, "k"), "layer=...): a layer index (an int from 0 to 32767), got 40000"),
         (("t", 2**15, "k"), "layer=...): a layer index (an int from 0 to 32767), got 32768"),
         (("t", 0, "key"), "kind=...): 'k' or 'v', got 'key'"),
+        # not 4-D: the tokens, rows and KV heads read from the layout's dims would be another axis's
+        (
+            ("2-D", 0, "k"),
+            "tensor=...): a 4-D K or V tensor [batch, kv_heads, seq, head_dim] (layout='bhsd'), "
+            "got shape (4, 8)",
+        ),
+        (("3-D", 0, "k"), "got shape (2, 3, 4); an unbatched cache is tracked as tensor.unsqueeze(0)"),
     ],
 )
 def test_track_names_a_bad_argument_and_logs_nothing(tmp_path, args, said):
     tensor = torch.zeros(1, 2, 4, 8)
     with kvtrace.record(tmp_path / "run", profiler=False):
         kvtrace.track(tensor, layer=0, kind="k")
-        bad = tuple(tensor if a == "t" else a for a in args)
+        shaped = {"t": tensor, "2-D": torch.zeros(4, 8), "3-D": torch.zeros(2, 3, 4)}
+        bad = tuple(shaped.get(a, a) if isinstance(a, str) else a for a in args)
         with pytest.raises(RecordingError) as raised:
             kvtrace.track(bad[0], layer=bad[1], kind=bad[2])
         assert said in str(raised.value)
