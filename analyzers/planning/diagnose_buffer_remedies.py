@@ -44,6 +44,7 @@ from analyzers.units import human_bytes
 __all__ = [
     "PreallocatedBuffers",
     "buffer_remedies",
+    "held_dtype",
     "other_buffers_note",
     "preallocated_buffers",
     "static_cache_context",
@@ -65,6 +66,9 @@ class PreallocatedBuffers:
     """Bytes of the buffers of this shape live at the moment, the KV these remedies divide (None: the
     moment's buffers are unknown, and the moment's KV is taken to be all of the run's last shape)."""
     dtype: str = ""  # those buffers' dtype ("": unknown, the run's KV dtype applies)
+    # bytes of those buffers by dtype, where a copy to another dtype (Meta's `self.cache_k.to(xq)` at the
+    # first forward) leaves both the buffers it copied and its copies in the scan's span of the moment
+    dtype_bytes: tuple[tuple[str, int], ...] = ()
     other_shapes: tuple[tuple[int, int], ...] = ()  # (rows, positions) of other buffers live then
 
 
@@ -89,6 +93,7 @@ def _buffers_at(kv_log: Any, cache: int, at_us: float) -> PreallocatedBuffers | 
         max(facts.tokens_written for _, facts in own) or None,
         held_bytes=by_shape[shape],
         dtype=max(by_dtype, key=lambda d: (by_dtype[d], d)),
+        dtype_bytes=tuple(sorted(by_dtype.items())),
         other_shapes=tuple(sorted(s for s in by_shape if s != shape)),
     )
 
@@ -125,6 +130,17 @@ def preallocated_buffers(
         tokens_written or None,
         kv.capacity_of or "buffers",
     )
+
+
+def held_dtype(buffers: PreallocatedBuffers, held: int) -> str:
+    """The dtype of the buffers a moment holding `held` bytes of them holds: of the buffers live in the scan's
+    span of the moment in several dtypes (a copy to another dtype in the forward, before the scan that finds
+    it), the one whose bytes are exactly what the moment held, else the most bytes' (`buffers.dtype`).
+    Before, the most bytes': Meta's reference model in bfloat16, whose float32 buffers its first forward
+    copies, was priced at 32 bits at a prefill peak holding its bfloat16 copies alone (fp8 "saves 24 of
+    32 KiB", not 16)."""
+    exact = [dtype for dtype, size in buffers.dtype_bytes if size == held]
+    return exact[0] if len(exact) == 1 else buffers.dtype
 
 
 def other_buffers_note(buffers: PreallocatedBuffers, kv: int) -> str:

@@ -69,6 +69,7 @@ from analyzers.planning.diagnose_batch_text import fixed_beyond, smaller_batch_t
 from analyzers.planning.diagnose_buffer_remedies import (
     PreallocatedBuffers,
     buffer_remedies,
+    held_dtype,
     static_cache_context,
 )
 from analyzers.planning.diagnose_cache_remedies import at_batch_one, beam_search_remedies, fewer_rows
@@ -174,7 +175,8 @@ def _priced_cache(
         # Preallocated module buffers: priced in their own settings (those live at the moment, over their
         # bytes and dtype then); no static cache to become
         held = min(kv, buffers.held_bytes) if buffers.held_bytes else kv
-        bits = DTYPE_BITS.get(buffers.dtype, kv_bits) if buffers.dtype else kv_bits
+        dtype = held_dtype(buffers, held)
+        bits = DTYPE_BITS.get(dtype, kv_bits) if dtype else kv_bits
         out += buffer_remedies(held, buffers, need, bits, on_cuda)
         out += allocator_remedies(d, need, on_cuda)
         return out

@@ -369,6 +369,14 @@ def test_reference_llama3_converted_to_bfloat16_keeps_its_trace_clock_and_all_it
     assert device["attributed_bytes_by_method"]["kv_log"] == kv_total
     (note,) = reports["no_base"]["notes"]
     assert note.startswith("the profiler trace's baseTimeNanoseconds is missing: its events were put on")
+    # AND diagnose prices fp8 buffers against the bfloat16 copies the peak held, not the float32 buffers they
+    # were copied from, which the scan's span of the prefill holds too
+    assert main(["diagnose", str(tmp_path / "run"), "--json"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+    assert diagnosis["kv_bytes"] == kv_total
+    fp8 = {(r["kind"], r["setting"]): r for r in diagnosis["remedies"]}[("quantized_kv", 8)]
+    assert fp8["saved_bytes"] == kv_total // 2
+    assert "held at 16 bits" in str(fp8["sentence"])
 
 
 def _trace_memory(run_dir: Path) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
