@@ -339,9 +339,14 @@ def test_a_buffer_written_without_start_pos_has_its_input_rows_not_its_capacity_
     # THEN its batch is the input's rows where the input says them, else unknown, never the buffers' rows
     assert kv["batch"] == batch
     assert (kv["capacity_rows"], kv["capacity_tokens"]) == (MAX_ROWS, MAX_SEQ)
-    # ... its tokens are unknown, and a warning says why
-    assert kv["tokens_held"] is None
-    assert any("token counts are unknown" in note for note in report["notes"])
+    # ... its tokens: an int second argument (`input_pos`) says where it writes, the prompt and each decode
+    # step's token; an int first argument says nothing, and a warning says the tokens are unknown
+    if model_cls is PositionFirstDecoder:
+        assert kv["tokens_held"] is None
+        assert any("token counts are unknown" in note for note in report["notes"])
+    else:
+        assert kv["tokens_held"] == PROMPT + DECODES
+        assert not any("token counts are unknown" in note for note in report["notes"])
 
 
 class TwoCacheBlock(nn.Module):
