@@ -113,6 +113,11 @@ class RecordedPeak:
     # held beside the weights and KV at the run's KV peak, inside a cache update making its transient copies
     # (run_moments' `update_beside`): what another cache's update copies are priced beside, rather than the
     # peak moment's activations (the logits at a step's end); None: not told
+    # the most held beside the weights and KV in the run's decode steps, and the batch-first bytes of it
+    # (run_moments' `decode_beside_at`): where the run peaked at its prefill, a step's end at fewer rows,
+    # whose vocabulary-long vectors stay, can hold more than the prefill's scaled; None: not told
+    decode_activations_bytes: int | None = None
+    decode_row_bytes: int | None = None
     update_activations_bytes: int | None = None
     # the float dtype the run computed in (its model's: bf16, fp16, fp32), that of its activations; a plan
     # in a wider one grows them (analyzers.planning.recorded_dtype); None: not known, kept as measured

@@ -28,6 +28,7 @@ from analyzers.planning.recorded_terms import (
     attention_copies,
     context_growth,
     covering_moments,
+    decode_beside_fewer_rows,
     fp8_prefill_attending,
     grown_with_prompt,
     moments_grown,
@@ -81,8 +82,25 @@ def recorded_peak_moment(req: PlanRequest, batch: int, context: int) -> Moment:
     encoder = (req.weights_bytes + encoder_pass_bytes(replace(req, batch=batch)), 0)
     prompt = kv_sizes(req, batch, context).prompt
     beams = beam_search_growth(req.recorded, req.beams, batch, prompt, context)
-    peak, kv = _larger(_recorded_peak_at(req, batch, context), _attention_floor(req, batch, context), encoder)
+    peak, kv = _larger(
+        _recorded_peak_at(req, batch, context),
+        _attention_floor(req, batch, context),
+        encoder,
+        _decode_floor(req, batch, context),
+    )
     return peak + beams, kv
+
+
+def _decode_floor(req: PlanRequest, batch: int, context: int) -> Moment:
+    """A decode step's end at fewer rows than a run that peaked at its prefill: the weights, the final KV
+    and what the run's decode steps held beside theirs, its rows' share freed (`decode_beside_fewer_rows`).
+    (0, 0) where the run does not call for it."""
+    assert req.recorded is not None
+    beside = decode_beside_fewer_rows(req.recorded, batch)
+    if beside is None:
+        return 0, 0
+    kv = kv_sizes(req, batch, context).end_bytes
+    return req.weights_bytes + kv + beside, kv
 
 
 def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:

@@ -344,6 +344,20 @@ def rows_freed(rec: RecordedPeak, batch: int) -> int:
     return round(min(row_bytes, rec.activations_bytes) * (rec.batch - batch) / rec.batch)
 
 
+def decode_beside_fewer_rows(rec: RecordedPeak, batch: int) -> int | None:
+    """What a decode step's end holds beside the weights and KV at `batch` rows, fewer than the run's, where
+    the run peaked at its prefill: the most its decode steps held (`RecordedPeak.decode_activations_bytes`),
+    their batch-first bytes freed in proportion, the rest (the logits processors' vectors over the
+    vocabulary) kept. The peak's activations, scaled, leave those vectors out: the demo's Llama recorded
+    with a static cache at 8 rows, planned at 1, said 55,172,433 B where the batch-1 static recording
+    peaked at a step's end at 55,879,783. None where the run peaked decoding (its peak is that moment), at
+    as many rows or more, or where the run does not tell."""
+    decode, row_bytes = rec.decode_activations_bytes, rec.decode_row_bytes
+    if rec.phase != "prefill" or decode is None or row_bytes is None or batch >= rec.batch:
+        return None
+    return decode - round(min(row_bytes, decode) * (rec.batch - batch) / rec.batch)
+
+
 def prefill_growth(run: PlanRequest, rec: RecordedPeak, prompt: int) -> float:
     """How much a prefill's activations grow from the run's to the plan's, for a row: they follow the
     prompt's length, whatever the window (a prefill attends over the whole prompt). A static cache's prefill

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HALF_FLOATS",
     "batch_fixed_bytes",
+    "decode_beside_at",
     "dtype_fixed_bytes",
     "main_timeline",
     "outside_prefill_peak",
@@ -158,6 +159,29 @@ def prefill_beside_at(source: MemorySource, report: Report) -> tuple[int | None,
         if most is None or int(beside[at]) > most:
             most, most_at = int(beside[at]), at
     return most, most_at
+
+
+def decode_beside_at(source: MemorySource, report: Report) -> tuple[int | None, int | None]:
+    """The most the main device held beside its weights and KV after the run's first whole prefill step,
+    outside every prefill step (its decode steps: the logits a step ends with, the logits processors'
+    vectors over the vocabulary), and the event index of it. A run that peaked at its prefill measured no
+    decode step at its peak, yet fewer rows shrink its prefill's activations more than a step's end, whose
+    vocabulary-long vectors no row count changes. (None, None) where the run does not tell: no whole prefill
+    step, no timeline, no event after it."""
+    found = main_timeline(source, report)
+    windows = prefill_windows(source, report)
+    if found is None or not windows:
+        return None, None
+    beside = found[1].by_category["other"]
+    after = np.zeros(len(beside), dtype=bool)
+    after[windows[0][-1] + 1 :] = True
+    for window in windows[1:]:
+        after[window] = False
+    candidates = np.flatnonzero(after)
+    if not len(candidates):
+        return None, None
+    at = int(candidates[np.argmax(beside[candidates])])
+    return int(beside[at]), at
 
 
 def prefill_windows(source: MemorySource, report: Report) -> list[np.ndarray]:

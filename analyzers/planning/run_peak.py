@@ -20,6 +20,7 @@ from analyzers.planning.beam_tensors import without_beam_tensors
 from analyzers.planning.run_moments import (
     HALF_FLOATS,
     batch_fixed_bytes,
+    decode_beside_at,
     dtype_fixed_bytes,
     main_timeline,
     prefill_beside_at,
@@ -119,6 +120,10 @@ class PeakMoment:
     update_context_token_bytes: int | None = None
     # the attention the model ran (the manifest's `attn_implementation`: eager, sdpa...); None: not told
     attn_implementation: str | None = None
+    # the most held beside the weights and KV in the decode steps (`decode_beside_at`), and of it the
+    # batch-first bytes, which fewer rows free in proportion; None: not told
+    decode_activations_bytes: int | None = None
+    decode_row_bytes: int | None = None
     # an encoder-decoder run's encoder pass, split by how it grows with the encoder length
     # (analyzers.planning.encoder_pass); None: not told
     encoder_pass: tuple[tuple[int, int], ...] | None = None
@@ -186,6 +191,7 @@ def peak_moment(
     at_peak_prompt = prompt_row_bytes(source, report, peak_at, diagnosis.batch, prompt)
     decode = diagnosis.step_phase == "decode"
     attention = prefill_attention_moment(source, report, diagnosis.batch, prompt)
+    decode_beside, decode_at = decode_beside_at(source, report)
 
     def batch_fixed(index: int | None) -> int | None:
         return batch_fixed_bytes(source, report, index, diagnosis.batch, prompt, context)
@@ -225,7 +231,29 @@ def peak_moment(
         context_token_bytes=at_peak_context if decode else None,
         update_context_token_bytes=at_update_context,
         attn_implementation=_attn_implementation(report.geometry),
+        decode_activations_bytes=decode_beside,
+        decode_row_bytes=_row_bytes_at(source, report, decode_at, rows),
         encoder_pass=encoder_pass_moments(source, report, encoder_tokens),
+    )
+
+
+def _row_bytes_at(source: MemorySource, report: Report, index: int | None, rows: int | None) -> int | None:
+    """Of what the main device held beside its weights and KV after event `index`, the batch-first bytes
+    (diagnose_rows' split, as `kvtrace diagnose` tells its moment's); None where not told."""
+    from analyzers.model import OTHER
+    from analyzers.planning.diagnose_rows import fixed_sizes, row_activation_bytes, row_units
+    from analyzers.planning.diagnose_stacks import live_sizes
+
+    main = report.main_device
+    if index is None or main is None or not rows:
+        return None
+    dev = next((d for d in source.devices if d.device == main.device), None)
+    if dev is None or dev.category is None or not bool((dev.addr >= 0).any()):
+        return None
+    positions = max(report.kv.tokens_held or 0, report.kv.capacity_tokens or 0) + 1
+    others = live_sizes(dev, index, OTHER)
+    return row_activation_bytes(
+        others, rows, row_units(report.geometry), positions, fixed_sizes(report.geometry)
     )
 
 

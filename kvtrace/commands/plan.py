@@ -146,6 +146,8 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         prefill_held_bytes=moment.prefill_held_bytes if same_rows else None,
         prefill_peak_moment=moment.prefill_peak_moment if same_rows else None,
         update_activations_bytes=moment.update_activations_bytes,
+        decode_activations_bytes=moment.decode_activations_bytes,
+        decode_row_bytes=moment.decode_row_bytes if same_rows else None,
         compute_dtype=run.weights_dtype,  # a float dtype, the model's, where the run says
         dtype_fixed_bytes=moment.dtype_fixed_bytes,
         prefill_dtype_fixed_bytes=moment.prefill_dtype_fixed_bytes,
@@ -238,7 +240,8 @@ class PlanCommand(Command):
 
     Pure arithmetic from the model geometry (a --preset or a local config.json): nothing is loaded, no GPU
     is needed. The peak counts the prefill's activations (transformers runs the whole prompt through the
-    model at once: at a long prompt they rival the KV), estimated for sdpa attention and unpadded prompts.
+    model at once: at a long prompt they rival the KV), estimated for sdpa attention and unpadded prompts;
+    --from-run RUN measures them, and the weights, on a recorded run instead.
     Exit status: 0 when the plan fits, 1 when it does not (or when standard output cannot be written: a full
     disk, said on stderr), 2 for bad input (like grep and diff), so a launch script can run
     `kvtrace plan ... && serve ...`; the plan is printed either way.
@@ -441,8 +444,10 @@ class PlanCommand(Command):
             "--from-run",
             metavar="RUN",
             help="a recorded run, without --preset/--config. A transformers run: its model, measured "
-            "weights, device memory, dtypes, cache kind, batch, beams, context and prompt (a flag you type "
-            "wins): with no other flag, the plan of the run itself. A vLLM run (vLLM's rules, no --engine "
+            "weights and activations (at its peak, its prefill and its decode steps, moved to the plan's "
+            "rows, tokens and cache; they replace the reserve), device memory, dtypes, cache kind, batch, "
+            "beams, context and prompt (a flag you type wins): with no other flag, the plan of the run "
+            "itself. A vLLM run (vLLM's rules, no --engine "
             "needed): its measured weights, activations, non-torch memory and device total, its settings "
             "(block size, max_model_len, kv_cache_dtype, kv_cache_memory_bytes, num_gpu_blocks_override, "
             "utilization, tensor parallel size, max_num_batched_tokens, async scheduling) and its model. A "
