@@ -30,6 +30,7 @@ from analyzers.caches import CROSS_ATTENTION, layer_list
 from analyzers.kv_kept import KeptStorages
 from analyzers.kv_views import split_by_view
 from analyzers.model import OTHER, UNKNOWN_DEVICE, MemorySource
+from analyzers.planning.decode_step_end import decode_step_end
 from analyzers.planning.diagnose_allocator import allocator_facts
 from analyzers.planning.diagnose_buffer_remedies import (
     PreallocatedBuffers,
@@ -263,6 +264,12 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         units, fixed = row_units(report.geometry), fixed_sizes(report.geometry)
         row_activations = row_activation_bytes(others, batch, units, positions, fixed)
         fixed_vectors = fixed_vector_bytes(others, batch, units, positions, fixed)
+    # A run that peaked at its prefill: fewer rows can make a decode step's end the peak, its vectors over
+    # the vocabulary kept (analyzers.planning.decode_step_end, as `kvtrace plan --from-run` prices it)
+    step_end = None
+    at_prefill = phase == "prefill" and not step_cut and main is not None and device == main.device
+    if at_prefill and row_activations is not None and allocated is not None:
+        step_end = decode_step_end(source, report, batch)
 
     # What a cache that grows by copies (a DynamicCache's torch.cat) stores by arithmetic at the moment:
     # under grad the graph keeps the replaced copies beside it. Not for preallocated room (buffers, a
@@ -329,6 +336,9 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "row_activation_bytes": row_activations,
         "fixed_vector_bytes": fixed_vectors,  # the logits processors' vectors over the vocabulary
         "beyond_weights_bytes": beyond_weights,
+        "decode_step_end": step_end,
+        # the moment's bytes, the shortfall's measure: with the request an OOM refused
+        "moment_bytes": None if allocated is None else allocated + (mem.needed_bytes or 0),
         "kv_logged": kv_log is not None,  # a run recorded with kvtrace: its KV geometry is known
         # a model's own preallocated cache_k/cache_v, as live at the moment
         "buffers": preallocated_buffers(report, kv_log, None if at_start else when),

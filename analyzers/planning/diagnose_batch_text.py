@@ -8,10 +8,15 @@ told (how sure the figure is, what is counted as fixed, what to record to be sur
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from analyzers.planning.diagnose_cache_remedies import at_batch_one
 from analyzers.units import human_bytes
 
-__all__ = ["fixed_beyond", "smaller_batch_text"]
+if TYPE_CHECKING:
+    from analyzers.planning.decode_step_end import DecodeStepEnd
+
+__all__ = ["fixed_beyond", "smaller_batch_text", "step_end_text"]
 
 # Why a smaller batch's activations cannot be priced: the weights or what lies beyond the KV are not seen
 _UNPRICED = "it has no weights figure, or no allocations beside the KV"
@@ -80,4 +85,35 @@ def fixed_beyond(beyond: int | None, kv: int, acts: int) -> str:
     return (
         f" The other {human_bytes(fixed)} beyond the weights is counted as fixed (the recording gives sizes, "
         "not shapes): a lower bound of what it frees."
+    )
+
+
+def step_end_text(
+    end: DecodeStepEnd, limit: int, batch: int, first: int, rows: int, falls: int, saved: int
+) -> str:
+    """The batch remedy's sentence where a decode step's end, not the prefill the run peaked at, decides
+    the batch (analyzers.planning.decode_step_end): `limit` is the most that fits, `first` the batch the
+    prefill alone would take, freeing `saved`, `rows` the one whose step's end fits too (0: none), the peak
+    falling by `falls` there."""
+    why = (
+        "the run peaked at its prefill, and fewer rows can make a decode step's end the peak: its logits "
+        f"processors' vectors over the vocabulary do not shrink with the batch (the run's decode steps held "
+        f"{human_bytes(end.beside_bytes)} beside their weights and KV, {human_bytes(end.row_bytes)} of it "
+        "batch-first, freed in proportion, as `kvtrace plan --from-run RUN --batch N` prices it)"
+    )
+    if rows < 1 or rows < first:
+        at = max(rows, 1) if rows < 1 else first
+        held = end.held_at(at)
+        lead = (
+            "Even batch 1 does not fit"
+            if rows < 1
+            else f"Batch {rows} instead of {batch} frees {human_bytes(falls)}, enough to fit"
+        )
+        return (
+            f"{lead}: this prefill alone would fit batch {first}, but {why}; at batch {at} a step's end "
+            f"would hold {human_bytes(held)}, {human_bytes(held - limit)} more than fits."
+        )
+    return (
+        f" At batch {rows} the peak is a decode step's end, {human_bytes(end.held_at(rows))}: it falls by "
+        f"{human_bytes(falls)}, not {human_bytes(saved)}, still enough; {why}."
     )

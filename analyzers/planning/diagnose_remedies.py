@@ -65,7 +65,8 @@ import math
 from dataclasses import replace
 
 from analyzers.kv_kept import KeptStorages
-from analyzers.planning.diagnose_batch_text import fixed_beyond, smaller_batch_text
+from analyzers.planning.decode_step_end import DecodeStepEnd, fewer_rows_to_step_end
+from analyzers.planning.diagnose_batch_text import fixed_beyond, smaller_batch_text, step_end_text
 from analyzers.planning.diagnose_buffer_remedies import (
     PreallocatedBuffers,
     buffer_remedies,
@@ -212,6 +213,16 @@ def _priced_cache(
             text = smaller_batch_text(target, batch, saved, basis, kv_saved, kv, need, pool, vectors)
             if basis == "rows":
                 text += fixed_beyond(beyond_weights, kv, acts)
+            end, moment = d.get("decode_step_end"), d.get("moment_bytes")
+            if isinstance(end, DecodeStepEnd) and isinstance(moment, int) and 1 <= target < batch:
+                # a prefill peak's batch: fewer rows can make a decode step's end the peak
+                rows, falls = fewer_rows_to_step_end(end, moment, batch, target, saved, need)
+                said = step_end_text(end, moment - need, batch, target, rows, falls, saved)
+                if rows < target:
+                    text = said
+                elif falls < saved:
+                    text += said
+                target, saved = rows, falls
         if d.get("rows_are_beams"):  # how many per prompt, the log does not say
             text += (
                 f" These {batch} cache rows are beam search's (prompts x num_beams): lower either, so that "

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["fixed_sizes", "fixed_vector_bytes", "row_activation_bytes", "row_units"]
+__all__ = ["beside_at_rows", "fixed_sizes", "fixed_vector_bytes", "row_activation_bytes", "row_units"]
 
 _FLOAT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _INT64_BYTES = 8  # token ids, attention masks, position ids
@@ -71,6 +71,15 @@ def fixed_vector_bytes(
     """Bytes of the allocations among `sizes` taken as the vocabulary-long vectors of `fixed`, which no
     smaller batch frees (`row_activation_bytes` counts the rest of a size both can be)."""
     return _split(sizes, max(rows, 1), units, max(positions, 1), fixed or set())[1]
+
+
+def beside_at_rows(beside: int, row_bytes: int, run_rows: int, rows: int) -> int:
+    """What a decode step's end holds beside the weights and KV at `rows`, fewer than the run's `run_rows`:
+    the run's most (`beside`), its batch-first `row_bytes` freed in proportion, the rest (the logits
+    processors' vectors over the vocabulary) kept: `kvtrace plan --from-run` and `kvtrace diagnose`'s batch
+    remedy price a step's end at fewer rows than a run that peaked at its prefill with it
+    (analyzers.planning.decode_step_end)."""
+    return beside - round(min(row_bytes, beside) * (run_rows - rows) / run_rows)
 
 
 def _split(

@@ -160,6 +160,7 @@ def _evaluate(req: PlanRequest) -> PlanResult:
         kv_blocks=blocks(budget, math.ceil(data + scales), req.block_size),
         activations_bytes=activations,
         kv_at_peak_bytes=moment.kv_bytes,
+        activations_moment=moment.activations_moment,
         prefill_activations_bytes=None if prefill is None else prefill[1].peak_bytes,
         kv_cross_attention_bytes=sizes.cross_bytes,
         kv_parts=dict(sizes.parts) or None,

@@ -370,6 +370,9 @@ class PlanPeak:
 
     peak_bytes: int
     kv_bytes: int
+    # with a recording, which moment the activations are (recorded_growth's `ActivationsMoment`); None
+    # without one
+    activations_moment: str | None = None
 
 
 def prefill_at(req: PlanRequest, batch: int, context: int) -> tuple[int, PrefillActivations] | None:
@@ -414,8 +417,8 @@ def plan_peak(req: PlanRequest, batch: int, context: int) -> PlanPeak:
         # at call time: analyzers.planning.recorded_growth prices its moments with this module's KV
         from analyzers.planning.recorded_growth import recorded_peak_moment
 
-        peak, kv = recorded_peak_moment(req, batch, context)
-        return PlanPeak(req.effective_reserve_bytes + peak, kv)
+        peak, kv, moment = recorded_peak_moment(req, batch, context)
+        return PlanPeak(req.effective_reserve_bytes + peak, kv, moment)
     step = kv_sizes(req, batch, context).step_peak_bytes
     prefill = prefill_at(req, batch, context)
     if prefill is not None and prefill[0] + prefill[1].peak_bytes > step:

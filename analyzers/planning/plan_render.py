@@ -256,10 +256,21 @@ def _default_memory(req: PlanRequest) -> str:
 
 
 def _recorded_activations(result: PlanResult) -> str:
-    """The activations row of a plan from a recording: those of the peak's moment, named by the KV that
-    moment holds, so that the weights, that KV and they are the peak. Before, the row did not say which KV:
-    a finished run that peaked inside its last cache update showed 79.74 KiB, its 27.24 KiB and the growth
-    copy again, beside the "cache growth peak" row."""
+    """The activations row of a plan from a recording: those of the plan's worst moment, named by the
+    moment they are the run's of (`PlanResult.activations_moment`) and by the KV that moment holds, so that
+    the weights, that KV and they are the peak. Before, the row did not say which KV: a finished run that
+    peaked inside its last cache update showed 79.74 KiB, its 27.24 KiB and the growth copy again, beside
+    the "cache growth peak" row; and it called a decode step's end, planned at fewer rows than a run that
+    peaked at its prefill, "the run's at the peak's moment"."""
+    size = _size(result.activations_bytes)
+    moment = result.activations_moment
+    if moment == "encoder_pass":
+        return f"{size} (the run's encoder pass at this plan's encoder length, beside the weights, no KV yet)"
+    if moment == "decode_attention":
+        return (
+            f"{size} (the run's at the peak's moment, scaled to this plan, and one layer's copies of the KV "
+            "as the last decode step attends over this context; beside the weights and the final KV cache)"
+        )
     kv = result.kv_at_peak_bytes
     growth = result.dynamic_realloc_peak_bytes
     if growth and kv == result.kv_peak_bytes:
@@ -270,10 +281,14 @@ def _recorded_activations(result: PlanResult) -> str:
         beside = f"the prompt's {_size(kv)} of KV: the peak is the prefill"
     else:
         beside = f"the {_size(kv)} of KV the peak's moment holds"
-    return (
-        f"{_size(result.activations_bytes)} (the run's at the peak's moment, scaled to this plan; beside the "
-        f"weights and {beside})"
-    )
+    recorded = result.request.recorded
+    if moment == "decode_step_end" and recorded is not None:
+        return (
+            f"{size} (the run's at a decode step's end, the most its decode steps held, moved from its "
+            f"{recorded.batch:,} rows to {result.request.batch:,}, their batch-first share freed: more than "
+            f"its peak's moment, its prefill, scaled; beside the weights and {beside})"
+        )
+    return f"{size} (the run's at the peak's moment, scaled to this plan; beside the weights and {beside})"
 
 
 def _prefill_prompt(result: PlanResult) -> int:

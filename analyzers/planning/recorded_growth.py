@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Literal, NamedTuple
 
 from analyzers.planning.beam_tensors import beam_search_growth
 from analyzers.planning.encoder_pass import encoder_pass_bytes
@@ -54,10 +55,26 @@ from analyzers.planning.static_prefill import (
     static_prefill_parts,
 )
 
-__all__ = ["recorded_peak_at", "recorded_peak_moment"]
+__all__ = ["ActivationsMoment", "RecordedMoment", "recorded_peak_at", "recorded_peak_moment"]
 
 # A moment of a plan from a recording: (bytes beside the reserve, of which the KV it holds)
 Moment = tuple[int, int]
+
+# Which moment a plan's activations come from (`PlanResult.activations_moment`): the run's peak moved to the
+# plan (`_recorded_peak_at`, with its prefill and cache update floors), a decode step's end at fewer rows
+# than a run that peaked at its prefill (`_decode_floor`), the last decode step attending over a longer
+# context (`_attention_floor`), an encoder-decoder's encoder pass
+ActivationsMoment = Literal["run_peak", "decode_step_end", "decode_attention", "encoder_pass"]
+
+
+class RecordedMoment(NamedTuple):
+    """The plan's worst moment from a recording: its bytes beside the reserve, the KV it holds, and which
+    moment it is, so that the plan says where its activations came from (a decode step's end is not the
+    run's peak scaled)."""
+
+    peak_bytes: int
+    kv_bytes: int
+    activations_moment: ActivationsMoment
 
 
 def _larger(*moments: Moment) -> Moment:
@@ -67,28 +84,29 @@ def _larger(*moments: Moment) -> Moment:
 
 def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
     """The bytes of `recorded_peak_moment`."""
-    return recorded_peak_moment(req, batch, context)[0]
+    return recorded_peak_moment(req, batch, context).peak_bytes
 
 
-def recorded_peak_moment(req: PlanRequest, batch: int, context: int) -> Moment:
+def recorded_peak_moment(req: PlanRequest, batch: int, context: int) -> RecordedMoment:
     """The plan's worst moment, its bytes beside the reserve and the KV it holds: `_recorded_peak_at`, and
     no less than a decode step's attention over the longer context holding its copies of the KV beside the
     final KV and the peak's activations (`_attention_floor`), nor than an
     encoder-decoder model's encoder pass at the planned encoder length, before any KV
     (`encoder_pass_bytes`); a beam search's, with the growth of its tensors over the generation's length,
     which every moment of it holds (`beam_search_growth`). The KV is the moment's: a step's end or a
-    prefill holds no growth copy, and the encoder pass no KV."""
+    prefill holds no growth copy, and the encoder pass no KV. Of equals, the first in that order."""
     assert req.recorded is not None
     encoder = (req.weights_bytes + encoder_pass_bytes(replace(req, batch=batch)), 0)
     prompt = kv_sizes(req, batch, context).prompt
     beams = beam_search_growth(req.recorded, req.beams, batch, prompt, context)
-    peak, kv = _larger(
-        _recorded_peak_at(req, batch, context),
-        _attention_floor(req, batch, context),
-        encoder,
-        _decode_floor(req, batch, context),
+    moments: tuple[tuple[ActivationsMoment, Moment], ...] = (
+        ("run_peak", _recorded_peak_at(req, batch, context)),
+        ("decode_attention", _attention_floor(req, batch, context)),
+        ("encoder_pass", encoder),
+        ("decode_step_end", _decode_floor(req, batch, context)),
     )
-    return peak + beams, kv
+    name, (peak, kv) = max(moments, key=lambda named: named[1][0])
+    return RecordedMoment(peak + beams, kv, name)
 
 
 def _decode_floor(req: PlanRequest, batch: int, context: int) -> Moment:

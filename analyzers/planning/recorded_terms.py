@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from analyzers.planning.diagnose_rows import beside_at_rows
 from analyzers.planning.fp8_update import fp8_prefill_attention_bytes, fp8_update_bytes
 from analyzers.planning.plan_kv import kv_sizes
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, PrefillMoment, RecordedPeak
@@ -355,7 +356,7 @@ def decode_beside_fewer_rows(rec: RecordedPeak, batch: int) -> int | None:
     decode, row_bytes = rec.decode_activations_bytes, rec.decode_row_bytes
     if rec.phase != "prefill" or decode is None or row_bytes is None or batch >= rec.batch:
         return None
-    return decode - round(min(row_bytes, decode) * (rec.batch - batch) / rec.batch)
+    return beside_at_rows(decode, row_bytes, rec.batch, batch)  # as `kvtrace diagnose`'s batch remedy
 
 
 def prefill_growth(run: PlanRequest, rec: RecordedPeak, prompt: int) -> float:

@@ -17,6 +17,7 @@ import numpy as np
 
 from analyzers.planning.attention_moment import prefill_attention_moment
 from analyzers.planning.beam_tensors import without_beam_tensors
+from analyzers.planning.decode_step_end import row_bytes_at
 from analyzers.planning.run_moments import (
     HALF_FLOATS,
     batch_fixed_bytes,
@@ -232,28 +233,8 @@ def peak_moment(
         update_context_token_bytes=at_update_context,
         attn_implementation=_attn_implementation(report.geometry),
         decode_activations_bytes=decode_beside,
-        decode_row_bytes=_row_bytes_at(source, report, decode_at, rows),
+        decode_row_bytes=row_bytes_at(source, report, decode_at, rows),
         encoder_pass=encoder_pass_moments(source, report, encoder_tokens),
-    )
-
-
-def _row_bytes_at(source: MemorySource, report: Report, index: int | None, rows: int | None) -> int | None:
-    """Of what the main device held beside its weights and KV after event `index`, the batch-first bytes
-    (diagnose_rows' split, as `kvtrace diagnose` tells its moment's); None where not told."""
-    from analyzers.model import OTHER
-    from analyzers.planning.diagnose_rows import fixed_sizes, row_activation_bytes, row_units
-    from analyzers.planning.diagnose_stacks import live_sizes
-
-    main = report.main_device
-    if index is None or main is None or not rows:
-        return None
-    dev = next((d for d in source.devices if d.device == main.device), None)
-    if dev is None or dev.category is None or not bool((dev.addr >= 0).any()):
-        return None
-    positions = max(report.kv.tokens_held or 0, report.kv.capacity_tokens or 0) + 1
-    others = live_sizes(dev, index, OTHER)
-    return row_activation_bytes(
-        others, rows, row_units(report.geometry), positions, fixed_sizes(report.geometry)
     )
 
 
@@ -442,6 +423,21 @@ def _shorter_prompt(moment: PeakMoment) -> str:
     )
 
 
+def _decode_step_end(moment: PeakMoment, rows_told: bool) -> str:
+    """How fewer rows price a decode step's end of a run that peaked at its prefill (recorded_terms'
+    `decode_beside_fewer_rows`), where the run tells what its decode steps held and which of it follows
+    the rows: the activations row says when that moment is the plan's."""
+    decode, rows = moment.decode_activations_bytes, moment.decode_row_bytes
+    if moment.phase != "prefill" or not rows_told or decode is None or rows is None:
+        return ""
+    return (
+        f" Fewer rows also price a decode step's end, the most the run's decode steps held beside their "
+        f"weights and KV ({human_bytes(decode)}), their {human_bytes(rows)} batch-first freed in proportion "
+        "and the rest (the logits processors' vectors over the vocabulary) kept: it can outweigh the "
+        "prefill's, scaled down."
+    )
+
+
 def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, rows_told: bool) -> str:
     """How the plan's peak counts the run's activations, and what the reserve is then; `rows_told`: the plan
     frees the moment's batch-first activations for a smaller batch (`RecordedPeak.row_activation_bytes`).
@@ -457,7 +453,7 @@ def recorded_note(moment: PeakMoment, same_cache: bool, reserve_typed: bool, row
         f" A smaller batch frees the {row_bytes} of them that are batch-first "
         "(the logits, attention's copies: allocations the rows times a model width long) in proportion, as "
         "`kvtrace diagnose` prices it, and keeps the rest (an upper bound). A smaller context keeps them (an "
-        "upper bound, they shrink too)."
+        f"upper bound, they shrink too).{_decode_step_end(moment, rows_told)}"
         if rows_told
         else " A smaller batch or context keeps them (an upper bound, they shrink too; the recording does "
         "not tell which follow the rows)."
