@@ -74,6 +74,12 @@ class Tables:
         finally:
             con.close()
 
+    def __repr__(self) -> str:
+        """Each table's rows on one line. The dataclass' own repr printed every column of all seven tables,
+        hundreds of lines for one run, wherever a script or a terminal's REPL shows `tables`."""
+        rows = ", ".join(f"{name} {self[name].num_rows:,}" for name in TABLE_NAMES)
+        return f"Tables(rows: {rows})"
+
     def _repr_html_(self) -> str:
         rows = "".join(
             f"<tr><td><code>{name}</code></td><td style='text-align:right'>{self[name].num_rows:,}</td></tr>"

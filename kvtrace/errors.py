@@ -56,6 +56,10 @@ _EXTRA_OF = {
 }
 
 
+# The torch the README installs before kvtrace's extras (its CPU wheel): a GPU machine takes its CUDA build.
+_TORCH_FIRST = "torch==2.13.0 (the CPU wheel; on a GPU, your CUDA build of torch)"
+
+
 def missing_dependency(exc: ImportError, command: str = "") -> str | None:
     """What to install for a module kvtrace needs and did not find ("needs pyarrow, which is not installed
     here: pip install 'kvtrace[export]'"); None for any other import error, which is a bug. `demo` needs
@@ -67,6 +71,12 @@ def missing_dependency(exc: ImportError, command: str = "") -> str | None:
     if command == "demo" and extra:
         extra = "demo"
     what = f"kvtrace[{extra}]" if extra else "kvtrace"
+    if name == "torch":
+        # The extra alone would take the newest torch from PyPI, a CUDA build with gigabytes of CUDA
+        # libraries, where the machine may have no GPU: torch first, as the README's install line does.
+        return (
+            f"needs torch, which is not installed here: pip install {_TORCH_FIRST}, then pip install '{what}'"
+        )
     return f"needs {name}, which is not installed here: pip install '{what}'"
 
 

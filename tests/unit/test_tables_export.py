@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import sys
@@ -303,6 +304,25 @@ def test_a_different_source_under_a_name_already_exported_gets_a_new_run_id(
     runs = pq.read_table(out / "runs").to_pylist()
     assert sorted(r["run_id"] for r in runs) == ["runs/x", "runs/x#2"]
     assert len({r["path"] for r in runs}) == 2
+
+
+def test_tables_show_as_one_line_of_row_counts() -> None:
+    # GIVEN the sample run's tables, as a script's print() or a terminal's REPL shows them
+    tables = kvtrace.load_tables(SAMPLE)
+    # THEN one line gives each table's rows, counted here from the run's own files (it printed every column
+    # of the seven tables: hundreds of lines)
+    trace = json.loads(gzip.decompress(next((SAMPLE / "profiler").glob("*.json.gz")).read_bytes()))
+    memory = sum(event.get("name") == "[memory]" for event in trace["traceEvents"])
+    kv_lines = len((SAMPLE / "kv_events.jsonl").read_text().splitlines())
+    samples = len((SAMPLE / "memory_samples.jsonl").read_text().splitlines())
+    assert (
+        repr(tables)
+        == str(tables)
+        == (
+            f"Tables(rows: runs 1, devices 1, kv_events {kv_lines:,}, memory_events {memory:,}, "
+            f"samples {samples:,}, engine_steps 0, engine_requests 0)"
+        )
+    )
 
 
 def test_to_pandas_without_pandas_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
