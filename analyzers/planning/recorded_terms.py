@@ -278,18 +278,22 @@ def attended_gain(req: PlanRequest, rec: RecordedPeak, context: int) -> int:
     return max(_attended(req, context) - _attended(req, rec.context), 0)
 
 
-def update_token_growth(rec: RecordedPeak, batch: int, context: int, scale: float) -> int:
+def update_token_growth(
+    rec: RecordedPeak, batch: int, context: int, scale: float, held: int | None = None
+) -> int:
     """Bytes generate()'s token tensors add to what the run held at its KV peak (`update_token_bytes`,
     grown by `scale`) in a plan whose KV peak is its last step's, `context` - 1 tokens a row at most (its
     last token is never fed): a sliding run's KV peak comes while its window fills, its ids short (the tiny
     Llama at batch 2, context 206: 288 B of them where the full cache's last update held 6,560, 205 tokens a
     row), as many a row and token as the run's update held (`update_token_row_bytes`), where told: its peak
     elsewhere may have held more (5.17's concatenation). Before, `context` tokens a row: a sliding cache
-    planned from a dynamic run at its own context was a token of ids above its recording (32 B at 2 rows)."""
+    planned from a dynamic run at its own context was a token of ids above its recording (32 B at 2 rows).
+    `held`: the token tensors of another update moment than the KV peak's (full_update's)."""
     per_token = rec.update_token_row_bytes or rec.token_row_bytes
-    if not per_token or rec.update_token_bytes is None:
+    held = rec.update_token_bytes if held is None else held
+    if not per_token or held is None:
         return 0
-    return max(per_token * batch * (context - 1) - math.ceil(rec.update_token_bytes * scale), 0)
+    return max(per_token * batch * (context - 1) - math.ceil(held * scale), 0)
 
 
 def token_growth(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
