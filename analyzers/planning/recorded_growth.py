@@ -361,7 +361,12 @@ def _moment_floors(
         moments = covering_moments(rec, beside_prefill)
         if moments:
             squared = pairs_squared(req, rec)  # eager's mask and scores within their moments
-            prefill = moments_grown(moments, rows * kept, longer, squared)
+            # more rows of a shorter prompt: each moment's prompt bytes shrink with it, but for what the
+            # step never frees (`moments_grown`), as `shorter_prefill` shrinks the peak's. Before, they
+            # stayed at the run's prompt: the eager Qwen3-MoE's 2 rows of 300 tokens planned at 3 of 200
+            # said 2,992,292 B where the recording peaked at 2,253,696 (+32.8%), 3 rows of 300 priced
+            ratio = prompt_ratio(run, rec, sizes.prompt)
+            prefill = moments_grown(moments, rows * kept, ratio, squared, rec.prefill_held_bytes or 0)
             attention = 0 if squared else attention
         if attention:
             prefill = _with_attention(req, run, rec, batch, context, prefill, kept, early)
