@@ -117,9 +117,22 @@ def step_end_beside(run: PlanRequest, rec: RecordedPeak, activations: int) -> in
     share fewer rows keep; the peak's own where the run peaked elsewhere, or was cut short before its end."""
     if rec.phase != "prefill" or rec.cut_short:
         return activations
-    final_kv = kv_sizes(run, rec.batch, rec.context).kv_bytes
     kept = activations / max(rec.activations_bytes, 1)
-    return min(activations, math.floor(max(rec.peak_bytes - rec.weights_bytes - final_kv, 0) * kept))
+    return min(activations, math.floor(_beside_at_end(run, rec) * kept))
+
+
+def _beside_at_end(run: PlanRequest, rec: RecordedPeak) -> int:
+    """The most a finished run held beside its weights and final KV at its last step's end: its peak less
+    those, and, where it peaked at its prefill, no more than its decode steps held at most beside their KV
+    (`RecordedPeak.decode_activations_bytes`, measured). A sliding run's prefill holds its whole prompt's KV,
+    more than its final window's, so its peak less that window's KV counted the difference as activations:
+    the tiny Llama (4 rows, 40-token prompt, window 16, 20 new tokens) planned fp8 said 1,064,328 B where
+    the fp8 recording peaked at its prefill at 1,005,448 (+5.9%), 24 tokens' KV of every row and layer and
+    the prefill's activations beside the fp8 cache's final KV."""
+    final_kv = kv_sizes(run, rec.batch, rec.context).kv_bytes
+    bound = max(rec.peak_bytes - rec.weights_bytes - final_kv, 0)
+    decode = rec.decode_activations_bytes
+    return min(bound, decode) if rec.phase == "prefill" and decode is not None else bound
 
 
 def prefill_moment_kv(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
@@ -169,8 +182,7 @@ def unseen_at_end(run: PlanRequest, rec: RecordedPeak) -> int:
     peak was that moment, or the run was cut short and never reached it)."""
     if rec.cut_short:
         return 0
-    final_kv = kv_sizes(run, rec.batch, rec.context).kv_bytes
-    return max(rec.peak_bytes - rec.weights_bytes - final_kv - rec.activations_bytes, 0)
+    return max(_beside_at_end(run, rec) - rec.activations_bytes, 0)
 
 
 @dataclass(frozen=True)

@@ -53,3 +53,44 @@ def test_a_sliding_run_planned_on_fp8_is_priced_at_the_fp8_last_update(
     plan = plan_json(runs["sliding"], capsys, "--cache", "fp8")
     # THEN the plan is the recording's peak, to the byte
     assert plan["peak_bytes"] == measured
+
+
+# a prompt longer than the window and few new tokens: both runs peak at their prefill, the sliding cache
+# holding its whole prompt's KV there (as a dynamic one does), its final window's far less
+PREFILL_BATCH, PREFILL_PROMPT, PREFILL_NEW, PREFILL_WINDOW = 4, 40, 20, 16
+
+
+@pytest.fixture(scope="module")
+def prefill_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A greedy generate() of the tiny Llama peaking at its prefill, with a sliding cache and an fp8 one."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("fp8_from_sliding_prefill")
+    torch.manual_seed(0)
+    model = build_model(tiny_size(2, 2)).eval()
+    found = {name: folder / name for name in ("sliding", "fp8")}
+    shape = (PREFILL_BATCH, PREFILL_PROMPT, PREFILL_NEW)
+    record_generate(model, found["sliding"], *shape, "sliding", PREFILL_WINDOW)
+    if HAS_FP8_CACHE:
+        record_generate(model, found["fp8"], *shape, "fp8")
+    return found
+
+
+@needs_fp8_cache
+def test_a_sliding_run_peaking_at_its_prefill_is_planned_on_fp8_there(
+    prefill_runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the fp8 recording, peaking at its prefill: both layers' 8-bit prompt KV and their scales
+    report = report_json(prefill_runs["fp8"], capsys)
+    layer_token = 2 * 2 * 16  # a layer's K and V elements a token: 2 KV heads of 16
+    assert report["categories_at_peak"]["kv"] == 2 * (PREFILL_BATCH * PREFILL_PROMPT * layer_token + 2 * 4)
+    # AND the sliding run's decode steps, which held far less beside their KV than its prefill
+    sliding = plan_json(prefill_runs["sliding"], capsys)["request"]["recorded"]
+    assert sliding["phase"] == "prefill"
+    assert sliding["decode_activations_bytes"] < sliding["activations_bytes"]
+    # WHEN the sliding run is planned on an fp8 cache
+    plan = plan_json(prefill_runs["sliding"], capsys, "--cache", "fp8")
+    # THEN the plan is the recording's peak, to the byte: before, its decode steps' end was priced beside the
+    # prefill's activations and the prompt's KV beyond the window (the peak less the weights and the final
+    # window's KV), +58,880 B (+5.9%)
+    assert plan["peak_bytes"] == report["peak_allocated_bytes"]
