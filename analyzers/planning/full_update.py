@@ -33,8 +33,10 @@ class UpdateBeside:
 
 def _slid_to_full(req: PlanRequest, rec: RecordedPeak) -> bool:
     """Whether every layer of the run's cache kept a window and none of the planned cache's does, for a run
-    that finished (a run cut short never reached its last update) and tells its last update."""
-    if rec.cut_short or rec.last_update_activations_bytes is None:
+    that finished (a run cut short never reached its last update), ran no beam search (whose reorder after a
+    step copies every layer's K and V outside the forward: its last storage made is no update's) and tells
+    its last update."""
+    if rec.cut_short or rec.beams > 1 or rec.last_update_activations_bytes is None:
         return False
     run_whole, run_windowed, _ = cache_layout(run_request(req, rec))
     _, windowed, _ = cache_layout(req)
