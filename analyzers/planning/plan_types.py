@@ -156,6 +156,13 @@ class RecordedPeak:
     # follow the rows alone; None: not told apart, all grow with the context in proportion (an upper bound)
     context_token_bytes: int | None = None
     update_context_token_bytes: int | None = None
+    # beside the weights and KV at the run's last cache update (its last layer's, last step), of it
+    # generate()'s token tensors, and what a row and token of the context adds there (run_moments'
+    # `last_update_beside_at`): where a full cache's KV peak comes, which a sliding run's KV peak (as its
+    # window fills, in its first layer) is not; None: not told
+    last_update_activations_bytes: int | None = None
+    last_update_token_bytes: int | None = None
+    last_update_context_token_bytes: int | None = None
     # the attention the run's model ran (eager, sdpa...: the manifest's); None: not told
     attn_implementation: str | None = None
     # whether the run's generate() call had padded prompts (the manifest's `generate_calls`): under sdpa a

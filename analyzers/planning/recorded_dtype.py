@@ -43,6 +43,7 @@ def in_compute_dtype(rec: RecordedPeak, dtype: str) -> RecordedPeak:
     attention = rec.prefill_attention_bytes  # a layer's tensors, none of the vocabulary's: all grow
     # what a token adds grows with the dtype too, as if none were the int64 ids: an upper bound
     context, update_context = rec.context_token_bytes, rec.update_context_token_bytes
+    last_update, last_context = rec.last_update_activations_bytes, rec.last_update_context_token_bytes
     prompt_bytes = rec.prefill_prompt_bytes  # as if none were the int64 ids or float32: an upper bound
     return replace(
         rec,
@@ -56,4 +57,9 @@ def in_compute_dtype(rec: RecordedPeak, dtype: str) -> RecordedPeak:
         prefill_peak_moment=None,
         context_token_bytes=None if context is None else math.ceil(context * factor),
         update_context_token_bytes=None if update_context is None else math.ceil(update_context * factor),
+        # the last update's as the KV peak's: the same step's tensors, a layer later
+        last_update_activations_bytes=(
+            None if last_update is None else grown(last_update, rec.update_dtype_fixed_bytes)
+        ),
+        last_update_context_token_bytes=None if last_context is None else math.ceil(last_context * factor),
     )

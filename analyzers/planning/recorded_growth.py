@@ -18,6 +18,7 @@ from typing import Literal, NamedTuple
 from analyzers.planning.beam_tensors import beam_search_growth
 from analyzers.planning.encoder_pass import encoder_pass_bytes
 from analyzers.planning.fp8_update import fp8_update_bytes
+from analyzers.planning.full_update import full_update_beside, full_update_mask_bytes
 from analyzers.planning.plan_kv import kv_sizes
 from analyzers.planning.plan_types import PREALLOCATED_CACHES, PlanRequest, RecordedPeak
 from analyzers.planning.presets import dtype_bytes_for
@@ -189,9 +190,9 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
             # said 1,045,416 B where the fp8 recording peaked at its prefill at 1,005,480
             at_end = gain.grown(ended, rec.context_token_bytes, fixed) + mask
         at_peak = max(at_end, at_prefill)
-        beside_update = rec.update_activations_bytes
+        update = full_update_beside(req, rec)
         quantize_unpriced = req.cache == "quantized" and req.kv_dtype != "fp8"
-        if beside_update is None or (quantize_unpriced and prefill_peaks(rec, grown, prompt_grown)):
+        if update is None or (quantize_unpriced and prefill_peaks(rec, grown, prompt_grown)):
             # the update's copies beside: a bound
             return req.weights_bytes + sizes.step_peak_bytes + at_peak + tokens, sizes.step_peak_bytes
         # Two moments, never live together: the run's peak (a step's end, its logits) holding this cache's
@@ -199,11 +200,14 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
         # held at its own KV peak; fewer rows keep the share of them that `rows_freed` keeps at the peak
         kept = 1 - rows_freed(rec, batch) / max(rec.activations_bytes, 1)
         update_fixed = rec.update_batch_fixed_bytes
+        beside_update = update.activations_bytes * kept
         in_update = max(
-            gain.grown(beside_update * kept, rec.update_context_token_bytes, update_fixed),
-            grown_with_prompt(beside_update * kept, update_fixed, rows, longer, prompt_bytes_kept(rec, kept)),
+            gain.grown(beside_update, update.context_token_bytes, update_fixed),
+            grown_with_prompt(beside_update, update_fixed, rows, longer, prompt_bytes_kept(rec, kept)),
         )
-        in_update += update_token_growth(rec, batch, context, kept * max(grown, prompt_grown))
+        scale = kept * max(grown, prompt_grown)
+        in_update += update_token_growth(rec, batch, context, scale, update.token_bytes)
+        in_update += full_update_mask_bytes(req, rec, batch, context)
         # the step's end holds the final KV beside the step's activations, the prefill the prompt's KV
         # beside the prefill's: a sliding cache's prompt, held whole until its first decode step, goes
         # beside its prefill's activations, not a step's end's. Before, the larger KV went beside the
@@ -292,7 +296,8 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
     )
     tokens = token_growth(req, rec, batch, context)
     eager_after = _new_token_states(req, rec, batch) > 0  # beside eager's copies, the update's
-    if (repeats_new or fp8_new or eager_after) and rec.update_activations_bytes is not None:
+    update = full_update_beside(req, rec)
+    if (repeats_new or fp8_new or eager_after) and update is not None:
         # The copies come right after a layer's update, mid-forward: beside them, what the run held at its
         # KV peak (a dynamic cache's last update), not at its peak, which may be a step's end (its logits
         # processors' vectors) or its prefill. The tiny Llama (bf16, 8 rows, 20-token prompt, 100 new
@@ -301,9 +306,10 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
         # 8,192-token prompt, with its prefill's 23.5 GB, 68.60 GB where the static run peaked at 65.35 GB
         kept = 1 - rows_freed(rec, batch) / max(rec.activations_bytes, 1)
         activations = gain.grown(
-            rec.update_activations_bytes * kept, rec.update_context_token_bytes, rec.update_batch_fixed_bytes
+            update.activations_bytes * kept, update.context_token_bytes, rec.update_batch_fixed_bytes
         )
-        tokens = update_token_growth(rec, batch, context, kept * rows * gain.stretch)
+        tokens = update_token_growth(rec, batch, context, kept * rows * gain.stretch, update.token_bytes)
+        tokens += full_update_mask_bytes(req, rec, batch, context)
         activations -= _new_token_states(req, rec, batch)
         if fp8_new:
             # An fp8 cache dequantizes inside its update (`Fp8QuantizedLayer.update`), while the layer's
@@ -373,7 +379,12 @@ def _moment_floors(
         moments = covering_moments(rec, beside_prefill)
         if moments:
             squared = pairs_squared(req, rec)  # eager's mask and scores within their moments
-            prefill = moments_grown(moments, rows * kept, longer, squared)
+            # more rows of a shorter prompt: each moment's prompt bytes shrink with it, but for what the
+            # step never frees (`moments_grown`), as `shorter_prefill` shrinks the peak's. Before, they
+            # stayed at the run's prompt: the eager Qwen3-MoE's 2 rows of 300 tokens planned at 3 of 200
+            # said 2,992,292 B where the recording peaked at 2,253,696 (+32.8%), 3 rows of 300 priced
+            ratio = prompt_ratio(run, rec, sizes.prompt)
+            prefill = moments_grown(moments, rows * kept, ratio, squared, rec.prefill_held_bytes or 0)
             attention = 0 if squared else attention
         if attention:
             prefill = _with_attention(req, run, rec, batch, context, prefill, kept, early)

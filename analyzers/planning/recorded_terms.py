@@ -118,9 +118,22 @@ def step_end_beside(run: PlanRequest, rec: RecordedPeak, activations: int) -> in
     share fewer rows keep; the peak's own where the run peaked elsewhere, or was cut short before its end."""
     if rec.phase != "prefill" or rec.cut_short:
         return activations
-    final_kv = kv_sizes(run, rec.batch, rec.context).kv_bytes
     kept = activations / max(rec.activations_bytes, 1)
-    return min(activations, math.floor(max(rec.peak_bytes - rec.weights_bytes - final_kv, 0) * kept))
+    return min(activations, math.floor(_beside_at_end(run, rec) * kept))
+
+
+def _beside_at_end(run: PlanRequest, rec: RecordedPeak) -> int:
+    """The most a finished run held beside its weights and final KV at its last step's end: its peak less
+    those, and, where it peaked at its prefill, no more than its decode steps held at most beside their KV
+    (`RecordedPeak.decode_activations_bytes`, measured). A sliding run's prefill holds its whole prompt's KV,
+    more than its final window's, so its peak less that window's KV counted the difference as activations:
+    the tiny Llama (4 rows, 40-token prompt, window 16, 20 new tokens) planned fp8 said 1,064,328 B where
+    the fp8 recording peaked at its prefill at 1,005,448 (+5.9%), 24 tokens' KV of every row and layer and
+    the prefill's activations beside the fp8 cache's final KV."""
+    final_kv = kv_sizes(run, rec.batch, rec.context).kv_bytes
+    bound = max(rec.peak_bytes - rec.weights_bytes - final_kv, 0)
+    decode = rec.decode_activations_bytes
+    return min(bound, decode) if rec.phase == "prefill" and decode is not None else bound
 
 
 def prefill_moment_kv(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:
@@ -170,8 +183,7 @@ def unseen_at_end(run: PlanRequest, rec: RecordedPeak) -> int:
     peak was that moment, or the run was cut short and never reached it)."""
     if rec.cut_short:
         return 0
-    final_kv = kv_sizes(run, rec.batch, rec.context).kv_bytes
-    return max(rec.peak_bytes - rec.weights_bytes - final_kv - rec.activations_bytes, 0)
+    return max(_beside_at_end(run, rec) - rec.activations_bytes, 0)
 
 
 @dataclass(frozen=True)
@@ -279,18 +291,22 @@ def attended_gain(req: PlanRequest, rec: RecordedPeak, context: int) -> int:
     return max(_attended(req, context) - _attended(req, rec.context), 0)
 
 
-def update_token_growth(rec: RecordedPeak, batch: int, context: int, scale: float) -> int:
+def update_token_growth(
+    rec: RecordedPeak, batch: int, context: int, scale: float, held: int | None = None
+) -> int:
     """Bytes generate()'s token tensors add to what the run held at its KV peak (`update_token_bytes`,
     grown by `scale`) in a plan whose KV peak is its last step's, `context` - 1 tokens a row at most (its
     last token is never fed): a sliding run's KV peak comes while its window fills, its ids short (the tiny
     Llama at batch 2, context 206: 288 B of them where the full cache's last update held 6,560, 205 tokens a
     row), as many a row and token as the run's update held (`update_token_row_bytes`), where told: its peak
     elsewhere may have held more (5.17's concatenation). Before, `context` tokens a row: a sliding cache
-    planned from a dynamic run at its own context was a token of ids above its recording (32 B at 2 rows)."""
+    planned from a dynamic run at its own context was a token of ids above its recording (32 B at 2 rows).
+    `held`: the token tensors of another update moment than the KV peak's (full_update's)."""
     per_token = rec.update_token_row_bytes or rec.token_row_bytes
-    if not per_token or rec.update_token_bytes is None:
+    held = rec.update_token_bytes if held is None else held
+    if not per_token or held is None:
         return 0
-    return max(per_token * batch * (context - 1) - math.ceil(rec.update_token_bytes * scale), 0)
+    return max(per_token * batch * (context - 1) - math.ceil(held * scale), 0)
 
 
 def token_growth(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:

@@ -22,6 +22,7 @@ __all__ = [
     "batch_fixed_bytes",
     "decode_beside_at",
     "dtype_fixed_bytes",
+    "last_update_beside_at",
     "main_timeline",
     "outside_prefill_peak",
     "prefill_beside",
@@ -133,6 +134,26 @@ def update_beside_at(source: MemorySource, report: Report) -> tuple[int | None, 
     if kv_log is None or timeline is None or kv_log.peak_bytes <= kv_log.final_bytes:
         return None, None
     at = int(np.searchsorted(timeline[1].ts_us, kv_log.peak_t_ns / 1000.0, side="right")) - 1
+    return (int(timeline[1].by_category["other"][at]), at) if at >= 0 else (None, None)
+
+
+def last_update_beside_at(source: MemorySource, report: Report) -> tuple[int | None, int | None]:
+    """What the main device held beside its weights and KV at the run's last cache update (the KV log's
+    last storage made, its last layer's in its last step), and the event index of it: the moment a full
+    cache's KV peak repeats, a step's last layer holding the previous layer's hidden states beside the
+    embeddings, and generate()'s ids over all but the last token. A sliding cache's KV peak
+    (`update_beside_at`) comes instead as its window fills, in its first layer, with its ids short: the
+    demo's Llama (8 rows, window 16) held 2,048 B (a position's hidden states) less there than at its last
+    update. (None, None) where the run does not tell: no storage made in a decode step, no timeline."""
+    kv_log = source.meta.get("kv")
+    timeline = main_timeline(source, report)
+    if kv_log is None or timeline is None or not kv_log.storages:
+        return None, None
+    made_ns = max(storage[2] for storage in kv_log.storages)
+    begun = [step for step, start_ns in kv_log.step_start_ns.items() if start_ns <= made_ns]
+    if not begun or kv_log.step_phase.get(max(begun)) != "decode":
+        return None, None
+    at = int(np.searchsorted(timeline[1].ts_us, made_ns / 1000.0, side="right")) - 1
     return (int(timeline[1].by_category["other"][at]), at) if at >= 0 else (None, None)
 
 

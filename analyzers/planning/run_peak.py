@@ -23,6 +23,7 @@ from analyzers.planning.run_moments import (
     batch_fixed_bytes,
     decode_beside_at,
     dtype_fixed_bytes,
+    last_update_beside_at,
     main_timeline,
     prefill_beside_at,
     prefill_held_bytes,
@@ -119,6 +120,12 @@ class PeakMoment:
     # (`context_token_bytes`); the rest are a step's fixed share (the logits, a position's hidden states)
     context_token_bytes: int | None = None
     update_context_token_bytes: int | None = None
+    # beside the weights and KV at the run's last cache update (`last_update_beside_at`), of it generate()'s
+    # token tensors, and the bytes a row and token of the context adds: a full cache's KV peak planned from
+    # a sliding run, whose own KV peak (`update_activations_bytes`) came early, in its first layer
+    last_update_activations_bytes: int | None = None
+    last_update_token_bytes: int | None = None
+    last_update_context_token_bytes: int | None = None
     # the attention the model ran (the manifest's `attn_implementation`: eager, sdpa...); None: not told
     attn_implementation: str | None = None
     # the most held beside the weights and KV in the decode steps (`decode_beside_at`), and of it the
@@ -182,6 +189,7 @@ def peak_moment(
     beside = main.peak_allocated_bytes - at_peak.get("weights", 0) - at_peak.get("kv", 0)
     prefill, prefill_at = prefill_beside_at(source, report)
     update, update_at = update_beside_at(source, report)
+    last_update, last_update_at = last_update_beside_at(source, report)
     timeline = main_timeline(source, report)
     peak_at = int(np.argmax(timeline[1].allocated)) if timeline and len(timeline[1].ts_us) else None
     rows, beams = diagnosis.batch, diagnosis.beams  # beam search's own tensors are the plan's arithmetic
@@ -189,6 +197,8 @@ def peak_moment(
     at_update_tokens = token_tensors(source, report, update_at, rows, prompt, context, beams)
     at_peak_context = context_token_bytes(source, report, peak_at, rows, prompt, context, beams)
     at_update_context = context_token_bytes(source, report, update_at, rows, prompt, context, beams)
+    at_last_tokens = token_tensors(source, report, last_update_at, rows, prompt, context, beams)
+    at_last_context = context_token_bytes(source, report, last_update_at, rows, prompt, context, beams)
     at_peak_prompt = prompt_row_bytes(source, report, peak_at, diagnosis.batch, prompt)
     decode = diagnosis.step_phase == "decode"
     attention = prefill_attention_moment(source, report, diagnosis.batch, prompt)
@@ -231,6 +241,9 @@ def peak_moment(
         update_token_row_bytes=update_token_row_bytes(at_update_tokens),
         context_token_bytes=at_peak_context if decode else None,
         update_context_token_bytes=at_update_context,
+        last_update_activations_bytes=last_update,
+        last_update_token_bytes=sum(at_last_tokens) if at_last_tokens is not None else None,
+        last_update_context_token_bytes=at_last_context,
         attn_implementation=_attn_implementation(report.geometry),
         decode_activations_bytes=decode_beside,
         decode_row_bytes=row_bytes_at(source, report, decode_at, rows),
