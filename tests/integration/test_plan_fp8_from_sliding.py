@@ -109,4 +109,3 @@ def test_diagnose_prices_a_sliding_runs_fp8_remedy_over_its_whole_context(
     # the window's 8 tokens at 8 bits, saving 3/4 of the window's KV and never the context's update
     assert diagnosis["allocated_bytes"] - fp8["saved_bytes"] == measured
     assert "keeps every token" in fp8["sentence"]
-
