@@ -4,7 +4,8 @@ update; the sliding run's KV peaked as its window first slid (its prompt is long
 first layer, holding a position's hidden states fewer (the last layer's input beside the embeddings) and no
 mask over the context. Before, the plan priced the fp8 update beside that moment: 2,048 B under the
 recording (8 rows x 64 x 4 B), 3,000 B with a padded prompt, whose mask over the 119 keys (a bool each) the
-fp8 step makes; the demo's Llama (`kvtrace demo --cache sliding --window 16`, 8 rows) was 2,584 B under."""
+fp8 step makes; the demo's Llama (`kvtrace demo --cache sliding --window 16`, 8 rows) was 2,584 B under.
+`kvtrace diagnose`'s fp8 remedy lands there too: before, it priced the window's tokens at 8 bits."""
 
 from __future__ import annotations
 
