@@ -43,6 +43,7 @@ from analyzers.planning.diagnose_compressed_remedies import (
     prompt_and_written,
 )
 from analyzers.planning.diagnose_engine_pool import pool_without_engine_files
+from analyzers.planning.diagnose_fp8_window import slid_run
 from analyzers.planning.diagnose_moment import (
     beams_at_step,
     held_at_step,
@@ -352,6 +353,10 @@ def diagnose(source: MemorySource, report: Report, budget_bytes: int | None = No
         "kept_kv": None if at_start or kv_log is None else kept_kv(source, when),
         # the memory figures count every allocation (else the KV log's and the weights' alone)
         "allocator_events": not source.kv_log_only,
+        # what a run whose cache kept its own window held at its last update, where an fp8 cache's peaks
+        "slid_run": slid_run(source, report, call)
+        if sliding_layers(report) and not model_sliding_layers(report)
+        else None,
         # what the run held beside its KV, which a static cache's preallocated KV would go beside
         "static_run": None
         if at_start or main is None or device != main.device or allocated is None

@@ -75,6 +75,7 @@ from analyzers.planning.diagnose_buffer_remedies import (
 )
 from analyzers.planning.diagnose_cache_remedies import at_batch_one, beam_search_remedies, fewer_rows
 from analyzers.planning.diagnose_compressed_remedies import CompressedRun, compressed_remedies
+from analyzers.planning.diagnose_fp8_window import fp8_over_context, own_window
 from analyzers.planning.diagnose_fragments import (
     FRAGMENTS_REMEDY,
     allocator_remedies,
@@ -338,7 +339,10 @@ def _priced_cache(
         elif packed is None and kv_bits > 8:  # an 8-bit cache already is what this remedy proposes
             assert own_kv is not None
             held_by = f"the model's cache holds at {kv_bits} bits" if others else f"held at {kv_bits} bits"
-            fp8_priced = fp8_remedy(d, own_kv, kv_bits, held_by, need)
+            if own_window(d):  # a QuantizedCache keeps every token: priced over the context, as plan does
+                fp8_priced = fp8_over_context(d, own_kv, kv_bits, need)
+            else:
+                fp8_priced = fp8_remedy(d, own_kv, kv_bits, held_by, need)
             out.append(replace(fp8_priced, sentence=fp8_priced.sentence + besides))
         sliding = d.get("model_sliding_layers")
         if packed is not None and packed <= 4:

@@ -19,7 +19,7 @@ from analyzers.planning.presets import dtype_bytes_for
 from analyzers.planning.recorded_run import run_request
 from analyzers.planning.static_prefill import attended
 
-__all__ = ["UpdateBeside", "full_update_beside", "full_update_mask_bytes"]
+__all__ = ["UpdateBeside", "full_update_beside", "full_update_mask_bytes", "mask_beyond_window"]
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,25 @@ def full_update_mask_bytes(req: PlanRequest, rec: RecordedPeak, batch: int, cont
     other plan."""
     if not _slid_to_full(req, rec):
         return 0
-    keys = attended(req, context) - 1
-    if rec.attn_implementation == "eager":
-        window_keys = attended(run_request(req, rec), rec.context) - 1
-        return batch * max(keys - window_keys, 0) * dtype_bytes_for(req.effective_compute_dtype, 1)
-    return 0 if rec.padded is False else batch * keys
+    window_keys = attended(run_request(req, rec), rec.context) - 1
+    compute_bytes = dtype_bytes_for(req.effective_compute_dtype, 1)
+    return mask_beyond_window(
+        rec.attn_implementation, batch, attended(req, context) - 1, window_keys, compute_bytes, rec.padded
+    )
+
+
+def mask_beyond_window(
+    attn_implementation: str | None,
+    batch: int,
+    keys: int,
+    window_keys: int,
+    compute_bytes: int,
+    padded: bool | None,
+) -> int:
+    """Bytes of a full cache's last step's attention mask over its `keys` beyond a sliding run's over its
+    `window_keys` (`full_update_mask_bytes`'s arithmetic, which `kvtrace diagnose`'s fp8 remedy for a sliding
+    run takes too): eager's `compute_bytes` a row and key, beyond the window's; sdpa's a bool a key, unless
+    the prompts were not padded (`padded` False; None, not told, a bound)."""
+    if attn_implementation == "eager":
+        return batch * max(keys - window_keys, 0) * compute_bytes
+    return 0 if padded is False else batch * keys

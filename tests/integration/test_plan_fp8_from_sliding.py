@@ -4,7 +4,8 @@ update; the sliding run's KV peaked as its window first slid (its prompt is long
 first layer, holding a position's hidden states fewer (the last layer's input beside the embeddings) and no
 mask over the context. Before, the plan priced the fp8 update beside that moment: 2,048 B under the
 recording (8 rows x 64 x 4 B), 3,000 B with a padded prompt, whose mask over the 119 keys (a bool each) the
-fp8 step makes; the demo's Llama (`kvtrace demo --cache sliding --window 16`, 8 rows) was 2,584 B under."""
+fp8 step makes; the demo's Llama (`kvtrace demo --cache sliding --window 16`, 8 rows) was 2,584 B under.
+`kvtrace diagnose`'s fp8 remedy lands there too: before, it priced the window's tokens at 8 bits."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvtrace.llama import build_model
-from tests.cli_json import plan_json, report_json
+from tests.cli_json import cli_json, plan_json, report_json
 from tests.hf_versions import HAS_FP8_CACHE, needs_fp8_cache
 from tests.tiny import record_generate, tiny_size
 
@@ -94,3 +95,18 @@ def test_a_sliding_run_peaking_at_its_prefill_is_planned_on_fp8_there(
     # prefill's activations and the prompt's KV beyond the window (the peak less the weights and the final
     # window's KV), +58,880 B (+5.9%)
     assert plan["peak_bytes"] == report["peak_allocated_bytes"]
+
+
+@needs_fp8_cache
+def test_diagnose_prices_a_sliding_runs_fp8_remedy_over_its_whole_context(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the fp8 recording of the same generate(), whose QuantizedCache kept every token
+    measured = report_json(runs["fp8"], capsys)["peak_allocated_bytes"]
+    # WHEN the sliding run is diagnosed
+    diagnosis = cli_json(["diagnose", str(runs["sliding"]), "--json"], capsys)
+    (fp8,) = [r for r in diagnosis["remedies"] if r["kind"] == "quantized_kv" and r["setting"] == 8]
+    # THEN its fp8 remedy puts the run's peak at the recording's, to the byte, as plan does: before, it priced
+    # the window's 8 tokens at 8 bits, saving 3/4 of the window's KV and never the context's update
+    assert diagnosis["allocated_bytes"] - fp8["saved_bytes"] == measured
+    assert "keeps every token" in fp8["sentence"]
