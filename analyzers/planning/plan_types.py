@@ -95,19 +95,19 @@ class RecordedPeak:
     prefill_attention_key_bytes: int | None = None
     # of the prefill's, the most beside the logits over its last position and the vectors over the
     # vocabulary, which stay at a longer prompt: what a longer prompt's prefill grows in proportion to it
-    # (run_moments' `prefill_prompt_bytes`); None: not told, all of the prefill's grow with the prompt
+    # (run_moments' `PrefillSplit.prompt_bytes`); None: not told, all of the prefill's grow with the prompt
     prefill_prompt_bytes: int | None = None
     # the prefill's moments, each (bytes no row count or prompt changes, bytes following the rows alone,
     # bytes following the rows and the prompt, bytes following the rows and the prompt squared: eager
     # attention's mask and scores), those no other exceeds in all four: a longer prompt's prefill is the
     # most of them grown, not its logits' moment plus another's growth, nor its MLP's plus the scores
-    # (run_moments' `prefill_moments`); None: not told, `prefill_prompt_bytes` bounds it
+    # (run_moments' `PrefillSplit.moments`); None: not told, `prefill_prompt_bytes` bounds it
     prefill_moments: tuple[PrefillMoment, ...] | None = None
     # of the prefill moments' bytes that follow the prompt, those a prefill step still holds at its end
-    # (run_moments' `prefill_held_bytes`), which a shorter prompt keeps; None: not told, all shrink
+    # (run_moments' `PrefillSplit.held_bytes`), which a shorter prompt keeps; None: not told, all shrink
     prefill_held_bytes: int | None = None
     # the peak's own moment split as `prefill_moments` are, where the run peaked inside a whole prefill step
-    # (run_moments' `prefill_moment_at`): what a shorter prompt shrinks at the peak, which the prefill's
+    # (run_moments' `PrefillSplit.moment_at`): what a shorter prompt shrinks at the peak, which the prefill's
     # most beside the KV need not be (an earlier layer's, holding less KV); None: not told
     prefill_peak_moment: PrefillMoment | None = None
     # held beside the weights and KV at the run's KV peak, inside a cache update making its transient copies

@@ -25,10 +25,7 @@ from analyzers.planning.run_moments import (
     dtype_fixed_bytes,
     main_timeline,
     prefill_beside_at,
-    prefill_held_bytes,
-    prefill_moment_at,
-    prefill_moments,
-    prefill_prompt_bytes,
+    prefill_split,
     update_beside_at,
 )
 from analyzers.units import human_bytes
@@ -81,13 +78,14 @@ class PeakMoment:
     prefill_attention_bytes: int | None = None
     prefill_attention_key_bytes: int | None = None
     # of the prefill's, the most beside the vocabulary's one-position allocations, which a longer prompt
-    # grows (`prefill_prompt_bytes`); None: not told, all grow
+    # grows (`PrefillSplit.prompt_bytes`); None: not told, all grow
     prefill_prompt_bytes: int | None = None
-    # the prefill's moments split by what they follow (`prefill_moments`); None: not told
+    # the prefill's moments split by what they follow (`PrefillSplit.moments`); None: not told
     prefill_moments: tuple[PrefillMoment, ...] | None = None
-    # of those moments' prompt bytes, what a prefill step still holds at its end (`prefill_held_bytes`)
+    # of those moments' prompt bytes, what a prefill step still holds at its end (`PrefillSplit.held_bytes`)
     prefill_held_bytes: int | None = None
-    # the peak's own moment split as those are, where it is inside a whole prefill step (`prefill_moment_at`)
+    # the peak's own moment split as those are, where it is inside a whole prefill step
+    # (`PrefillSplit.moment_at`)
     prefill_peak_moment: PrefillMoment | None = None
     # held beside the weights and KV at the KV log's peak, a cache update's transient (`update_beside`)
     update_activations_bytes: int | None = None
@@ -193,6 +191,7 @@ def peak_moment(
     decode = diagnosis.step_phase == "decode"
     attention = prefill_attention_moment(source, report, diagnosis.batch, prompt)
     decode_beside, decode_at = decode_beside_at(source, report)
+    split = prefill_split(source, report, diagnosis.batch, prompt, context)  # one pass for four figures
 
     def batch_fixed(index: int | None) -> int | None:
         return batch_fixed_bytes(source, report, index, diagnosis.batch, prompt, context)
@@ -209,14 +208,10 @@ def peak_moment(
         prefill_activations_bytes=prefill,
         prefill_attention_bytes=attention.beside_bytes if attention is not None else None,
         prefill_attention_key_bytes=attention.key_bytes if attention is not None else None,
-        prefill_prompt_bytes=prefill_prompt_bytes(source, report, diagnosis.batch, prompt),
-        prefill_moments=prefill_moments(source, report, diagnosis.batch, prompt, context),
-        prefill_held_bytes=prefill_held_bytes(source, report, diagnosis.batch, prompt),
-        prefill_peak_moment=(
-            None
-            if peak_at is None
-            else prefill_moment_at(source, report, diagnosis.batch, prompt, context, peak_at)
-        ),
+        prefill_prompt_bytes=None if split is None else split.prompt_bytes(),
+        prefill_moments=None if split is None else split.moments(),
+        prefill_held_bytes=None if split is None else split.held_bytes(),
+        prefill_peak_moment=None if split is None or peak_at is None else split.moment_at(peak_at),
         update_activations_bytes=update,
         dtype_fixed_bytes=dtype_fixed_bytes(source, report, peak_at),
         prefill_dtype_fixed_bytes=dtype_fixed_bytes(source, report, prefill_at),
