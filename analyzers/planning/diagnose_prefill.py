@@ -16,9 +16,7 @@ from analyzers.planning.run_moments import (
     HALF_FLOATS,
     main_timeline,
     outside_prefill_peak,
-    prefill_held_bytes,
-    prefill_moment_at,
-    prefill_moments,
+    prefill_split,
 )
 from analyzers.planning.static_prefill import eager_pair_bytes
 from analyzers.summary import Report
@@ -67,11 +65,11 @@ def prefill_peak(
     found = main_timeline(source, report)
     if source.kind != "run" or found is None or index < 0 or not rows or not prompt or not context:
         return None
-    moments = prefill_moments(source, report, rows, prompt, context)
-    held = prefill_held_bytes(source, report, rows, prompt)
+    split = prefill_split(source, report, rows, prompt, context)  # one pass for its moments and held bytes
+    moments = None if split is None else split.moments()
     rest = outside_prefill_peak(source, report, index)
     timeline = found[1]
-    if not moments or held is None or rest is None or index >= len(timeline.allocated):
+    if split is None or not moments or rest is None or index >= len(timeline.allocated):
         return None
     if int(timeline.by_category["other"][index]) > moments_grown(moments, 1.0, 1.0):
         return None
@@ -85,14 +83,14 @@ def prefill_peak(
     attention = geometry.get("attn_implementation")
     return PrefillPeak(
         moments=moments,
-        held_bytes=held,
+        held_bytes=split.held_bytes(),
         rest_bytes=rest,
         allocated_bytes=int(timeline.allocated[index]),
         attn_implementation=attention if isinstance(attention, str) else None,
         expansion_bytes=expansion,
         compute_bytes=compute,
         pair_bytes=pair,
-        at=prefill_moment_at(source, report, rows, prompt, context, index),
+        at=split.moment_at(index),
     )
 
 

@@ -15,7 +15,7 @@ tokens instead of 13", where plan said 32 and refused 10).
   priced, what the new tokens held then.
 * At a prefill moment, fewer new tokens free nothing: the moment comes before any new token. What follows
   the prompt there is its KV and the prefill's activations that grow with it (hidden states, the MLP's
-  intermediates, attention), measured from the run's prefill steps (run_moments' `prefill_moments`) and
+  intermediates, attention), measured from the run's prefill steps (run_moments' `PrefillSplit.moments`) and
   shrunk as `kvtrace plan --from-run --prompt` shrinks them (recorded_terms' `shorter_prefill`): a shorter
   prompt frees both, and the sentence says it is the user's choice. transformers' chunked prefill
   (`generate(..., prefill_chunk_size=N)`) keeps the prompt and runs it N tokens a forward: its activations
@@ -55,7 +55,7 @@ class PrefillPeak:
     """What a moment inside a whole prefill step holds that a shorter prompt or a chunked prefill changes,
     measured from the run (analyzers.planning.diagnose_prefill builds it)."""
 
-    moments: tuple[PrefillMoment, ...]  # the run's prefill moments (run_moments' `prefill_moments`)
+    moments: tuple[PrefillMoment, ...]  # the run's prefill moments (run_moments' `PrefillSplit.moments`)
     held_bytes: int  # of their prompt bytes, those a prefill step still holds at its end
     rest_bytes: int  # the most the device held outside this prefill step (0: no event outside it)
     allocated_bytes: int  # at the moment
@@ -63,8 +63,8 @@ class PrefillPeak:
     expansion_bytes: int  # one layer's K and V expanded to the query heads, a token and row (0: no GQA)
     compute_bytes: int  # an element of the model's compute dtype
     pair_bytes: int  # eager's mask and one layer's scores, a row and (query, key) pair
-    # the moment's own split as `moments`' (run_moments' `prefill_moment_at`), which a shorter prompt shrinks;
-    # None: not told, the most of `moments` shrinks
+    # the moment's own split as `moments`' (run_moments' `PrefillSplit.moment_at`), which a shorter prompt
+    # shrinks; None: not told, the most of `moments` shrinks
     at: PrefillMoment | None = None
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "PREALLOCATED_CACHES",
     "QUANTIZED_KV_DTYPES",
     "SLIDING_CACHES",
+    "MeasuredPeak",
     "PlanRequest",
     "PlanResult",
     "PrefillMoment",
@@ -47,15 +48,17 @@ DEFAULT_RESERVE_FRACTION = 0.1
 GIB = 2**30
 MIB = 2**20
 # A recorded prefill moment beside the weights and KV, split by what its bytes follow: no row count or
-# prompt, the rows alone, the rows and the prompt, the rows and the prompt squared (`RecordedPeak`)
+# prompt, the rows alone, the rows and the prompt, the rows and the prompt squared (`MeasuredPeak`)
 PrefillMoment = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True, kw_only=True)
-class RecordedPeak:
-    """The peak a recorded transformers run reached, as `kvtrace report` measures it, and the settings it ran
-    with: what a plan from the run prices the memory beside its weights and KV from (activations, logits,
-    temporaries), which the planner cannot derive from a config (analyzers.planning.plan_kv's `peak_at`).
+class MeasuredPeak:
+    """What a recorded transformers run measured at its peak, as `kvtrace report` and `kvtrace diagnose`
+    find it (analyzers.planning.run_peak's `peak_moment` reads it): the memory beside its weights and KV
+    (activations, logits, temporaries), which the planner cannot derive from a config, and the moments a
+    plan prices apart from the peak. One field list: run_peak's `PeakMoment` is it with the moment's rows,
+    `RecordedPeak` it with the settings the run ran with.
 
     phase and tokens place the moment, as `kvtrace diagnose` finds it: at prefill the cache held the prompt
     (a preallocated cache: all of it), later `tokens` a row.
@@ -63,20 +66,10 @@ class RecordedPeak:
 
     peak_bytes: int  # the device's peak allocated bytes, the report's
     activations_bytes: int  # at that moment, beside the weights and the KV: the report's other
-    weights_bytes: int  # the weights the run held, the plan's measured figure
     phase: str | None  # the moment's step's phase: "prefill", "decode"
     tokens: int  # tokens a row the main cache held at the end of the moment's step
-    # the run's own settings, which the plan of the run itself repeats
-    batch: int
-    context: int
-    prompt: int | None
-    cache: str
-    kv_dtype: str
-    window: int | None
-    beams: int
-    quant_group_size: int
-    residual_length: int
-    # the run stopped before its end (an OOM, an exception): its later, larger moments were never reached
+    # the run stopped before its end (an OOM, an exception, a cut step): its peak is what it reached, its
+    # later, larger moments were never reached
     cut_short: bool = False
     # the KV the peak's moment held, the report's: above the run's final KV where the peak is inside a
     # cache update, its growth copy live (`recorded_growth`'s `_moment_kv`); None: not told
@@ -95,33 +88,30 @@ class RecordedPeak:
     prefill_attention_key_bytes: int | None = None
     # of the prefill's, the most beside the logits over its last position and the vectors over the
     # vocabulary, which stay at a longer prompt: what a longer prompt's prefill grows in proportion to it
-    # (run_moments' `prefill_prompt_bytes`); None: not told, all of the prefill's grow with the prompt
+    # (run_moments' `PrefillSplit.prompt_bytes`); None: not told, all of the prefill's grow with the prompt
     prefill_prompt_bytes: int | None = None
     # the prefill's moments, each (bytes no row count or prompt changes, bytes following the rows alone,
     # bytes following the rows and the prompt, bytes following the rows and the prompt squared: eager
     # attention's mask and scores), those no other exceeds in all four: a longer prompt's prefill is the
     # most of them grown, not its logits' moment plus another's growth, nor its MLP's plus the scores
-    # (run_moments' `prefill_moments`); None: not told, `prefill_prompt_bytes` bounds it
+    # (run_moments' `PrefillSplit.moments`); None: not told, `prefill_prompt_bytes` bounds it
     prefill_moments: tuple[PrefillMoment, ...] | None = None
     # of the prefill moments' bytes that follow the prompt, those a prefill step still holds at its end
-    # (run_moments' `prefill_held_bytes`), which a shorter prompt keeps; None: not told, all shrink
+    # (run_moments' `PrefillSplit.held_bytes`), which a shorter prompt keeps; None: not told, all shrink
     prefill_held_bytes: int | None = None
     # the peak's own moment split as `prefill_moments` are, where the run peaked inside a whole prefill step
-    # (run_moments' `prefill_moment_at`): what a shorter prompt shrinks at the peak, which the prefill's
+    # (run_moments' `PrefillSplit.moment_at`): what a shorter prompt shrinks at the peak, which the prefill's
     # most beside the KV need not be (an earlier layer's, holding less KV); None: not told
     prefill_peak_moment: PrefillMoment | None = None
-    # held beside the weights and KV at the run's KV peak, inside a cache update making its transient copies
-    # (run_moments' `update_beside`): what another cache's update copies are priced beside, rather than the
-    # peak moment's activations (the logits at a step's end); None: not told
     # the most held beside the weights and KV in the run's decode steps, and the batch-first bytes of it
     # (run_moments' `decode_beside_at`): where the run peaked at its prefill, a step's end at fewer rows,
     # whose vocabulary-long vectors stay, can hold more than the prefill's scaled; None: not told
     decode_activations_bytes: int | None = None
     decode_row_bytes: int | None = None
+    # held beside the weights and KV at the run's KV peak, inside a cache update making its transient copies
+    # (run_moments' `update_beside`): what another cache's update copies are priced beside, rather than the
+    # peak moment's activations (the logits at a step's end); None: not told
     update_activations_bytes: int | None = None
-    # the float dtype the run computed in (its model's: bf16, fp16, fp32), that of its activations; a plan
-    # in a wider one grows them (analyzers.planning.recorded_dtype); None: not known, kept as measured
-    compute_dtype: str | None = None
     # of `activations_bytes`, `prefill_activations_bytes` and `update_activations_bytes`, those in no model
     # dtype (generate's float32 logits, the vocabulary-long vectors: run_moments' `dtype_fixed_bytes`), which
     # another compute dtype leaves as they are; None: not told apart, all follow the dtype
@@ -141,7 +131,8 @@ class RecordedPeak:
     # row and token of the prompt, which grow with the prompt alone (run_peak's `prompt_row_bytes`); None:
     # not told
     prompt_row_bytes: int | None = None
-    # of `update_activations_bytes`, generate()'s token tensors (run_peak's `token_tensors`); None: not told
+    # of `update_activations_bytes`, generate()'s token tensors (run_peak's `token_tensors`): the update of a
+    # sliding run's KV peak comes early, when they were short; None: not told
     update_token_bytes: int | None = None
     # of `activations_bytes`, at a decode peak, generate()'s token tensors: a run cut short held them at the
     # tokens it reached, not the context's (run_peak's `token_tensors`); None: not told
@@ -149,11 +140,10 @@ class RecordedPeak:
     # of those, the bytes a row and token adds at the update (run_peak's `update_token_row_bytes`); None:
     # not told (`token_row_bytes` stands for it)
     update_token_row_bytes: int | None = None
-    # an encoder-decoder run's encoder input length, the tokens a row its cross-attention cache held
-    encoder_tokens: int | None = None
     # bytes the activations at a decode peak and at the update (`update_activations_bytes`) gain per row and
     # token attended (ids, masks, attention over the context: run_peak's `context_token_bytes`); the rest
-    # follow the rows alone; None: not told apart, all grow with the context in proportion (an upper bound)
+    # are a step's fixed share (the logits, a position's hidden states), following the rows alone; None:
+    # not told apart, all grow with the context in proportion (an upper bound)
     context_token_bytes: int | None = None
     update_context_token_bytes: int | None = None
     # beside the weights and KV at the run's last cache update (its last layer's, last step), of it
@@ -163,8 +153,36 @@ class RecordedPeak:
     last_update_activations_bytes: int | None = None
     last_update_token_bytes: int | None = None
     last_update_context_token_bytes: int | None = None
-    # the attention the run's model ran (eager, sdpa...: the manifest's); None: not told
+    # the attention the run's model ran (the manifest's `attn_implementation`: eager, sdpa...); None: not told
     attn_implementation: str | None = None
+    # an encoder-decoder run's encoder pass: (bytes growing with the encoder length squared, with it)
+    # beside the weights at each of its moments (analyzers.planning.encoder_pass); None: not told
+    encoder_pass: tuple[tuple[int, int], ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordedPeak(MeasuredPeak):
+    """The peak a recorded transformers run reached (`MeasuredPeak`) and the settings it ran with: what a
+    plan from the run prices the memory beside its weights and KV from (analyzers.planning.plan_kv's
+    `peak_at`). The measured figures that follow the moment's rows are None where those are not the run's
+    (kvtrace.commands.plan's `_recorded`)."""
+
+    weights_bytes: int  # the weights the run held, the plan's measured figure
+    # the run's own settings, which the plan of the run itself repeats
+    batch: int
+    context: int
+    prompt: int | None
+    cache: str
+    kv_dtype: str
+    window: int | None
+    beams: int
+    quant_group_size: int
+    residual_length: int
+    # the float dtype the run computed in (its model's: bf16, fp16, fp32), that of its activations; a plan
+    # in a wider one grows them (analyzers.planning.recorded_dtype); None: not known, kept as measured
+    compute_dtype: str | None = None
+    # an encoder-decoder run's encoder input length, the tokens a row its cross-attention cache held
+    encoder_tokens: int | None = None
     # whether the run's generate() call had padded prompts (the manifest's `generate_calls`): under sdpa a
     # static prefill then makes a mask and K and V expanded over the cache (analyzers.planning
     # .static_prefill's `static_prefill_bytes`); None: not told (planned as padded, with a note)
@@ -172,9 +190,6 @@ class RecordedPeak:
     # the transformers the run was recorded under (the manifest's `transformers_version`), whose attention
     # code decides what a step copies (analyzers.planning.sdpa_repeats); None: not told
     transformers_version: str | None = None
-    # an encoder-decoder run's encoder pass: (bytes growing with the encoder length squared, with it)
-    # beside the weights at each of its moments (analyzers.planning.encoder_pass); None: not told
-    encoder_pass: tuple[tuple[int, int], ...] | None = None
     # the run's device type ("cuda", "cpu"): a CPU's kernels hold what no GPU's does (torch's flash
     # attention's per-thread blocks, analyzers.planning.recorded_notes' `cpu_flash_note`); None: not told
     device: str | None = None

@@ -6,6 +6,7 @@ not change. Pure, torch-free.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HALF_FLOATS",
+    "PrefillSplit",
     "batch_fixed_bytes",
     "decode_beside_at",
     "dtype_fixed_bytes",
@@ -27,10 +29,7 @@ __all__ = [
     "outside_prefill_peak",
     "prefill_beside",
     "prefill_beside_at",
-    "prefill_held_bytes",
-    "prefill_moment_at",
-    "prefill_moments",
-    "prefill_prompt_bytes",
+    "prefill_split",
     "prefill_windows",
     "update_beside",
     "update_beside_at",
@@ -229,90 +228,86 @@ def prefill_windows(source: MemorySource, report: Report) -> list[np.ndarray]:
     return windows
 
 
-def prefill_prompt_bytes(
-    source: MemorySource, report: Report, rows: int | None, prompt: int | None
-) -> int | None:
-    """The most the main device held during the run's prefill steps beside its weights, its KV and the
-    allocations over the vocabulary a position long: what a longer prompt's prefill grows, in proportion to
-    it (its hidden states, MLP and attention over the prompt, generate()'s ids and mask). The vocabulary's
-    stay: the logits processors' vectors, and the logits, which transformers' generate() computes for the
-    last position alone (it passes `logits_to_keep=1` where the model takes it, 5.x) and upcasts to float32.
-    Logits over every position of the prompt (a model without `logits_to_keep`, or a call giving 0) are
-    `rows` x prompt x the vocabulary long, and grow. Each moment counts apart: the most of them may come
-    inside a layer, not where the logits live (the prefill's most beside the KV, `prefill_beside`). Before,
-    a longer prompt grew all of them: the tiny Llama 3 (128,256-token vocabulary, 4 layers) at batch 1,
-    planned from a 16-token prompt at 256, said 111,149,568 B where the recording peaked at 73,190,324
-    (+51.9%), the float32 logits' 2.45 MiB grown 16-fold. None where the events carry no addresses or
-    categories, or the run does not say its rows and prompt, or has no whole prefill step."""
-    parts = _prefill_parts(source, report, rows, prompt, None)
-    return None if parts is None else max(int((grows + pairs).max()) for _, _, grows, pairs in parts)
+@dataclass(frozen=True)
+class PrefillSplit:
+    """The run's whole prefill steps (`prefill_windows`) and, at each of their events, the bytes beside the
+    weights and KV split by what they follow (`prefill_split`): one numpy pass over the main device's events
+    that `kvtrace plan --from-run` and `kvtrace diagnose` read their four prefill figures from. Before, each
+    figure made the pass again, and the windows with it (seven passes for a plan of a prefill-peaking run).
 
+    `context`: the run's, which tells the bytes no row count changes from those that follow the rows alone
+    (None: not told apart, all in the second, and no `moments`). The prompt's bytes do not depend on it.
+    """
 
-def prefill_moments(
-    source: MemorySource, report: Report, rows: int | None, prompt: int | None, context: int | None
-) -> tuple[PrefillMoment, ...] | None:
-    """The run's prefill moments as (bytes no row count or prompt changes, bytes that follow the rows alone,
-    bytes that follow the rows and the prompt, bytes that follow the rows and the prompt squared) beside
-    its weights and KV: the logits processors' vectors over the vocabulary (`batch_fixed_bytes`' sizes),
-    the rest of the vocabulary-long allocations (the last position's logits), the rest but attention's
-    tensors over prompt x prompt (eager's mask and one layer's scores: `eager_pair_sizes`; sdpa's window
-    mask and its copy where the prompt reached the window: `window_mask_sizes`), those (0 under any other
-    attention, which a plan prices apart). Only the moments no other exceeds in all
-    four, the ones that can be a plan's most at some rows and prompt: the logits' moment at the step's end,
-    one inside a layer, whose hidden states and attention a longer prompt grows beyond it (eager's scores
-    at a 256-token prompt, 2 rows: 8.4 MB beside no logits), the MLP's, which holds no scores. None where
-    `prefill_prompt_bytes` is."""
-    if not context:
+    windows: tuple[np.ndarray, ...]
+    # each window's (fixed, rows alone, rows and prompt, rows and prompt squared) bytes at its events
+    parts: tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]
+    context: int | None
+
+    def prompt_bytes(self) -> int:
+        """The most the main device held during the run's prefill steps beside its weights, its KV and the
+        allocations over the vocabulary a position long: what a longer prompt's prefill grows, in proportion
+        to it (its hidden states, MLP and attention over the prompt, generate()'s ids and mask). The
+        vocabulary's stay: the logits processors' vectors, and the logits, which transformers' generate()
+        computes for the last position alone (it passes `logits_to_keep=1` where the model takes it, 5.x)
+        and upcasts to float32. Logits over every position of the prompt (a model without
+        `logits_to_keep`, or a call giving 0) are `rows` x prompt x the vocabulary long, and grow. Each
+        moment counts apart: the most of them may come inside a layer, not where the logits live (the
+        prefill's most beside the KV, `prefill_beside`). Before, a longer prompt grew all of them: the tiny
+        Llama 3 (128,256-token vocabulary, 4 layers) at batch 1, planned from a 16-token prompt at 256, said
+        111,149,568 B where the recording peaked at 73,190,324 (+51.9%), the float32 logits' 2.45 MiB grown
+        16-fold."""
+        return max(int((grows + pairs).max()) for _, _, grows, pairs in self.parts)
+
+    def moments(self) -> tuple[PrefillMoment, ...] | None:
+        """The run's prefill moments as (bytes no row count or prompt changes, bytes that follow the rows
+        alone, bytes that follow the rows and the prompt, bytes that follow the rows and the prompt squared)
+        beside its weights and KV: the logits processors' vectors over the vocabulary (`batch_fixed_bytes`'
+        sizes), the rest of the vocabulary-long allocations (the last position's logits), the rest but
+        attention's tensors over prompt x prompt (eager's mask and one layer's scores: `eager_pair_sizes`;
+        sdpa's window mask and its copy where the prompt reached the window: `window_mask_sizes`), those (0
+        under any other attention, which a plan prices apart). Only the moments no other exceeds in all
+        four, the ones that can be a plan's most at some rows and prompt: the logits' moment at the step's
+        end, one inside a layer, whose hidden states and attention a longer prompt grows beyond it (eager's
+        scores at a 256-token prompt, 2 rows: 8.4 MB beside no logits), the MLP's, which holds no scores.
+        None without a `context`."""
+        if not self.context:
+            return None
+        found = {
+            (int(f), int(r), int(g), int(q))
+            for fixed, row_only, grows, pairs in self.parts
+            for f, r, g, q in zip(
+                fixed.tolist(), row_only.tolist(), grows.tolist(), pairs.tolist(), strict=True
+            )
+        }
+        ordered = sorted(found, reverse=True)  # a moment can be exceeded in all four only by one before it
+        kept: list[PrefillMoment] = []
+        for moment in ordered:
+            if not any(all(a >= b for a, b in zip(other, moment, strict=True)) for other in kept):
+                kept.append(moment)
+        return tuple(kept)
+
+    def moment_at(self, index: int) -> PrefillMoment | None:
+        """The bytes beside the weights and KV after the main device's event `index` split as `moments`
+        splits them, where `index` is inside a whole prefill step: the peak's own moment, which a shorter
+        prompt shrinks (recorded_terms' `shorter_prefill`). The prefill's most beside the KV may be another
+        moment, one holding less KV (an earlier layer's), whose shrink is not the peak's. None elsewhere, or
+        without a `context`."""
+        if not self.context:
+            return None
+        for window, (fixed, row_only, grows, pairs) in zip(self.windows, self.parts, strict=True):
+            found = np.flatnonzero(window == index)
+            if len(found):
+                at = int(found[0])
+                return int(fixed[at]), int(row_only[at]), int(grows[at]), int(pairs[at])
         return None
-    parts = _prefill_parts(source, report, rows, prompt, context)
-    if parts is None:
-        return None
-    found = {
-        (int(f), int(r), int(g), int(q))
-        for fixed, row_only, grows, pairs in parts
-        for f, r, g, q in zip(fixed.tolist(), row_only.tolist(), grows.tolist(), pairs.tolist(), strict=True)
-    }
-    ordered = sorted(found, reverse=True)  # a moment can be exceeded in all four only by one before it
-    kept: list[PrefillMoment] = []
-    for moment in ordered:
-        if not any(all(a >= b for a, b in zip(other, moment, strict=True)) for other in kept):
-            kept.append(moment)
-    return tuple(kept)
 
-
-def prefill_moment_at(
-    source: MemorySource,
-    report: Report,
-    rows: int | None,
-    prompt: int | None,
-    context: int | None,
-    index: int,
-) -> PrefillMoment | None:
-    """The bytes beside the weights and KV after the main device's event `index` split as `prefill_moments`
-    splits them, where `index` is inside a whole prefill step: the peak's own moment, which a shorter prompt
-    shrinks (recorded_terms' `shorter_prefill`). The prefill's most beside the KV may be another moment, one
-    holding less KV (an earlier layer's), whose shrink is not the peak's. None elsewhere, or not told."""
-    parts = _prefill_parts(source, report, rows, prompt, context) if context else None
-    if parts is None:
-        return None
-    for window, (fixed, row_only, grows, pairs) in zip(prefill_windows(source, report), parts, strict=True):
-        found = np.flatnonzero(window == index)
-        if len(found):
-            at = int(found[0])
-            return int(fixed[at]), int(row_only[at]), int(grows[at]), int(pairs[at])
-    return None
-
-
-def prefill_held_bytes(
-    source: MemorySource, report: Report, rows: int | None, prompt: int | None
-) -> int | None:
-    """Of the bytes the run's prefill steps hold beside their weights and KV that `prefill_moments` grows with
-    the prompt, the most any of those steps still holds at its end (the next step's ids, a CUDA math
-    library's workspace made at the first matmul and kept): what a shorter prompt's prefill keeps, each moment
-    shrinking by the rest only, so that none is priced below what the step never frees. None where
-    `prefill_moments` is."""
-    parts = _prefill_parts(source, report, rows, prompt, None)
-    return None if parts is None else max(max(int(grows[-1]), 0) for _, _, grows, _ in parts)
+    def held_bytes(self) -> int:
+        """Of the bytes the run's prefill steps hold beside their weights and KV that `moments` grows with
+        the prompt, the most any of those steps still holds at its end (the next step's ids, a CUDA math
+        library's workspace made at the first matmul and kept): what a shorter prompt's prefill keeps, each
+        moment shrinking by the rest only, so that none is priced below what the step never frees."""
+        return max(max(int(grows[-1]), 0) for _, _, grows, _ in self.parts)
 
 
 def outside_prefill_peak(source: MemorySource, report: Report, index: int) -> int | None:
@@ -332,11 +327,13 @@ def outside_prefill_peak(source: MemorySource, report: Report, index: int) -> in
     return int(allocated[outside].max()) if outside.any() else 0
 
 
-def _prefill_parts(
+def prefill_split(
     source: MemorySource, report: Report, rows: int | None, prompt: int | None, context: int | None
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None:
+) -> PrefillSplit | None:
     """For each whole prefill step, at each of its events, the bytes beside the weights and KV split as
-    `prefill_moments` splits them (with no `context`, the first two not told apart: all in the second)."""
+    `PrefillSplit.moments` splits them (with no `context`, the first two not told apart: all in the second).
+    None where the events carry no addresses or categories, or the run does not say its rows and prompt, or
+    has no whole prefill step."""
     from analyzers.model import OTHER
     from analyzers.planning.diagnose_rows import fixed_sizes, row_units
     from analyzers.planning.static_prefill import eager_pair_bytes, eager_pair_sizes, window_mask_sizes
@@ -404,4 +401,5 @@ def _prefill_parts(
         told = live(pair_sizes - stays)
         pairs = np.clip(np.minimum(told, most), 0, np.maximum(grows, 0))
         grows = grows - pairs
-    return [(fixed_live[at], (vocab_live - fixed_live)[at], grows[at], pairs[at]) for at in windows]
+    parts = tuple((fixed_live[at], (vocab_live - fixed_live)[at], grows[at], pairs[at]) for at in windows)
+    return PrefillSplit(windows=tuple(windows), parts=parts, context=context)

@@ -18,6 +18,7 @@ import numpy as np
 from analyzers.planning.attention_moment import prefill_attention_moment
 from analyzers.planning.beam_tensors import without_beam_tensors
 from analyzers.planning.decode_step_end import row_bytes_at
+from analyzers.planning.plan_types import MeasuredPeak
 from analyzers.planning.run_moments import (
     HALF_FLOATS,
     batch_fixed_bytes,
@@ -26,17 +27,13 @@ from analyzers.planning.run_moments import (
     last_update_beside_at,
     main_timeline,
     prefill_beside_at,
-    prefill_held_bytes,
-    prefill_moment_at,
-    prefill_moments,
-    prefill_prompt_bytes,
+    prefill_split,
     update_beside_at,
 )
 from analyzers.units import human_bytes
 
 if TYPE_CHECKING:
     from analyzers.model import MemorySource
-    from analyzers.planning.plan_types import PrefillMoment
     from analyzers.readers.sources import ProgressFn
     from analyzers.summary import Report
 
@@ -61,80 +58,11 @@ UNSEEN_ENDS = (
 )
 
 
-@dataclass(frozen=True)
-class PeakMoment:
-    """The run's peak: bytes, what beside weights and KV, the phase and tokens a row of its step."""
+@dataclass(frozen=True, kw_only=True)
+class PeakMoment(MeasuredPeak):
+    """The run's peak as it measured it (`MeasuredPeak`), and the rows of the moment's step."""
 
-    peak_bytes: int
-    activations_bytes: int
-    phase: str | None
-    tokens: int
-    batch: int | None
-    cut_short: bool  # the run stopped (an OOM, an exception): its peak is what it reached
-    # the KV held at the peak, the report's (its growth copy too where the peak is inside a cache update)
-    kv_at_peak_bytes: int | None = None
-    # of activations_bytes, the batch-first ones, which fewer rows free in proportion (diagnose's figure)
-    row_activation_bytes: int | None = None
-    # the most held beside the weights and KV during the run's prefill (`prefill_beside`); None: not told
-    prefill_activations_bytes: int | None = None
-    # beside the weights and KV while the last prefill layer attended, and what a key adds to its CPU flash
-    # kernel's blocks (analyzers.planning.attention_moment); None: not told
-    prefill_attention_bytes: int | None = None
-    prefill_attention_key_bytes: int | None = None
-    # of the prefill's, the most beside the vocabulary's one-position allocations, which a longer prompt
-    # grows (`prefill_prompt_bytes`); None: not told, all grow
-    prefill_prompt_bytes: int | None = None
-    # the prefill's moments split by what they follow (`prefill_moments`); None: not told
-    prefill_moments: tuple[PrefillMoment, ...] | None = None
-    # of those moments' prompt bytes, what a prefill step still holds at its end (`prefill_held_bytes`)
-    prefill_held_bytes: int | None = None
-    # the peak's own moment split as those are, where it is inside a whole prefill step (`prefill_moment_at`)
-    prefill_peak_moment: PrefillMoment | None = None
-    # held beside the weights and KV at the KV log's peak, a cache update's transient (`update_beside`)
-    update_activations_bytes: int | None = None
-    # of the activations at the peak, at the prefill's and at the update's, those in no model dtype
-    # (`dtype_fixed_bytes`): a wider compute dtype grows the rest; None: not told apart
-    dtype_fixed_bytes: int | None = None
-    prefill_dtype_fixed_bytes: int | None = None
-    update_dtype_fixed_bytes: int | None = None
-    # of the activations at the peak, at the prefill's and at the update's, those a larger batch keeps: the
-    # logits processors' vectors over the vocabulary (`batch_fixed_bytes`); None: not told apart, all grow
-    batch_fixed_bytes: int | None = None
-    prefill_batch_fixed_bytes: int | None = None
-    update_batch_fixed_bytes: int | None = None
-    # bytes generate()'s token tensors live at a decode peak gain per row and token (`token_row_bytes`)
-    token_row_bytes: int | None = None
-    # bytes the tensors a decode peak holds the prompt's length gain per row and token of the prompt
-    # (`prompt_row_bytes`)
-    prompt_row_bytes: int | None = None
-    # of `update_activations_bytes`, those generate()'s token tensors (`token_tensors`): the update of a
-    # sliding run's KV peak comes early, when they were short; None: not told
-    update_token_bytes: int | None = None
-    # of `activations_bytes`, at a decode peak, those generate()'s token tensors (`token_tensors`): a run cut
-    # short held them at the tokens it reached; None: not told
-    peak_token_bytes: int | None = None
-    # bytes those token tensors at the update gain per row and token (`update_token_row_bytes`); None: not
-    # told
-    update_token_row_bytes: int | None = None
-    # bytes the activations at a decode peak and at the update gain per row and token of the context
-    # (`context_token_bytes`); the rest are a step's fixed share (the logits, a position's hidden states)
-    context_token_bytes: int | None = None
-    update_context_token_bytes: int | None = None
-    # beside the weights and KV at the run's last cache update (`last_update_beside_at`), of it generate()'s
-    # token tensors, and the bytes a row and token of the context adds: a full cache's KV peak planned from
-    # a sliding run, whose own KV peak (`update_activations_bytes`) came early, in its first layer
-    last_update_activations_bytes: int | None = None
-    last_update_token_bytes: int | None = None
-    last_update_context_token_bytes: int | None = None
-    # the attention the model ran (the manifest's `attn_implementation`: eager, sdpa...); None: not told
-    attn_implementation: str | None = None
-    # the most held beside the weights and KV in the decode steps (`decode_beside_at`), and of it the
-    # batch-first bytes, which fewer rows free in proportion; None: not told
-    decode_activations_bytes: int | None = None
-    decode_row_bytes: int | None = None
-    # an encoder-decoder run's encoder pass, split by how it grows with the encoder length
-    # (analyzers.planning.encoder_pass); None: not told
-    encoder_pass: tuple[tuple[int, int], ...] | None = None
+    batch: int | None  # the moment's rows, diagnose's (a module's buffers: their capacity, not the run's)
 
 
 def _recorded_without_profiler(root: Path) -> bool:
@@ -203,6 +131,7 @@ def peak_moment(
     decode = diagnosis.step_phase == "decode"
     attention = prefill_attention_moment(source, report, diagnosis.batch, prompt)
     decode_beside, decode_at = decode_beside_at(source, report)
+    split = prefill_split(source, report, diagnosis.batch, prompt, context)  # one pass for four figures
 
     def batch_fixed(index: int | None) -> int | None:
         return batch_fixed_bytes(source, report, index, diagnosis.batch, prompt, context)
@@ -219,14 +148,10 @@ def peak_moment(
         prefill_activations_bytes=prefill,
         prefill_attention_bytes=attention.beside_bytes if attention is not None else None,
         prefill_attention_key_bytes=attention.key_bytes if attention is not None else None,
-        prefill_prompt_bytes=prefill_prompt_bytes(source, report, diagnosis.batch, prompt),
-        prefill_moments=prefill_moments(source, report, diagnosis.batch, prompt, context),
-        prefill_held_bytes=prefill_held_bytes(source, report, diagnosis.batch, prompt),
-        prefill_peak_moment=(
-            None
-            if peak_at is None
-            else prefill_moment_at(source, report, diagnosis.batch, prompt, context, peak_at)
-        ),
+        prefill_prompt_bytes=None if split is None else split.prompt_bytes(),
+        prefill_moments=None if split is None else split.moments(),
+        prefill_held_bytes=None if split is None else split.held_bytes(),
+        prefill_peak_moment=None if split is None or peak_at is None else split.moment_at(peak_at),
         update_activations_bytes=update,
         dtype_fixed_bytes=dtype_fixed_bytes(source, report, peak_at),
         prefill_dtype_fixed_bytes=dtype_fixed_bytes(source, report, prefill_at),

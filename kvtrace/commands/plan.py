@@ -111,19 +111,22 @@ def _quantized_settings(run: RunDefaults | None, cache: str) -> tuple[int, int]:
 
 def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
     """The run's peak with the settings it ran with: those a plan with no flag but --from-run repeats."""
-    from analyzers.planning.plan_types import RecordedPeak
+    from dataclasses import fields
+
+    from analyzers.planning.plan_types import MeasuredPeak, RecordedPeak
 
     weights_dtype = run.weights_dtype or "bf16"
     default_kv = weights_dtype if weights_dtype in ("bf16", "fp16", "fp32") else "bf16"
     group_size, residual_length = _quantized_settings(run, run.cache)
     assert run.context is not None
-    same_rows = moment.batch == (run.batch or 1)
+    measured = {field.name: getattr(moment, field.name) for field in fields(MeasuredPeak)}
+    if moment.batch != (run.batch or 1):
+        # diagnose's rows are the moment's; a moment of another row count than the run's cache (a module's
+        # buffers planned at their capacity) leaves the activations as measured
+        measured.update(dict.fromkeys(_TOLD_BY_THE_ROWS))
     return RecordedPeak(
-        peak_bytes=moment.peak_bytes,
-        activations_bytes=moment.activations_bytes,
+        **measured,
         weights_bytes=run.weights_bytes,
-        phase=moment.phase,
-        tokens=moment.tokens,
         batch=run.batch or 1,
         context=run.context,
         prompt=run.prompt,
@@ -133,46 +136,27 @@ def _recorded(run: RunDefaults, moment: PeakMoment) -> RecordedPeak:
         beams=run.beams,
         quant_group_size=group_size,
         residual_length=residual_length,
-        cut_short=moment.cut_short,
-        kv_at_peak_bytes=moment.kv_at_peak_bytes,
-        # diagnose's rows are the moment's; a moment of another row count than the run's cache (a module's
-        # buffers planned at their capacity) leaves the activations as measured
-        row_activation_bytes=moment.row_activation_bytes if same_rows else None,
-        prefill_activations_bytes=moment.prefill_activations_bytes,
-        prefill_attention_bytes=moment.prefill_attention_bytes,
-        prefill_attention_key_bytes=moment.prefill_attention_key_bytes,
-        prefill_prompt_bytes=moment.prefill_prompt_bytes if same_rows else None,
-        prefill_moments=moment.prefill_moments if same_rows else None,
-        prefill_held_bytes=moment.prefill_held_bytes if same_rows else None,
-        prefill_peak_moment=moment.prefill_peak_moment if same_rows else None,
-        update_activations_bytes=moment.update_activations_bytes,
-        decode_activations_bytes=moment.decode_activations_bytes,
-        decode_row_bytes=moment.decode_row_bytes if same_rows else None,
         compute_dtype=run.weights_dtype,  # a float dtype, the model's, where the run says
-        dtype_fixed_bytes=moment.dtype_fixed_bytes,
-        prefill_dtype_fixed_bytes=moment.prefill_dtype_fixed_bytes,
-        update_dtype_fixed_bytes=moment.update_dtype_fixed_bytes,
-        # told by the moment's rows, as row_activation_bytes
-        batch_fixed_bytes=moment.batch_fixed_bytes if same_rows else None,
-        prefill_batch_fixed_bytes=moment.prefill_batch_fixed_bytes if same_rows else None,
-        update_batch_fixed_bytes=moment.update_batch_fixed_bytes if same_rows else None,
-        token_row_bytes=moment.token_row_bytes,
-        prompt_row_bytes=moment.prompt_row_bytes,
-        update_token_bytes=moment.update_token_bytes,
-        peak_token_bytes=moment.peak_token_bytes,
-        update_token_row_bytes=moment.update_token_row_bytes,
         encoder_tokens=run.encoder_tokens,
-        context_token_bytes=moment.context_token_bytes,
-        update_context_token_bytes=moment.update_context_token_bytes,
-        last_update_activations_bytes=moment.last_update_activations_bytes,
-        last_update_token_bytes=moment.last_update_token_bytes,
-        last_update_context_token_bytes=moment.last_update_context_token_bytes,
-        attn_implementation=moment.attn_implementation,
         padded=run.padded,
         transformers_version=run.transformers_version,
-        encoder_pass=moment.encoder_pass,
         device=run.device,
     )
+
+
+# The measured figures told by the moment's rows (diagnose's split of them), which a plan takes only where
+# those are the run's
+_TOLD_BY_THE_ROWS = (
+    "row_activation_bytes",
+    "prefill_prompt_bytes",
+    "prefill_moments",
+    "prefill_held_bytes",
+    "prefill_peak_moment",
+    "decode_row_bytes",
+    "batch_fixed_bytes",
+    "prefill_batch_fixed_bytes",
+    "update_batch_fixed_bytes",
+)
 
 
 _FILE_KINDS = {
