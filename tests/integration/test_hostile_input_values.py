@@ -315,3 +315,24 @@ def test_an_engine_step_field_of_31_digits_is_refused_without_printing_them(
     assert status == 2 and out == ""
     said = "field 'blocks_used' out of range: 100000… (31 digits)"
     assert err == f"kvtrace report: error: {steps}: line 1: {said}\n"
+
+
+@pytest.mark.parametrize("field", ["num_layers", "num_attention_heads", "num_kv_heads", "head_dim"])
+def test_a_manifest_geometry_of_zero_is_refused_by_plan_naming_the_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str
+) -> None:
+    # GIVEN a run whose manifest gives its model 0 of a geometry field (the manifest's checks take 0 as a
+    # count): plan --from-run said "KV bytes per token and block size must be positive" (no file named),
+    # stopped with an internal error (0 layers: exit 70), or planned a model of no attention heads
+    run = _run_copy(tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["model"][field] = 0
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    # WHEN it is planned from THEN one line names the manifest and the field, exit 2
+    assert main(["plan", "--from-run", str(run), "-q"]) == 2
+    out, err = capsys.readouterr()
+    assert err == (
+        f"kvtrace plan: error: {run / 'manifest.json'}: field 'model.{field}' is 0, and no model with KV has "
+        "none: plan it with --preset or --config instead of --from-run\n"
+    )
+    assert out == ""
