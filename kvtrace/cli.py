@@ -233,6 +233,9 @@ def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
         if _ctrl_c.seen:  # a library's own error in place of the KeyboardInterrupt it caught
             say(f"kvtrace {command.name}: interrupted")
             return 130
+        if isinstance(exc, RuntimeError) and _CPU_ALLOCATOR_REFUSED in str(exc):  # torch's MemoryError on CPU
+            say(f"kvtrace {command.name}: error: out of memory ({printable(_inputs(args))})")
+            return 1
         needs = missing_dependency(exc, command.name) if isinstance(exc, ImportError) else None
         if needs is not None:  # an optional part not installed (the laptop install has no torch)
             say(f"kvtrace {command.name}: error: {needs}")
@@ -246,6 +249,10 @@ def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
             "(KVTRACE_DEBUG=1 shows the traceback; please report it)"
         )
         return 70  # EX_SOFTWARE
+
+
+# What torch's CPU allocator says (as a plain RuntimeError) when the host cannot give it what a tensor needs
+_CPU_ALLOCATOR_REFUSED = "DefaultCPUAllocator: can't allocate memory"
 
 
 # A write that failed for want of room or a writable disk: the output, not the input, is at fault.

@@ -380,3 +380,21 @@ def test_a_config_field_no_model_has_is_refused(
     # THEN one line names the file and the field, exit 2
     assert main(["plan", "--config", str(config), "--batch", "1", "--context", "1024"]) == 2
     assert _one_error(capsys) == f"kvtrace plan: error: {config}: field {field} {said}"
+
+
+def test_a_sweep_point_past_int32_or_past_the_hosts_memory_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a batch of 10**20 (stopped in torch's seeding: internal error, exit 70)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--size", "tiny", "--device", "cpu", "--new-tokens", "1", "-q", "--out", str(out)]
+    assert main([*argv, "--batch", str(10**20), "--context", "8"]) == 2
+    assert _one_error(capsys) == (
+        f"kvtrace sweep: error: --batch values must be at most 2,147,483,647 (no model is run so wide), "
+        f"got '{10**20}'"
+    )
+    assert not out.exists()
+    # GIVEN a point whose prompt ids alone are 2**31 - 1 x 100,000 x 8 B, 1.5 PiB: past any host's memory and
+    # address space, which torch's CPU allocator refuses at once with a RuntimeError (internal error, exit 70)
+    assert main([*argv, "--batch", str(2**31 - 1), "--context", "100000"]) == 1
+    assert _one_error(capsys) == f"kvtrace sweep: error: out of memory ({out})"
