@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from analyzers.readers.folders import LEFT_OUT_WHY, FolderSearch, Found, unreadable
 from analyzers.readers.sources import missing
-from kvtrace.errors import KvtraceError, lies_inside, same_path, shell_arg, unnamed_path
+from kvtrace.errors import KvtraceError, lies_inside, os_reason, same_path, shell_arg, unnamed_path
 from kvtrace.run_layout import is_run_dir, is_run_group
 
 
@@ -60,6 +60,8 @@ def read_problem(inp: Input, exc: Exception) -> str:
         return named_as_given(inp, str(exc))
     if isinstance(exc, RecursionError):  # its own text names no file and no reason a user can act on
         return f"{inp.run_id}: unreadable (nested too deeply)"
+    if isinstance(exc, OSError) and exc.filename:  # as report says it, not "PermissionError: [Errno 13] ..."
+        return named_as_given(inp, f"{exc.filename}: cannot read ({os_reason(exc)})")
     return f"{inp.run_id}: unreadable ({type(exc).__name__}: {exc})"
 
 

@@ -6,6 +6,7 @@ import argparse
 import errno
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
@@ -105,6 +106,34 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _CtrlC:
+    """Whether a Ctrl-C came while a command ran. A library may catch the KeyboardInterrupt and raise its
+    own error in its place: numpy, cut short while it loads its C extension, raises an ImportError of 20
+    lines of advice, which was said as an internal error (exit 70) instead of an interrupt (130)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._installed = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def install(self) -> None:
+        """Only over Python's own handler: a SIGINT ignored (nohup) or taken by an embedding host stays so."""
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+
+    def restore(self) -> None:
+        if self._installed and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        self._installed = False
+
+
+_ctrl_c = _CtrlC()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -116,8 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if closed_stderr:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
     stderr = sys.stderr
-    if next(iter(argv), None) != "run":  # a script kvtrace runs keeps its standard error as Python gives it
+    if next(iter(argv), None) != "run":  # a script kvtrace runs keeps its standard error (and SIGINT) as is
         sys.stderr = UnfailingStderr(stderr)  # type: ignore[assignment]
+        _ctrl_c.seen = False
+        _ctrl_c.install()
     try:
         return _main(argv, stdout)
     except StdoutError as exc:  # --help or --version printed into a full disk or a closed stdout
@@ -137,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"{prog}: interrupted")
         return 130
     finally:
+        _ctrl_c.restore()
         if isinstance(sys.stdout, GuardedStdout):
             sys.stdout = stdout
         sys.stderr = stderr
@@ -198,6 +230,12 @@ def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
         say(f"kvtrace {command.name}: error: {said} ({printable(_inputs(args))})")
         return 2 if isinstance(exc, RecursionError) else 1
     except Exception as exc:
+        if _ctrl_c.seen:  # a library's own error in place of the KeyboardInterrupt it caught
+            say(f"kvtrace {command.name}: interrupted")
+            return 130
+        if isinstance(exc, RuntimeError) and _CPU_ALLOCATOR_REFUSED in str(exc):  # torch's MemoryError on CPU
+            say(f"kvtrace {command.name}: error: out of memory ({printable(_inputs(args))})")
+            return 1
         needs = missing_dependency(exc, command.name) if isinstance(exc, ImportError) else None
         if needs is not None:  # an optional part not installed (the laptop install has no torch)
             say(f"kvtrace {command.name}: error: {needs}")
@@ -211,6 +249,10 @@ def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
             "(KVTRACE_DEBUG=1 shows the traceback; please report it)"
         )
         return 70  # EX_SOFTWARE
+
+
+# What torch's CPU allocator says (as a plain RuntimeError) when the host cannot give it what a tensor needs
+_CPU_ALLOCATOR_REFUSED = "DefaultCPUAllocator: can't allocate memory"
 
 
 # A write that failed for want of room or a writable disk: the output, not the input, is at fault.

@@ -26,7 +26,7 @@ from analyzers.planning.encoder_decoder import EncoderDecoderShape, decoder_fiel
 from analyzers.planning.gemma_layers import gemma_layer_fields
 from analyzers.planning.gpt_blocks import gpt_block_fields
 from analyzers.planning.presets import MlaShape, ModelGeometry
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, shown_integer
 from kvtrace.format import MAX_LAYERS
 from kvtrace.geometry import (
     cached_kv_heads,
@@ -75,6 +75,9 @@ _EXPERT_ROUTING = {
 _NO_KV_CACHE = frozenset({"openai-gpt"})
 _HUB_REPO_PREFIX = "models--"  # huggingface_hub's cache: models--ORG--NAME/snapshots/REV/config.json
 _FOUR_X_MLP = {"n_embd", "n_layer", "multi_query", "new_decoder_architecture"}  # configs whose MLP is 4x
+# A width, head count or window past any model's, and small enough for the plan's arithmetic (a range of
+# head_dim elements, floats of bytes) to hold
+_MAX_WIDTH = 2**40
 _REQUIRED_FIELDS = (
     "num_hidden_layers",
     "num_attention_heads",
@@ -137,13 +140,23 @@ def geometry_from_config(
     if missing:
         raise KvtraceError(f"{config_path}: missing field {', '.join(missing)}")
 
-    def positive_int(name: str, value: Any) -> int:
+    def positive_int(name: str, value: Any, most: int | None = _MAX_WIDTH) -> int:
         # bool is an int subclass; `true` as a layer count is a broken file, not 1 layer.
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise KvtraceError(f"{config_path}: field {name} must be a positive integer, got {value!r}")
+        if most is not None and value > most:  # 10**40 as head_dim: an OverflowError deep in the plan
+            said = f"{value:,}" if value < 10**24 else shown_integer(value)
+            raise KvtraceError(
+                f"{config_path}: field {name} is {said}, expected at most {most:,} (no model is near so big)"
+            )
         return value
 
-    layers = positive_int("num_hidden_layers", fields["num_hidden_layers"])
+    # Read as they are: the KV head count is otherwise taken with int(), which made "8" 8 and 2.5 2, and
+    # failed on 1e309 (an internal error)
+    for name in ("num_key_value_heads", "num_kv_heads" if fields.get("new_decoder_architecture") else ""):
+        if fields.get(name):
+            positive_int(name, fields[name])
+    layers = positive_int("num_hidden_layers", fields["num_hidden_layers"], None)  # bounded below
     if layers > MAX_LAYERS:  # the per-layer loops below would run for minutes, or exhaust memory
         said = f"{layers:,}" if layers < 10**30 else "an integer of more than 30 digits"
         raise KvtraceError(

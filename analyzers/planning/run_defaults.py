@@ -281,6 +281,12 @@ def _geometry(
             f"{run.path / 'manifest.json'}: no model geometry ({why}): plan it with "
             "--preset or --config instead of --from-run"
         )
+    zero = next((name for name in fields if model[name] == 0), None)
+    if zero is not None:  # the manifest's checks take 0 as a count: a plan of it failed unnamed, or exit 70
+        raise KvtraceError(
+            f"{run.path / 'manifest.json'}: field 'model.{zero}' is 0, and no model with KV has none: "
+            "plan it with --preset or --config instead of --from-run"
+        )
     # A module cache (Meta's reference code) comes with a model that has no Hugging Face config to write
     why = (
         "its model has no Hugging Face config"

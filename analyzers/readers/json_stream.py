@@ -154,6 +154,10 @@ class JsonStream:
             needle_at = -1  # nearest needle at or after pos (len(buf): none in this window)
             next_needle = [-1] * len(needles or ())
             bulk_from = pos  # after a failed bulk skip, skip one element at a time up to here
+            # The nearest separator at or after pos (len(buf): none in this window), and the last one before
+            # `sep_stop`, kept as the needles are: a trace re-indented by another tool (json.dumps(indent=4))
+            # has none, and looking for one again at each element read such a file in quadratic time.
+            next_sep, last_sep, sep_stop = -1, -1, -1
             while True:  # fast path: whole elements well inside the window
                 pos = whitespace(buf, pos).end()  # type: ignore[union-attr]
                 if pos >= limit:
@@ -166,7 +170,13 @@ class JsonStream:
                                 next_needle[index] = found if found >= 0 else len(buf)
                         needle_at = min(next_needle)
                     stop = min(needle_at, limit)
-                    last_sep = buf.rfind(_KINETO_SEP, pos, stop)
+                    if next_sep < pos:
+                        found = buf.find(_KINETO_SEP, pos, limit)
+                        next_sep = found if found >= 0 else len(buf)
+                    if next_sep + len(_KINETO_SEP) > stop:  # no separator between here and stop
+                        last_sep = -1
+                    elif stop != sep_stop or last_sep < next_sep:
+                        last_sep, sep_stop = buf.rfind(_KINETO_SEP, pos, stop), stop
                     if last_sep > pos and pos >= bulk_from:
                         run = buf.count(_KINETO_SEP, pos, last_sep + len(_KINETO_SEP))
                         if _whole_events(buf, pos, last_sep + 4, run):
@@ -175,12 +185,11 @@ class JsonStream:
                             continue
                     if last_sep > pos:
                         bulk_from = last_sep
-                        first_sep = buf.find(_KINETO_SEP, pos, stop)
-                        if _whole_events(buf, pos, first_sep + 4, 1):
+                        if _whole_events(buf, pos, next_sep + 4, 1):  # the first separator in the run
                             skipped += 1
-                            pos = first_sep + 5
+                            pos = next_sep + 5
                             continue
-                    if read_run is not None and needle_at < limit:
+                    if read_run is not None and needle_at < limit and next_sep < limit:
                         after_run = read_run(buf, pos, limit)
                         if after_run > pos:
                             pos = after_run

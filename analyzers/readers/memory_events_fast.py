@@ -94,6 +94,10 @@ _KINETO_SEP = "\n  },\n  {"
 _FIRST_SPAN = 8 << 10
 _MAX_SPAN = 512 << 10
 _ONE_BY_ONE = 8
+# Chars one event in either layout can take: the template's ~290 and ten numbers that int64 and float hold.
+# A separator is looked for no further when reading one event: in a trace without Kineto's separators (one
+# re-indented by another tool) the search ran to the window's end at each event, quadratic in the window.
+_MAX_EVENT_CHARS = 1 << 12
 
 
 class _Layout:
@@ -147,7 +151,7 @@ class MemoryRunReader:
                     continue
             # One at a time, up to the first element that is not a fitting memory event (the decoder's).
             for _ in range(_ONE_BY_ONE):
-                sep = buf.find(_KINETO_SEP, start, limit)
+                sep = buf.find(_KINETO_SEP, start, min(limit, start + _MAX_EVENT_CHARS))
                 if (
                     sep < 0
                     or buf.find(_MEMORY_NEEDLE, start, sep) < 0

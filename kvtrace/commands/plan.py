@@ -200,7 +200,11 @@ def _engine_of(run: str) -> str:
     from kvtrace.json_reads import read_json_file
 
     engine = Path(run) / "engine.json"
-    if not engine.is_file():
+    try:
+        present = engine.is_file()
+    except OSError:  # a run folder that cannot be read: the planner's reading names it, not engine.json
+        return "hf"
+    if not present:
         return "hf"
     try:
         said = read_json_file(engine, "corrupt engine.json")

@@ -22,6 +22,9 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _POINT_RUN = re.compile(r"b\d+_c\d+_[a-z0-9_]+")
 
 
+_MOST = 2**31 - 1  # a batch or context: int32, as the export keeps them
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
@@ -29,6 +32,8 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise KvtraceError(f"{flag} takes comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
         raise KvtraceError(f"{flag} values must be at least 1, got {text!r}")
+    if any(v > _MOST for v in values):  # 10**20 stopped in torch's seeding, an internal error
+        raise KvtraceError(f"{flag} values must be at most {_MOST:,} (no model is run so wide), got {text!r}")
     if len(set(values)) != len(values):  # two points would record into one folder, the second over the first
         raise KvtraceError(f"{flag} lists a value twice: {text!r}")
     return values

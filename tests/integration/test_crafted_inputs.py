@@ -349,3 +349,52 @@ def test_a_sweep_whose_weights_pass_the_hosts_memory_is_refused_before_building_
     assert line.startswith(f"kvtrace sweep: error: {config}: {weights}more than the "), line
     assert "cpu has available; kvtrace sweep builds and runs the model, kvtrace plan sizes it" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        (
+            "head_dim",
+            10**40,
+            "is 100000… (41 digits), expected at most 1,099,511,627,776 (no model is near so big)",
+        ),
+        (
+            "hidden_size",
+            2**40 + 1,
+            "is 1,099,511,627,777, expected at most 1,099,511,627,776 (no model is near so big)",
+        ),
+        ("num_key_value_heads", 1e309, "must be a positive integer, got inf"),
+        ("num_key_value_heads", "2", "must be a positive integer, got '2'"),
+        ("num_key_value_heads", 2.5, "must be a positive integer, got 2.5"),
+    ],
+    ids=["head_dim-10**40", "hidden_size-past-2**40", "kv-heads-1e309", "kv-heads-string", "kv-heads-2.5"],
+)
+def test_a_config_field_no_model_has_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: Any, said: str
+) -> None:
+    # GIVEN a config.json whose width is past any model's or not an integer (10**40 and 1e309 were internal
+    # errors, exit 70; a KV head count of "2" or 2.5 was read with int() and planned as 2)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**_SHAPE, field: value}))
+    # THEN one line names the file and the field, exit 2
+    assert main(["plan", "--config", str(config), "--batch", "1", "--context", "1024"]) == 2
+    assert _one_error(capsys) == f"kvtrace plan: error: {config}: field {field} {said}"
+
+
+def test_a_sweep_point_past_int32_or_past_the_hosts_memory_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a batch of 10**20 (stopped in torch's seeding: internal error, exit 70)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--size", "tiny", "--device", "cpu", "--new-tokens", "1", "-q", "--out", str(out)]
+    assert main([*argv, "--batch", str(10**20), "--context", "8"]) == 2
+    assert _one_error(capsys) == (
+        f"kvtrace sweep: error: --batch values must be at most 2,147,483,647 (no model is run so wide), "
+        f"got '{10**20}'"
+    )
+    assert not out.exists()
+    # GIVEN a point whose prompt ids alone are 2**31 - 1 x 100,000 x 8 B, 1.5 PiB: past any host's memory and
+    # address space, which torch's CPU allocator refuses at once with a RuntimeError (internal error, exit 70)
+    assert main([*argv, "--batch", str(2**31 - 1), "--context", "100000"]) == 1
+    assert _one_error(capsys) == f"kvtrace sweep: error: out of memory ({out})"

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -315,3 +318,61 @@ def test_an_engine_step_field_of_31_digits_is_refused_without_printing_them(
     assert status == 2 and out == ""
     said = "field 'blocks_used' out of range: 100000… (31 digits)"
     assert err == f"kvtrace report: error: {steps}: line 1: {said}\n"
+
+
+@pytest.mark.parametrize("field", ["num_layers", "num_attention_heads", "num_kv_heads", "head_dim"])
+def test_a_manifest_geometry_of_zero_is_refused_by_plan_naming_the_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str
+) -> None:
+    # GIVEN a run whose manifest gives its model 0 of a geometry field (the manifest's checks take 0 as a
+    # count): plan --from-run said "KV bytes per token and block size must be positive" (no file named),
+    # stopped with an internal error (0 layers: exit 70), or planned a model of no attention heads
+    run = _run_copy(tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["model"][field] = 0
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    # WHEN it is planned from THEN one line names the manifest and the field, exit 2
+    assert main(["plan", "--from-run", str(run), "-q"]) == 2
+    out, err = capsys.readouterr()
+    assert err == (
+        f"kvtrace plan: error: {run / 'manifest.json'}: field 'model.{field}' is 0, and no model with KV has "
+        "none: plan it with --preset or --config instead of --from-run\n"
+    )
+    assert out == ""
+
+
+def _as_a_user(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """`kvtrace ARGV` as a process that permission bits apply to: root reads through them, so as root it
+    runs without the capabilities that let it (setpriv, util-linux)."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root reads any file, and setpriv is not here to drop that")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    command = [*prefix, sys.executable, "-m", "kvtrace.cli", *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_unreadable_run_parts_are_named_as_report_names_them(tmp_path: Path) -> None:
+    # GIVEN a run folder that cannot be listed, and a run whose profiler folder cannot be
+    closed, no_profiler = _run_copy(tmp_path, "closed"), _run_copy(tmp_path, "no_profiler")
+    closed.chmod(0)
+    (no_profiler / "profiler").chmod(0)
+    try:
+        # WHEN plan reads the first, export the second
+        planned = _as_a_user(["plan", "--from-run", str(closed), "-q"])
+        exported = _as_a_user(["export", str(no_profiler), "-q", "-o", str(tmp_path / "tables")])
+    finally:
+        closed.chmod(0o755)
+        (no_profiler / "profiler").chmod(0o755)
+    # THEN each is one line naming a file that is there (plan named engine.json, which no such run has;
+    # export said "unreadable (PermissionError: [Errno 13] Permission denied: '...')")
+    assert (planned.returncode, planned.stderr) == (
+        2,
+        f"kvtrace plan: error: {closed / 'manifest.json'}: Permission denied\n",
+    )
+    assert (exported.returncode, exported.stderr) == (
+        2,
+        f"kvtrace export: warning: skipped {no_profiler / 'profiler'}: cannot read (Permission denied)\n",
+    )

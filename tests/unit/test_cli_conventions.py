@@ -343,6 +343,34 @@ def test_ctrl_c_while_the_parser_is_built_is_one_line_and_130(tmp_path: Path) ->
     assert (done.returncode, done.stderr, done.stdout) == (130, "kvtrace report: interrupted\n", "")
 
 
+# A Ctrl-C as numpy's C extension imports `datetime` (0.1 s into a report of a run): numpy turns what that
+# import raised into an ImportError of 20 lines of advice ("Importing the numpy C-extensions failed")
+_INTERRUPTED_WHILE_NUMPY_LOADS = """
+import signal, sys
+def on_import(event, args):
+    if event == "import" and args[0] == "datetime" and "numpy" in sys.modules:
+        signal.raise_signal(signal.SIGINT)
+sys.addaudithook(on_import)
+from kvtrace.cli import main
+sys.exit(main(["report", sys.argv[1], "--no-export", "-q"]))
+"""
+
+
+def test_ctrl_c_that_a_library_turns_into_its_own_error_is_one_line_and_130(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    run = Path(__file__).parents[2] / "sample_traces" / "dynamic_b2"
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_WHILE_NUMPY_LOADS, str(run)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    # It was "internal error on ...: ImportError: ..." (a bug to report), exit 70
+    assert (done.returncode, done.stderr, done.stdout) == (130, "kvtrace report: interrupted\n", "")
+
+
 def test_a_command_named_in_an_error_quotes_its_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
