@@ -120,10 +120,16 @@ class _CtrlC:
         raise KeyboardInterrupt
 
     def install(self) -> None:
-        """Only over Python's own handler: a SIGINT ignored (nohup) or taken by an embedding host stays so."""
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        """Only over Python's own handler: a SIGINT ignored (nohup) or taken by an embedding host stays so;
+        and only on the main thread, where Python runs signal handlers (`main()` called from another thread
+        leaves the interrupt as it is)."""
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return
+        try:
             signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+        except ValueError:  # "signal only works in main thread of the main interpreter"
+            return
+        self._installed = True
 
     def restore(self) -> None:
         if self._installed and signal.getsignal(signal.SIGINT) == self._handle:

@@ -404,3 +404,27 @@ def test_version_answers_to_dash_v_as_pip_and_ruff_do(flag: str, capsys: pytest.
 def test_every_help_says_its_exit_status(command: str) -> None:
     # demo's alone did not: a script that runs it could not tell a bad flag from a failed write
     assert "Exit status:" in _subparsers()[command].format_help()
+
+
+def test_main_called_off_the_main_thread_runs_and_leaves_sigint_alone(tmp_path: Path) -> None:
+    import signal
+    import threading
+
+    from kvtrace.cli import main
+
+    # GIVEN a program that calls kvtrace's main() from a worker thread (Python runs signal handlers, and
+    # lets them be set, on the main thread only)
+    said: list[object] = []
+
+    def call() -> None:
+        try:
+            said.append(main(["report", str(tmp_path / "no-such-run"), "--no-export"]))
+        except BaseException as exc:  # the test reports whatever escaped
+            said.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    worker.join(timeout=120)
+    # THEN the command gives its own answer (a missing input: 2), not "signal only works in main thread"
+    assert said == [2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
