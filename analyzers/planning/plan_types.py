@@ -108,6 +108,10 @@ class MeasuredPeak:
     # whose vocabulary-long vectors stay, can hold more than the prefill's scaled; None: not told
     decode_activations_bytes: int | None = None
     decode_row_bytes: int | None = None
+    # what a row and token of the context adds to `decode_activations_bytes` (run_peak's
+    # `context_token_bytes` at that moment: generate()'s ids and mask, which every step grows), the rest a
+    # step's fixed share; None: not told, all grow with the context in proportion (an upper bound)
+    decode_context_token_bytes: int | None = None
     # held beside the weights and KV at the run's KV peak, inside a cache update making its transient copies
     # (run_moments' `update_beside`): what another cache's update copies are priced beside, rather than the
     # peak moment's activations (the logits at a step's end); None: not told

@@ -44,6 +44,7 @@ def in_compute_dtype(rec: RecordedPeak, dtype: str) -> RecordedPeak:
     # what a token adds grows with the dtype too, as if none were the int64 ids: an upper bound
     context, update_context = rec.context_token_bytes, rec.update_context_token_bytes
     last_update, last_context = rec.last_update_activations_bytes, rec.last_update_context_token_bytes
+    decode_context = rec.decode_context_token_bytes
     prompt_bytes = rec.prefill_prompt_bytes  # as if none were the int64 ids or float32: an upper bound
     return replace(
         rec,
@@ -62,4 +63,5 @@ def in_compute_dtype(rec: RecordedPeak, dtype: str) -> RecordedPeak:
             None if last_update is None else grown(last_update, rec.update_dtype_fixed_bytes)
         ),
         last_update_context_token_bytes=None if last_context is None else math.ceil(last_context * factor),
+        decode_context_token_bytes=None if decode_context is None else math.ceil(decode_context * factor),
     )

@@ -45,6 +45,7 @@ from analyzers.planning.recorded_terms import (
     shorter_prefill,
     static_mask_bytes,
     step_end_beside,
+    step_end_token_bytes,
     token_growth,
     unseen_at_end,
     update_token_growth,
@@ -188,7 +189,8 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
             # its peak less its weights and final KV. Before, the prefill's went beside this cache's final
             # KV: the tiny Llama (8 rows, 20-token prompt, 40 new tokens) planned fp8 from its dynamic run
             # said 1,045,416 B where the fp8 recording peaked at its prefill at 1,005,480
-            at_end = gain.grown(ended, rec.context_token_bytes, fixed) + mask
+            # grown by what a token adds to it where the run tells it (`step_end_token_bytes`)
+            at_end = gain.grown(ended, step_end_token_bytes(run, rec), fixed) + mask
         at_peak = max(at_end, at_prefill)
         update = full_update_beside(req, rec)
         quantize_unpriced = req.cache == "quantized" and req.kv_dtype != "fp8"
@@ -206,7 +208,8 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
             grown_with_prompt(beside_update, update_fixed, rows, longer, prompt_bytes_kept(rec, kept)),
         )
         scale = kept * max(grown, prompt_grown)
-        in_update += update_token_growth(rec, batch, context, scale, update.token_bytes)
+        told = (gain, update.context_token_bytes, kept)
+        in_update += update_token_growth(rec, batch, context, scale, update.token_bytes, told)
         in_update += full_update_mask_bytes(req, rec, batch, context)
         # the step's end holds the final KV beside the step's activations, the prefill the prompt's KV
         # beside the prefill's: a sliding cache's prompt, held whole until its first decode step, goes
@@ -308,7 +311,9 @@ def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
         activations = gain.grown(
             update.activations_bytes * kept, update.context_token_bytes, rec.update_batch_fixed_bytes
         )
-        tokens = update_token_growth(rec, batch, context, kept * rows * gain.stretch, update.token_bytes)
+        told = (gain, update.context_token_bytes, kept)
+        scale = kept * rows * gain.stretch
+        tokens = update_token_growth(rec, batch, context, scale, update.token_bytes, told)
         tokens += full_update_mask_bytes(req, rec, batch, context)
         activations -= _new_token_states(req, rec, batch)
         if fp8_new:

@@ -39,6 +39,7 @@ __all__ = [
     "shorter_prefill",
     "static_mask_bytes",
     "step_end_beside",
+    "step_end_token_bytes",
     "token_growth",
     "unseen_at_end",
     "update_token_growth",
@@ -120,6 +121,20 @@ def step_end_beside(run: PlanRequest, rec: RecordedPeak, activations: int) -> in
         return activations
     kept = activations / max(rec.activations_bytes, 1)
     return min(activations, math.floor(_beside_at_end(run, rec) * kept))
+
+
+def step_end_token_bytes(run: PlanRequest, rec: RecordedPeak) -> int | None:
+    """What a row and token of the context adds to `step_end_beside`'s figure of a run that peaked at its
+    prefill, where that figure is its decode steps' measured most (`decode_context_token_bytes`: the ids
+    and mask every step grows), not the bound; else the peak's (`context_token_bytes`, which a prefill peak
+    does not tell): all grow with the context. Before, all did: a sliding run of the tiny Llama (4 rows,
+    40-token prompt, window 16, 20 new tokens) planned `--cache dynamic --context 200` put its step's end,
+    110,244 B, grown 10/3-fold (367,480 B) beside the final KV, 1,327,288 B where the dynamic recording
+    peaked at its last update at 1,112,984 (+19.3%)."""
+    decode = rec.decode_activations_bytes
+    if rec.phase != "prefill" or rec.cut_short or decode is None or decode > _beside_at_end(run, rec):
+        return rec.context_token_bytes
+    return rec.decode_context_token_bytes
 
 
 def _beside_at_end(run: PlanRequest, rec: RecordedPeak) -> int:
@@ -292,7 +307,12 @@ def attended_gain(req: PlanRequest, rec: RecordedPeak, context: int) -> int:
 
 
 def update_token_growth(
-    rec: RecordedPeak, batch: int, context: int, scale: float, held: int | None = None
+    rec: RecordedPeak,
+    batch: int,
+    context: int,
+    scale: float,
+    held: int | None = None,
+    told: tuple[Gain, int | None, float] | None = None,
 ) -> int:
     """Bytes generate()'s token tensors add to what the run held at its KV peak (`update_token_bytes`,
     grown by `scale`) in a plan whose KV peak is its last step's, `context` - 1 tokens a row at most (its
@@ -301,12 +321,23 @@ def update_token_growth(
     row), as many a row and token as the run's update held (`update_token_row_bytes`), where told: its peak
     elsewhere may have held more (5.17's concatenation). Before, `context` tokens a row: a sliding cache
     planned from a dynamic run at its own context was a token of ids above its recording (32 B at 2 rows).
-    `held`: the token tensors of another update moment than the KV peak's (full_update's)."""
+    `held`: the token tensors of another update moment than the KV peak's (full_update's).
+
+    `told`: how the plan grows the update's activations (`Gain`, the update's bytes a row and token, the
+    share of them fewer rows keep); where those bytes are told, the held tensors follow the rows alone and
+    each token attended more adds its token tensors' bytes, which the growth already counts. Before, the
+    held tensors grew in proportion to the context there too, beside those bytes: the tiny Llama (4 rows,
+    40-token prompt, 20 new tokens) planned `--cache fp8 --context 200` said 149 B over the fp8 recording
+    (4 rows x 7/3 tokens x 16 B), a sliding run of that shape planned `--cache dynamic` as many."""
     per_token = rec.update_token_row_bytes or rec.token_row_bytes
     held = rec.update_token_bytes if held is None else held
     if not per_token or held is None:
         return 0
-    return max(per_token * batch * (context - 1) - math.ceil(held * scale), 0)
+    priced = held * scale
+    gain, token_bytes, kept = told if told is not None else (None, None, 1.0)
+    if gain is not None and token_bytes is not None:
+        priced = held * kept * gain.rows + min(token_bytes, per_token) * gain.row_count * gain.tokens
+    return max(per_token * batch * (context - 1) - math.ceil(priced), 0)
 
 
 def token_growth(req: PlanRequest, rec: RecordedPeak, batch: int, context: int) -> int:

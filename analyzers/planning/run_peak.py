@@ -172,6 +172,9 @@ def peak_moment(
         attn_implementation=_attn_implementation(report.geometry),
         decode_activations_bytes=decode_beside,
         decode_row_bytes=row_bytes_at(source, report, decode_at, rows),
+        decode_context_token_bytes=context_token_bytes(
+            source, report, decode_at, rows, prompt, context, beams
+        ),
         encoder_pass=encoder_pass_moments(source, report, encoder_tokens),
     )
 
