@@ -181,7 +181,7 @@ def export(
     root = Path(out_dir)
     refuse_an_input_as_out(paths, root)  # before a trace named as -o is said to be "a file" in the way
     if root.exists() and not root.is_dir():
-        raise cannot_write(root, None, folder=True)  # exit 1, as every output that cannot be written
+        raise cannot_write(root, None, folder=True)  # 1 for a file there, 2 for a pipe or a device
     try:
         str(root.absolute()).encode("utf-8")
     except UnicodeEncodeError:  # a name that is not UTF-8 (Python holds its bytes as lone surrogates)

@@ -41,7 +41,8 @@ _EXAMPLES = (
 )
 _EXIT_STATUS = (
     "exit status: 0 success; 1 a failed run or an output that cannot be written (and `plan` when the plan\n"
-    "does not fit); 2 bad input or flags; 70 an internal error; 130 interrupted (Ctrl-C). `kvtrace run`\n"
+    "does not fit); 2 bad input or flags, or an output path that is a named pipe or a device (/dev/null\n"
+    "included), refused before any work; 70 an internal error; 130 interrupted (Ctrl-C). `kvtrace run`\n"
     "exits with its script's status. Each command's --help says its own."
 )
 
@@ -292,13 +293,16 @@ def _empty_path(args: argparse.Namespace) -> str | None:
 
 
 def _inputs(args: argparse.Namespace) -> str:
-    """The paths a command was given, for a message that must name them."""
+    """The paths a command was given, for a message that must name them: those that exist, and its output
+    (which a failed command may not have made, or removed again: a sweep's folder)."""
     found: list[str] = []
     for name, value in vars(args).items():
         if name.startswith("_"):
             continue
         for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str | os.PathLike) and os.path.lexists(item):
+            if not isinstance(item, str | os.PathLike) or not str(item).strip():
+                continue
+            if os.path.lexists(item) or name in ("out", "output"):
                 found.append(str(item))
     return ", ".join(found) or "its arguments"
 

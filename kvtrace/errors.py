@@ -182,6 +182,15 @@ def file_in_the_way(path: Path, folder: bool = False) -> Path | None:
     return next((p for p in candidates if p.exists() and not p.is_dir()), None)
 
 
+def blocked_status(path: Path, folder: bool = False) -> int:
+    """The exit status for an output that a file stands in the way of (`file_in_the_way`): 2 where it is a
+    named pipe, a device or a socket, or a link to one (the path names no file or folder at all: a wrong
+    argument, refused before any work, as a bad flag is), 1 where it is a regular file (an output that
+    cannot be written, as when the folder is made)."""
+    blocker = file_in_the_way(path, folder)
+    return 2 if blocker is not None and special_output(blocker) is not None else 1
+
+
 def folder_blocked(path: Path, folder_name: str) -> str | None:
     """The one line for a folder output (`folder_name`: "the run folder") that a file stands in the way of,
     itself or in place of a parent; else None. Asked before any work: the OS's "File exists" or "Not a
@@ -219,9 +228,10 @@ def lies_inside(output: str | os.PathLike[str], folder: str | os.PathLike[str]) 
 
 
 def cannot_write(path: Path, exc: OSError | None, verb: str = "write", folder: bool = False) -> KvtraceError:
-    """The one-line error, exit status 1, for an output that cannot be written. When a file stands in the
-    way, the OS says "File exists" or "Not a directory", which reads as if the output were there already:
-    name the file instead, and what it is when not a regular file (a named pipe, /dev/full)."""
+    """The one-line error for an output that cannot be written: exit status 1, or 2 where a named pipe or a
+    device stands in the way (`blocked_status`). When a file stands in the way, the OS says "File exists"
+    or "Not a directory", which reads as if the output were there already: name the file instead, and what
+    it is when not a regular file (a named pipe, /dev/full)."""
     blocker = file_in_the_way(path, folder)
     kind = special_output(blocker) if blocker is not None else None
     if blocker is None:
@@ -230,7 +240,7 @@ def cannot_write(path: Path, exc: OSError | None, verb: str = "write", folder: b
         why = "it is a file" if kind is None else f"{kind}, not a folder"
     else:
         why = f"a parent of the path is {kind or 'a file'}: {blocker}"
-    return KvtraceError(f"{path}: cannot {verb} ({why})", exit_code=1)
+    return KvtraceError(f"{path}: cannot {verb} ({why})", exit_code=1 if kind is None else 2)
 
 
 _SPECIAL_KINDS = (

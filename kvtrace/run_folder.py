@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvtrace import format as fmt
-from kvtrace.errors import RecordingError, folder_blocked
+from kvtrace.errors import RecordingError, blocked_status, folder_blocked
 from kvtrace.run_removal import check_run_removal
 
 
@@ -24,7 +24,7 @@ def make_run_folder(path: Path) -> bool:
         said = folder_blocked(path, "the run folder")
         if said is None:
             said = f"{path}: cannot create the run folder ({exc.strerror or exc})"
-        raise RecordingError(said, exit_code=1) from None
+        raise RecordingError(said, exit_code=blocked_status(path, folder=True)) from None
     return existed
 
 

@@ -34,7 +34,8 @@ class CompareCommand(Command):
     rows (requests, blocks, preemptions, output tokens), its tokens/s the requests' output tokens over the
     time from its first request to its last step (the per-row figures: "-"). Exit status: 0 on success;
     1 when the HTML or standard output cannot be written; 2 for unreadable input or bad flags, a run
-    group's rank included (the others are compared, and its error follows on stderr).
+    group's rank included (the others are compared, and its error follows on stderr), or an -o that is a
+    named pipe or a device (/dev/null included), refused before any work.
     """
 
     name = "compare"

@@ -41,12 +41,12 @@ def refuse_not_a_run_folder(out: Path) -> None:
     sweep.json) or an export's (Parquet tables) is no run's, even with --overwrite: a run there would mix one
     recording with the sweep's table and point runs, or with the tables, as `kvtrace sweep` refuses a run's
     folder."""
-    from kvtrace.errors import folder_blocked
+    from kvtrace.errors import blocked_status, folder_blocked
     from kvtrace.run_layout import holds_export
 
     blocked = folder_blocked(out, "the run folder")
     if blocked is not None:
-        raise KvtraceError(blocked, exit_code=1)
+        raise KvtraceError(blocked, exit_code=blocked_status(out, folder=True))
     if (out / "sweep.json").exists():
         said = "a sweep's folder (sweep.json, runs/), not a run's; pass another --out DIR"
         raise KvtraceError(f"{out}: {said}")
@@ -68,8 +68,9 @@ class DemoCommand(Command):
     prompts with the Llama 3 tokenizer that `llama-models` ships, runs `generate()` under
     `kvtrace.record()`, then writes the report. Memory does not depend on weight values.
     Exit status: 0 on success; 1 when the run or its report cannot be written, or a part it needs is not
-    installed (a --cache or --press package, vLLM); 2 for bad flags, or an --out that holds a run
-    (--overwrite replaces it).
+    installed (a --cache or --press package, vLLM); 2 for bad flags, an --out that holds a run
+    (--overwrite replaces it), or an --out (or its timeline.html) that is a named pipe or a device
+    (/dev/null included), refused before anything is recorded.
     """
 
     name = "demo"

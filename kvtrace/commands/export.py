@@ -32,7 +32,7 @@ class ExportCommand(Command):
     still written), for bad flags, or when DIR's table folders hold a Parquet file that is not kvtrace's or
     a part whose runs part is missing or a part file that is empty or not Parquet (a damaged export;
     --overwrite replaces it), or when DIR is an input, lies inside an input run, or is a run, run group or
-    sweep's folder: nothing is written or removed.
+    sweep's folder, or is a named pipe or a device (/dev/null included): nothing is written or removed.
     """
 
     name = "export"

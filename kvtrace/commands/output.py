@@ -321,11 +321,12 @@ def said_written(out: Path) -> None:
 
 
 def check_regular_target(out: Path) -> None:
-    """Refuse (one line, exit status 1) an output file path where a named pipe or a device stands, or a
-    link to one: `write_replacing` would put a regular file in its place."""
+    """Refuse (one line, exit status 2: the path names no file at all, a wrong argument) an output file
+    path where a named pipe or a device stands, or a link to one: `write_replacing` would put a regular
+    file in its place."""
     kind = special_output(out)
     if kind is not None:
-        raise KvtraceError(f"{out}: cannot write ({kind}, not a regular file)", exit_code=1)
+        raise KvtraceError(f"{out}: cannot write ({kind}, not a regular file)")
 
 
 def page_bytes(text: str) -> bytes:

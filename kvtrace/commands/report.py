@@ -41,7 +41,8 @@ class ReportCommand(Command):
     report is printed all the same.
     Exit status: 0 on success, also when the files written into a run could not be; 1 when the -o HTML or
     standard output cannot be written; 2 for unreadable input or bad flags, a run group's rank included
-    (the others are reported, and its error follows on stderr).
+    (the others are reported, and its error follows on stderr), or an -o that is a named pipe or a device
+    (/dev/null included), refused before any work.
     """
 
     name = "report"

@@ -42,7 +42,8 @@ class RunCommand(Command):
     its traceback, killed by SIGINT as Python is: 130 in a shell; killed by SIGTERM when it is stopped by
     one, 143 in a shell; its run written and named either way); 2 for a bad flag, a script or module that is
     not there, an output folder that holds a run (--overwrite replaces it; it refuses, before the script
-    runs, a run whose profiler/ is a symbolic link) or an export's tables.
+    runs, a run whose profiler/ is a symbolic link) or an export's tables, or one that is a named pipe or a
+    device (/dev/null included).
     """
 
     name = "run"

@@ -9,13 +9,21 @@ import itertools
 import json
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from analyzers.units import a_or_an
 from kvtrace.commands.base import AsTyped, Command, long_dtype
 from kvtrace.commands.output import check_regular_target, page_bytes, print_after_writing, write_replacing
-from kvtrace.errors import KvtraceError, MissingPart, cannot_write, folder_blocked, unnamed_path
+from kvtrace.errors import (
+    KvtraceError,
+    MissingPart,
+    blocked_status,
+    cannot_write,
+    folder_blocked,
+    unnamed_path,
+)
 
 _DTYPES = ("float32", "bfloat16", "float16")
 # How a sweep names its points' run folders under OUT/runs/ (`b{batch}_c{context}_{cache}`)
@@ -182,10 +190,26 @@ def _listed_points(table: Path) -> set[str] | None:
     return {Path(run).name for run in runs if isinstance(run, str)}
 
 
+@contextlib.contextmanager
+def _removed_if_left_empty(folders: list[Path]) -> Iterator[None]:
+    """Remove, when the block raises, each of `folders` (deepest first) that it created and left empty:
+    a failed sweep left an empty OUT behind. A folder there before, or one that holds a file (a failed
+    point's run, which says why it failed), is left as it is."""
+    new = [folder for folder in folders if not folder.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in new:
+            with contextlib.suppress(OSError):  # not empty: kept
+                folder.rmdir()
+        raise
+
+
 def _refuse_a_run_as_out(given: str) -> None:
     """Refuse an OUT that is no sweep's folder, even with --overwrite (which replaces a sweep): "" (the
     current folder), and a run or a run group, whose folder would then mix one recording with a sweep's
-    table and point runs; and a file in its place or a parent's (status 1, as when the folder is made)."""
+    table and point runs; and a file in its place or a parent's (`blocked_status`: 1, 2 for a pipe or a
+    device)."""
     from kvtrace.run_layout import holds_export, is_run_dir, rank_dirs
 
     unnamed = unnamed_path(given)
@@ -193,7 +217,7 @@ def _refuse_a_run_as_out(given: str) -> None:
         raise KvtraceError(f"--out: {unnamed}")
     blocked = folder_blocked(Path(given), "the sweep's folder")
     if blocked is not None:
-        raise KvtraceError(blocked, exit_code=1)
+        raise KvtraceError(blocked, exit_code=blocked_status(Path(given), folder=True))
     kind = "run" if is_run_dir(given) else "run group" if rank_dirs(given) else None
     if kind is None and holds_export(given):
         raise KvtraceError(
@@ -267,7 +291,9 @@ class SweepCommand(Command):
     the host's available memory on the CPU) is refused before it is built: kvtrace plan sizes it.
     Exit status: 0 on success; 1 when OUT cannot be created, a --cache's package is not installed, or
     standard output cannot be written (OUT is then written all the same, and the line says so); 2 for bad
-    input or flags, and for a model too large to build.
+    input or flags, for a model too large to build, and for an OUT (or its sweep.json, sweep.html) that is
+    a named pipe or a device (/dev/null included), refused before any point is recorded. A sweep that
+    fails removes the folders it created and left empty (never a folder that was there before).
     """
 
     name = "sweep"
@@ -395,68 +421,72 @@ class SweepCommand(Command):
         old_points = _point_runs(out)
         if ((out / "sweep.json").exists() or old_points) and not args.overwrite:  # as `demo`: no silent loss
             raise KvtraceError(f"{out}: already holds a sweep; pass --overwrite to replace it, or --out DIR")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise cannot_write(out, exc, verb="create", folder=True) from None
-        if args.overwrite:
-            _remove_sweep(out, old_points)
-        on_cuda = device.startswith("cuda") and torch.cuda.is_available()
-        model = build_model(size, dtype=getattr(torch, args.dtype), device=device)
-        pad_id = model.config.pad_token_id
-        # Prompt ids below 128,000 (Llama 3's regular tokens), and within the vocabulary of a smaller config.
-        vocab = min(128_000, int(model.config.vocab_size))
-        rows: list[dict[str, Any]] = []
-        grid = list(itertools.product(batches, contexts, caches))
-        # A bar on a terminal only, as report and export draw theirs: in a file or a pipe its \r-redrawn
-        # lines are noise around the errors and notes.
-        show_bar = not args.quiet and sys.stderr.isatty()
-        points = tqdm(grid, desc="sweep", unit="point", file=sys.stderr, disable=not show_bar)
-        for batch, context, cache_kind in points:
-            run_dir = out / "runs" / f"b{batch}_c{context}_{cache_kind}"
-            generator = torch.Generator().manual_seed(batch * 100_003 + context)
-            ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
-            _forget_generate_state(model)
-            cache, extra = make_cache(cache_kind, model, batch, context + args.new_tokens, window=window)
-            if cache is not None:
-                extra[cache_keyword()] = cache
-            status = "ok"
-            mask = None
+        # A sweep that fails (out of memory at its first point, a refusal) leaves no empty folder of its own
+        with _removed_if_left_empty([out / "runs", out, *out.parents]):
             try:
-                with torch.no_grad(), contextlib.ExitStack() as block:
-                    with window_on_config(model, cache_kind, window):  # the manifest's: the cache's window
-                        block.enter_context(
-                            kvtrace.record(run_dir, model=model, overwrite=True, gpu_memory=budget)
-                        )
-                    # Held until the block ends, as a user's inputs are: the recorder reads whether the
-                    # prompts were padded from it then (a mask gone by then is unknown, and `plan --cache
-                    # static` prices such a run's prefill as padded)
-                    mask = torch.ones_like(ids)
-                    model.generate(
-                        ids,
-                        attention_mask=mask,
-                        max_new_tokens=args.new_tokens,
-                        min_new_tokens=args.new_tokens,
-                        do_sample=False,
-                        pad_token_id=pad_id,
-                        **extra,
-                    )
-            except torch.OutOfMemoryError:
-                if not on_cuda:
-                    raise
-                status = "oom"  # the recorder wrote the exception and an OOM snapshot; go on
-            finally:
-                del cache, extra, mask
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise cannot_write(out, exc, verb="create", folder=True) from None
+            if args.overwrite:
+                _remove_sweep(out, old_points)
+            on_cuda = device.startswith("cuda") and torch.cuda.is_available()
+            model = build_model(size, dtype=getattr(torch, args.dtype), device=device)
+            pad_id = model.config.pad_token_id
+            # Prompt ids below 128,000 (Llama 3's regular tokens), and within a smaller config's vocabulary.
+            vocab = min(128_000, int(model.config.vocab_size))
+            rows: list[dict[str, Any]] = []
+            grid = list(itertools.product(batches, contexts, caches))
+            # A bar on a terminal only, as report and export draw theirs: in a file or a pipe its \r-redrawn
+            # lines are noise around the errors and notes.
+            show_bar = not args.quiet and sys.stderr.isatty()
+            points = tqdm(grid, desc="sweep", unit="point", file=sys.stderr, disable=not show_bar)
+            for batch, context, cache_kind in points:
+                run_dir = out / "runs" / f"b{batch}_c{context}_{cache_kind}"
+                generator = torch.Generator().manual_seed(batch * 100_003 + context)
+                ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
                 _forget_generate_state(model)
-                gc.collect()
-                if on_cuda:
-                    torch.cuda.empty_cache()
-            row = {"batch": batch, "context": context, "cache": cache_kind}
-            row.update(_point_row(run_dir, budget, status))
-            rows.append(row)
-        slid = window if set(caches) & set(SLIDING_KINDS) else None
-        self._write(out, rows, budget, model_name, args, device, slid)
-        return 0
+                cache, extra = make_cache(cache_kind, model, batch, context + args.new_tokens, window=window)
+                if cache is not None:
+                    extra[cache_keyword()] = cache
+                status = "ok"
+                mask = None
+                try:
+                    with torch.no_grad(), contextlib.ExitStack() as block:
+                        with window_on_config(
+                            model, cache_kind, window
+                        ):  # the manifest's: the cache's window
+                            block.enter_context(
+                                kvtrace.record(run_dir, model=model, overwrite=True, gpu_memory=budget)
+                            )
+                        # Held until the block ends, as a user's inputs are: the recorder reads whether the
+                        # prompts were padded from it then (a mask gone by then is unknown, and `plan --cache
+                        # static` prices such a run's prefill as padded)
+                        mask = torch.ones_like(ids)
+                        model.generate(
+                            ids,
+                            attention_mask=mask,
+                            max_new_tokens=args.new_tokens,
+                            min_new_tokens=args.new_tokens,
+                            do_sample=False,
+                            pad_token_id=pad_id,
+                            **extra,
+                        )
+                except torch.OutOfMemoryError:
+                    if not on_cuda:
+                        raise
+                    status = "oom"  # the recorder wrote the exception and an OOM snapshot; go on
+                finally:
+                    del cache, extra, mask
+                    _forget_generate_state(model)
+                    gc.collect()
+                    if on_cuda:
+                        torch.cuda.empty_cache()
+                row = {"batch": batch, "context": context, "cache": cache_kind}
+                row.update(_point_row(run_dir, budget, status))
+                rows.append(row)
+            slid = window if set(caches) & set(SLIDING_KINDS) else None
+            self._write(out, rows, budget, model_name, args, device, slid)
+            return 0
 
     @staticmethod
     def _write(

@@ -222,10 +222,43 @@ def test_a_named_pipe_given_as_an_output_is_refused_never_replaced(tmp_path: Pat
                 *("sweep", "--batch", "1", "--context", "8", "--new-tokens", "2", "--cache", "dynamic"),
                 *("--device", "cpu", "--overwrite", "--out", str(sweep_out)),
             ],
-            1,
+            2,
             f"{sweep_out / 'sweep.json'}: cannot write (a named pipe, not a regular file)",
         ),
     ]
+    # (and a pipe, or /dev/null, where each command's own output file or folder goes: one rule for all, status
+    # 2 as for any wrong argument; export, sweep, demo and run said 1 where report and compare said 2)
+    script = tmp_path / "gen.py"
+    script.write_text("print('ran')\n")
+    folder_pipe = tmp_path / "folder"
+    os.mkfifo(folder_pipe)
+    for given, kind in ((folder_pipe, "a named pipe"), (Path("/dev/null"), "a character device")):
+        sweep = ["sweep", "--batch", "1", "--context", "8", "--new-tokens", "2", "--device", "cpu"]
+        demo = ["demo", "--size", "tiny", "--batch", "1", "--new-tokens", "2", "--device", "cpu"]
+        refused += [
+            (
+                ["report", run, "--no-export", "-q", "-o", str(given)],
+                2,
+                f"{given}: {kind}, not a regular file",
+            ),
+            (["compare", run, other, "-o", str(given)], 2, f"{given}: {kind}, not a regular file"),
+            (["export", run, "-q", "-o", str(given)], 2, f"{given}: cannot write ({kind}, not a folder)"),
+            (
+                [*sweep, "--out", str(given)],
+                2,
+                f"{given}: cannot create the sweep's folder ({kind} of that name is there, not a folder)",
+            ),
+            (
+                [*demo, "--out", str(given)],
+                2,
+                f"{given}: cannot create the run folder ({kind} of that name is there, not a folder)",
+            ),
+            (
+                ["run", "-o", str(given), str(script)],
+                2,
+                f"{given}: cannot create the run folder ({kind} of that name is there, not a folder)",
+            ),
+        ]
     for argv, status, said in refused:
         # WHEN a command is to write its page or summary there
         done = _kvtrace_on_a_full_disk(argv, None, 300)
@@ -242,6 +275,11 @@ def test_a_named_pipe_given_as_an_output_is_refused_never_replaced(tmp_path: Pat
         SAMPLES / "dynamic_b2" / "manifest.json"
     ).read_bytes()
     assert sorted(p.name for p in sweep_out.iterdir()) == ["sweep.json"]
+    assert stat.S_ISFIFO(os.lstat(folder_pipe).st_mode) and stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+    # AND each command's --help says so where it gives its exit status
+    for command in ("report", "compare", "export", "sweep", "demo", "run"):
+        said = " ".join(_kvtrace_on_a_full_disk([command, "--help"], None, 60).stdout.split())
+        assert "named pipe or a device (/dev/null included)" in said.split("Exit status:")[1], command
 
 
 def _env(unbuffered: bool) -> dict[str, str]:
@@ -409,8 +447,9 @@ def test_an_export_folder_that_is_a_pipe_or_a_device_says_what_it_is(tmp_path: P
     for out, said in refused:
         # WHEN a run is exported there
         done = _kvtrace_on_a_full_disk(["export", str(SAMPLES / "static_b2"), "-q", "-o", str(out)], None)
-        # THEN one line says what stands there ("it is a file", as for a regular file, it used to say)
-        assert done.returncode == 1, done.stderr
+        # THEN one line says what stands there ("it is a file", as for a regular file, it used to say),
+        # status 2 as for any wrong argument (it was 1, where report and compare said 2 for such an -o)
+        assert done.returncode == 2, done.stderr
         assert done.stderr == f"kvtrace export: error: {out}: cannot write ({said})\n"
     assert stat.S_ISFIFO(os.lstat(pipe).st_mode) and link.is_symlink()
 

@@ -398,3 +398,21 @@ def test_a_sweep_point_past_int32_or_past_the_hosts_memory_is_one_line(
     # address space, which torch's CPU allocator refuses at once with a RuntimeError (internal error, exit 70)
     assert main([*argv, "--batch", str(2**31 - 1), "--context", "100000"]) == 1
     assert _one_error(capsys) == f"kvtrace sweep: error: out of memory ({out})"
+    assert not out.exists()  # the folder it made for the sweep, left empty: removed
+
+
+def test_a_sweep_that_fails_removes_the_empty_folders_it_created_and_no_other(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an OUT two folders below any that exists, and an empty folder the user made for the sweep
+    made = tmp_path / "new" / "deeper" / "sweep"
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    argv = ["sweep", "--size", "tiny", "--device", "cpu", "--new-tokens", "1", "-q"]
+    for out in (made, kept):
+        # WHEN the sweep fails at its first point (prompt ids of 1.5 PiB: out of memory, after OUT is made)
+        assert main([*argv, "--batch", str(2**31 - 1), "--context", "100000", "--out", str(out)]) == 1
+        assert _one_error(capsys) == f"kvtrace sweep: error: out of memory ({out})"
+    # THEN the folders it created are gone (an empty OUT was left behind), the user's is left as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert list(kept.iterdir()) == []

@@ -190,11 +190,11 @@ def test_a_sweep_folder_whose_table_is_a_pipe_is_refused_not_waited_on(tmp_path:
     out = tmp_path / "out"
     (out / "runs").mkdir(parents=True)
     os.mkfifo(out / "sweep.json")
-    # WHEN a sweep is run again over it THEN the pipe is refused by name (an output it cannot write: 1),
-    # never read
+    # WHEN a sweep is run again over it THEN the pipe is refused by name (an output path that names no
+    # file: 2, as report's -o), never read
     argv = ["sweep", "--batch", "1", "--context", "8", "--new-tokens", "2", "--cache", "dynamic"]
     done = _kvtrace(*argv, "--device", "cpu", "--overwrite", "--out", str(out), "-q")
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert (
         done.stderr
         == f"kvtrace sweep: error: {out / 'sweep.json'}: cannot write (a named pipe, not a regular file)\n"
