@@ -427,7 +427,11 @@ def summarize(
     notes = ended_notes(source)
     notes.extend(str(w) for w in (manifest or {}).get("warnings") or ())
     notes.extend(input_notes(source))
-    notes.extend(coverage_notes(source.kind, devices, source.meta.get("skipped_events")))
+    notes.extend(
+        coverage_notes(
+            source.kind, devices, source.meta.get("skipped_events"), source.meta.get("history_cut")
+        )
+    )
     notes.extend(log_notes)
     if run is not None:  # a run's own loop with grad on, a generate() call's kept outputs (analyzers only)
         from analyzers.planning.grad_steps import grad_note

@@ -11,11 +11,14 @@
   profiling again with `profile_memory=True` would not help, so its note says what was skipped and why.
 * A snapshot whose trace holds no alloc or free (no `device_traces`, or history recorded too briefly) has
   only the state at its dump: that moment is its "peak", which a note says.
+* A snapshot whose trace completes a free it never saw requested lost its oldest entries to torch's ring
+  buffer (`max_entries`): its peak is its span's, the last seconds of a run that may have peaked before
+  them. memory_viz draws the same span with no word of it; a note says so (the reader's `history_cut`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from analyzers.model import MemorySource
@@ -27,6 +30,7 @@ __all__ = [
     "coverage_notes",
     "damaged_memory_events",
     "dump_only_note",
+    "history_cut_note",
     "peak_before_trace_note",
     "skipped_events_note",
 ]
@@ -93,11 +97,15 @@ def peak_before_trace_note(device: DeviceSummary, source_kind: str) -> str:
 
 
 def coverage_notes(
-    source_kind: str, devices: list[DeviceSummary], skipped_events: dict[str, int] | None = None
+    source_kind: str,
+    devices: list[DeviceSummary],
+    skipped_events: dict[str, int] | None = None,
+    history_cut: dict[str, dict[str, Any]] | None = None,
 ) -> list[str]:
     """The report's notes on what its events do not cover: one per device that peaks before its trace, or
-    that the trace holds no allocator events at all, or none that could be read (`skipped_events`, the
-    reader's: what it skipped as damaged, and why)."""
+    whose snapshot trace lost its start (`history_cut`, the reader's), or that the trace holds no allocator
+    events at all, or none that could be read (`skipped_events`, the reader's: what it skipped as damaged,
+    and why)."""
     if source_kind == "chrome_trace" and not devices:
         damaged = damaged_memory_events(skipped_events)
         if damaged is not None:
@@ -107,7 +115,31 @@ def coverage_notes(
     if source_kind == "snapshot":
         untraced = [device for device in devices if not device.alloc_events + device.free_events]
         notes.extend(map(dump_only_note, untraced))
+        for device in devices:  # a peak before the trace is said above, with the entries the trace holds
+            cut = (history_cut or {}).get(device.device)
+            if cut is not None and not device.peak_before_trace:
+                notes.append(history_cut_note(device.device, cut))
     return notes
+
+
+def history_cut_note(device: str, cut: dict[str, Any]) -> str:
+    """The note on a snapshot device whose trace lost its oldest entries to the ring buffer: `cut` is the
+    reader's (`entries` in the trace, `at`: the index of the free completed without its request,
+    `span_us`: first to last entry, None without times)."""
+    entries = cut["entries"]
+    span = cut.get("span_us")
+    kept = (
+        f"the last {span / 1e6:,.3f} s before the dump"
+        if span is not None
+        else f"its last {entries:,} entries"
+    )
+    return (
+        f"{device}: the snapshot's trace lost its oldest entries: its entry {cut['at'] + 1:,} of {entries:,} "
+        "completes a free whose request is not in it, so torch's ring buffer (_record_memory_history's "
+        "max_entries) had dropped what came before (or the history was turned on while that free waited on "
+        f"a stream). The figures cover {kept}: the peak is the highest level then, and the run may have "
+        "peaked earlier, unseen; record with a larger max_entries to see all of it"
+    )
 
 
 def dump_only_note(device: DeviceSummary) -> str:

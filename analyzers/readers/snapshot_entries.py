@@ -303,6 +303,26 @@ ONLY_INT = frozenset({int})
 ONLY_DICT = frozenset({dict})
 
 
+def unrequested_free(trace: list[Any]) -> int | None:
+    """The index of the first ``free_completed`` entry with no ``free_requested`` of its address before it,
+    or None. c10 records a free's request, then its completion (at once, or once the streams that used the
+    block are done), so such an entry shows the ring buffer dropped the trace's older entries (or the
+    history was turned on while that free waited on a stream): the run's start is not in the trace."""
+    requested: set[int] = set()
+    for index, entry in enumerate(trace):
+        address = entry.get("addr") if isinstance(entry, dict) else None
+        if type(address) is not int:  # damaged: the replay has said what it did with it
+            continue
+        action = entry.get("action")
+        if action == "free_requested":
+            requested.add(address)
+        elif action == "free_completed":
+            if address not in requested:
+                return index
+            requested.discard(address)
+    return None
+
+
 def stream_of(value: Any) -> int | None:
     """A stream handle as written (an int); anything else is unknown."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -36,6 +36,7 @@ from analyzers.readers.snapshot_entries import (
     refuse_more_than_reserved,
     segment_bytes,
     stream_of,
+    unrequested_free,
 )
 from analyzers.readers.snapshot_one_pass import NotPlain, replay_one_pass
 from analyzers.readers.snapshot_pools import pool_levels
@@ -460,6 +461,17 @@ def replay_device(
     source.meta["timestamps"][device] = "time_us" if timed else "event_index"
     source.meta["trace_actions"][device] = counted
     source.meta["orphan_frees"][device] = orphan_count
+    # A free that completes with its request dropped (only an orphan free can be one): the ring buffer lost
+    # the trace's start, which `analyzers.trace_coverage` says with the span the trace keeps.
+    cut_at = unrequested_free(trace) if orphan_count else None
+    if cut_at is not None:
+        first, last = (trace[0].get("time_us"), trace[-1].get("time_us")) if timed else (None, None)
+        span = last - first if type(first) is int and type(last) is int else None
+        source.meta.setdefault("history_cut", {})[device] = {
+            "entries": len(trace),
+            "at": cut_at,
+            "span_us": span,
+        }
     if delta_arr is None:
         return PlainDevice(
             device=device,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import io
+import itertools
 import json
 import pickle
 from pathlib import Path
@@ -89,7 +90,7 @@ def expected_snapshot(path: Path) -> dict[str, dict[str, int]]:
                         unexplained += requested
                 address += block["size"]
         baseline = orphans + unexplained
-        levels = [baseline + sum(deltas[: i + 1]) for i in range(len(deltas))]
+        levels = list(itertools.accumulate(deltas, initial=baseline))[1:]
         figures[f"cuda:{dev}"] = {
             "allocs": sum(1 for e in trace if e["action"] == "alloc"),
             "frees": sum(1 for e in trace if e["action"] in ("free_completed", "free")),
@@ -430,6 +431,59 @@ def test_a_peak_before_the_trace_is_said_and_its_reserved_memory_is_no_slack(
     assert diagnosis["reserved_unallocated_bytes"] == reserved_at_dump - want["peak"]
     assert expandable["saved_bytes"] is None and "cached earlier" in expandable["sentence"]
     assert "recovering" not in expandable["sentence"]
+
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
+# Real H200 dumps of kvtrace's own runs: the OOM runs' trace ring buffer (max_entries 12,000) wrapped
+RING_SNAPSHOTS = [p for p in FILES if p.suffix == ".pickle"] + sorted(
+    SAMPLES.glob("h200/*/snapshots/*.pickle")
+)
+
+
+@pytest.mark.parametrize(
+    "path", RING_SNAPSHOTS, ids=[f"{p.parent.parent.name}/{p.name}" for p in RING_SNAPSHOTS]
+)
+def test_a_trace_that_lost_its_start_to_the_ring_buffer_says_so(
+    path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """c10 records each free's request before its completion: a trace whose free completes with no request
+    of its address before it had its older entries dropped by the ring buffer (`max_entries`). Its peak is
+    then that of its last seconds only, which the report says; memory_viz draws the span without a word."""
+    # GIVEN the raw file's own figures: the first free completed unrequested, and the trace's span
+    raw = _PlainUnpickler(io.BytesIO(_raw_bytes(path))).load()
+    (want,) = expected_snapshot(path).values()
+    (trace,) = [t for t in raw["device_traces"] if t] or [[]]
+    requested: set[int] = set()
+    cut_at = None
+    for index, entry in enumerate(trace):
+        if entry["action"] == "free_requested":
+            requested.add(entry["addr"])
+        elif entry["action"] == "free_completed":
+            if entry["addr"] not in requested:
+                cut_at = index
+                break
+            requested.remove(entry["addr"])
+    timed = bool(trace) and all("time_us" in entry for entry in trace)
+
+    # WHEN it is reported
+    report = _report_json(path, capsys)
+    (device,) = report["devices"]
+    said = [note for note in report["notes"] if "lost its oldest entries" in note]
+
+    # THEN the peak is the raw file's, and a trace that lost its start (not already a peak before it) says so
+    assert device["peak_allocated_bytes"] == want["peak"]
+    if cut_at is None or want["peak_before_trace"]:
+        assert said == []
+        return
+    (note,) = said
+    assert note.startswith(
+        f"cuda:0: the snapshot's trace lost its oldest entries: its entry {cut_at + 1:,} of "
+    )
+    assert f" of {len(trace):,} completes a free whose request is not in it" in note
+    assert "max_entries" in note and "the run may have peaked earlier, unseen" in note
+    if timed:
+        span = (trace[-1]["time_us"] - trace[0]["time_us"]) / 1e6
+        assert f"The figures cover the last {span:,.3f} s before the dump" in note
 
 
 CHROME = [p for p in FILES if p.name.endswith(".json.gz")]
