@@ -214,7 +214,12 @@ def stream_report(
     path: str | os.PathLike[str], progress: ProgressFn | None = None, input_notes: list[str] | None = None
 ) -> tuple[MemorySource, Report] | None:
     """The report of a Chrome trace file without keeping its events; None when they need sorting."""
-    from analyzers.readers.chrome_trace import NEGATIVE_TOTAL_NOTE, no_total_note, read_chrome_trace
+    from analyzers.readers.chrome_trace import (
+        NEGATIVE_TOTAL_NOTE,
+        counter_start_note,
+        no_total_note,
+        read_chrome_trace,
+    )
 
     folds: dict[str, DeviceFold] = {}
 
@@ -240,6 +245,7 @@ def stream_report(
         missing = source.meta.get("without_totals", {}).get(dev.device)
         if missing is not None:
             source.meta.setdefault("input_notes", []).append(no_total_note(dev.device, baseline, missing))
+        counter_start_note(source, dev.device, baseline)
         dev.baseline_bytes = baseline
         devices.append(summary)
         timelines.append(timeline)

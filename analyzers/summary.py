@@ -50,6 +50,11 @@ class DeviceSummary:
     # from torch's category (`bytes_by_method["profiler_category"]`). None for other sources.
     torch_categories_at_peak: dict[str, int] | None = None
     torch_categories_allocated: dict[str, int] | None = None
+    # A snapshot's: the span its trace covers, what "allocated" sums over (a ring buffer of max_entries, the
+    # history maybe turned on mid-run: not the run). Its entries, and first to last entry's µs (None: the
+    # trace has no times). None for every other source, and a snapshot device with no trace.
+    trace_entries: int | None = None
+    trace_span_us: int | None = None
 
 
 @dataclass
@@ -399,6 +404,11 @@ def summarize(
         summary, timeline = _device_summary(source, i, baseline_category)
         devices.append(summary)
         timelines.append(timeline)
+    if source.kind == "snapshot":
+        for device in devices:
+            span = source.meta.get("trace_span", {}).get(device.device)
+            if span is not None:
+                device.trace_entries, device.trace_span_us = span["entries"], span["span_us"]
     kv = _kv_from_log(source) or kv or _kv_from_events(source, timelines)
     manifest = source.meta.get("manifest") or {}
     geometry = manifest.get("model")

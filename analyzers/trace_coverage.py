@@ -33,6 +33,7 @@ __all__ = [
     "history_cut_note",
     "peak_before_trace_note",
     "skipped_events_note",
+    "trace_span_words",
 ]
 
 NO_ALLOCATOR_EVENTS_NOTE = (
@@ -140,6 +141,14 @@ def history_cut_note(device: str, cut: dict[str, Any]) -> str:
         f"a stream). The figures cover {kept}: the peak is the highest level then, and the run may have "
         "peaked earlier, unseen; record with a larger max_entries to see all of it"
     )
+
+
+def trace_span_words(entries: int, span_us: float | None) -> str:
+    """What a snapshot's figures sum over, said where a run's say "over the run": "the trace's 2,811
+    entries, the last 0.016 s before the dump" (without times, its entries only). The trace is a ring buffer
+    of max_entries, its history maybe turned on mid-run: its span, not the run's."""
+    last = f", the last {span_us / 1e6:,.3f} s before the dump" if span_us is not None else ""
+    return f"the trace's {entries:,} {'entry' if entries == 1 else 'entries'}{last}"
 
 
 def dump_only_note(device: DeviceSummary) -> str:

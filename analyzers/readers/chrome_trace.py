@@ -165,6 +165,26 @@ def no_total_note(device: str, baseline: int, missing: tuple[int, int]) -> str:
     return NO_TOTAL_NOTE.format(device=device, which=which, level=level)
 
 
+COUNTER_START_NOTE = (
+    "{device}: the trace's 'Total Allocated' starts at {start:,} B from before the profiling began (the "
+    "profiler's counter, carried over from an earlier profiler session in the same process); kvtrace counts "
+    "the trace's own 'Bytes' from {level}, so TensorBoard's memory view, which plots 'Total Allocated', "
+    "shows up to {more:,} B more"
+)
+
+
+def counter_start_note(source: MemorySource, device: str, baseline: int) -> None:
+    """Add `COUNTER_START_NOTE` to the input notes of a CPU device whose profiler counter started above 0
+    (the reader's `counter_start`) beyond `baseline`, the level kvtrace's running sum of 'Bytes' starts from
+    (what its unmatched frees free: a trace that starts late holds the counter's bytes that way already)."""
+    start = source.meta.get("counter_start", {}).get(device)
+    if start and start > baseline:
+        level = f"{baseline:,} B" if baseline else "0"
+        more = start - baseline
+        note = COUNTER_START_NOTE.format(device=device, start=start, level=level, more=more)
+        source.meta.setdefault("input_notes", []).append(note)
+
+
 def _baseline(delta: np.ndarray, total_allocated: np.ndarray | None) -> int:
     if delta.size == 0:
         return 0
@@ -286,6 +306,11 @@ def _source_of(
             if count:  # streamed (`sink_for`), its baseline is the fold's: analyzers.stream_summary says it
                 note = no_total_note(device, _baseline(delta, None), missing)
                 source.meta.setdefault("input_notes", []).append(note)
+        if device == "cpu" and not several and chunks.counter_start and chunks.counter_start > 0:
+            # Not trusted (`totals_trusted`): what the counter held at the start is said, not counted
+            source.meta.setdefault("counter_start", {})[device] = chunks.counter_start
+            if count:  # streamed, its baseline is the fold's: analyzers.stream_summary says it
+                counter_start_note(source, device, _baseline(delta, full_allocated))
         source.devices.append(
             DeviceEvents(
                 device=device,

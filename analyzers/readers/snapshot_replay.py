@@ -461,12 +461,16 @@ def replay_device(
     source.meta["timestamps"][device] = "time_us" if timed else "event_index"
     source.meta["trace_actions"][device] = counted
     source.meta["orphan_frees"][device] = orphan_count
+    # The span the trace's figures cover (its entries, first to last entry's µs; None without times): a ring
+    # buffer of max_entries, maybe turned on mid-run, so the report says this, not "the run".
+    first, last = (trace[0].get("time_us"), trace[-1].get("time_us")) if timed else (None, None)
+    span = last - first if type(first) is int and type(last) is int else None
+    if trace:
+        source.meta.setdefault("trace_span", {})[device] = {"entries": len(trace), "span_us": span}
     # A free that completes with its request dropped (only an orphan free can be one): the ring buffer lost
     # the trace's start, which `analyzers.trace_coverage` says with the span the trace keeps.
     cut_at = unrequested_free(trace) if orphan_count else None
     if cut_at is not None:
-        first, last = (trace[0].get("time_us"), trace[-1].get("time_us")) if timed else (None, None)
-        span = last - first if type(first) is int and type(last) is int else None
         source.meta.setdefault("history_cut", {})[device] = {
             "entries": len(trace),
             "at": cut_at,

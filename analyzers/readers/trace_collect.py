@@ -58,6 +58,10 @@ class _DeviceChunks:
         # with two or more on one device those totals are not the device's: the running sum of Bytes is.
         self.pids: set[Any] = set()
         self.device = device
+        # The CPU's earliest event (ts) and its 'Total Allocated' less its 'Bytes' (None: no total): where
+        # above 0, the profiler's counter carried bytes over from an earlier session (`counter_start_note`)
+        self.first_ts: float | None = None
+        self.counter_start: int | None = None
 
     @property
     def totals_trusted(self) -> bool:
@@ -67,6 +71,12 @@ class _DeviceChunks:
         return len(self.pids) <= 1 and self.device != "cpu"
 
     def _keep(self, chunk: tuple[np.ndarray, ...], with_allocated: int, with_reserved: int) -> None:
+        if self.device == "cpu" and len(chunk[0]):
+            first = int(np.argmin(chunk[0]))  # the first of the earliest: a stable sort keeps it first
+            if self.first_ts is None or chunk[0][first] < self.first_ts:
+                self.first_ts = float(chunk[0][first])
+                total = int(chunk[3][first])  # -1: the event gave none
+                self.counter_start = total - int(chunk[2][first]) if total >= 0 else None
         self.seen += len(chunk[0])
         self.given_allocated += with_allocated
         if not self.totals_trusted:

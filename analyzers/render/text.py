@@ -17,7 +17,8 @@ from analyzers.caches import (
 )
 from analyzers.model import request_at_most
 from analyzers.render.json import METHOD_LABELS, NO_KV_HINT, size_basis_said
-from analyzers.summary import KvSummary, Report
+from analyzers.summary import DeviceSummary, KvSummary, Report
+from analyzers.trace_coverage import trace_span_words
 from analyzers.units import a_or_an, human_bytes, times
 from kvtrace.errors import printable
 
@@ -174,6 +175,17 @@ def _rank_heads_line(share: dict[str, int]) -> str:
     )
 
 
+def _allocated_over(report: Report, devices: list[DeviceSummary]) -> str:
+    """What "allocated" sums over: a snapshot's trace span (a ring buffer, maybe begun mid-run), said with
+    its entries and seconds where one device's trace holds them; else the run."""
+    spans = [d for d in devices if d.trace_entries is not None]
+    if report.source_kind != "snapshot" or not spans:
+        return "over the run"
+    if len(spans) == 1:
+        return f"over {trace_span_words(spans[0].trace_entries or 0, spans[0].trace_span_us)}"
+    return "over the traces' spans (each device's last entries before the dump)"
+
+
 def report_to_text(report: Report) -> str:
     lines = [f"kvtrace report: {printable(str(report.path))} ({report.source_kind})"]
     for note in report.notes:
@@ -224,7 +236,8 @@ def report_to_text(report: Report) -> str:
                 "allocator earlier, not the slack of a peak"
             )
         if dev.bytes_by_method:
-            lines.append("    allocated over the run, by how each allocation was attributed:")
+            over = _allocated_over(report, [dev])
+            lines.append(f"    allocated {over}, by how each allocation was attributed:")
             for method, nbytes in sorted(dev.bytes_by_method.items(), key=lambda item: -item[1]):
                 label = METHOD_LABELS.get(method, method)
                 if method == "profiler_category" and dev.torch_categories_allocated:
@@ -252,9 +265,10 @@ def report_to_text(report: Report) -> str:
         )
     if kv.final_bytes:
         churn = kv.allocated_bytes_total / kv.final_bytes
+        over = _allocated_over(report, report.devices)
+        over += ":" if over != "over the run" else ""  # a span is said in words: a colon sets the bytes apart
         lines.append(
-            f"    allocated over the run {human_bytes(kv.allocated_bytes_total)} "
-            f"= {times(churn)} its final size"
+            f"    allocated {over} {human_bytes(kv.allocated_bytes_total)} = {times(churn)} its final size"
         )
     if kv.bytes_per_token_measured is not None:
         expected = "-" if kv.bytes_per_token_expected is None else f"{kv.bytes_per_token_expected:,}"

@@ -1,0 +1,90 @@
+"""What a report's figures cover, said in its words where "over the run" would be wrong.
+
+* A snapshot's "allocated" sums its trace, a ring buffer of max_entries whose history may have been turned
+  on mid-run: the report says over the trace's entries and the seconds before the dump, not "the run".
+* A CPU Chrome trace's 'Total Allocated' may start above its own first 'Bytes' (the profiler's counter
+  carried over from an earlier session in the same process: sample_traces/static_b2's starts at what
+  sliding_b2's session left). kvtrace counts the 'Bytes' from 0, TensorBoard plots the total: a note says so.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from analyzers.readers.chrome_trace import read_chrome_trace
+from kvtrace.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+REAL_SNAPSHOT = ROOT.parent / "shared" / "real_traces" / "snapshots" / "memory_forward_bf16_128.pickle"
+STATIC_TRACE = next((ROOT / "sample_traces" / "static_b2" / "profiler").glob("*.pt.trace.json.gz"))
+
+
+def _report(argv: list[str], capsys: Any) -> str:
+    assert main(["report", *argv, "--no-export"]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.skipif(not REAL_SNAPSHOT.exists(), reason="shared/real_traces not present")
+def test_snapshot_allocated_says_the_trace_span(capsys: Any) -> None:
+    # GIVEN a real torch 2.6 snapshot (builtin types only), its trace's entries and first-to-last µs
+    with REAL_SNAPSHOT.open("rb") as f:
+        snapshot = pickle.load(f)
+    traced = [trace for trace in snapshot["device_traces"] if trace]
+    assert len(traced) == 1
+    trace = traced[0]
+    span_s = (trace[-1]["time_us"] - trace[0]["time_us"]) / 1e6
+    # WHEN reported
+    text = _report([str(REAL_SNAPSHOT)], capsys)
+    # THEN what was allocated is said over that span, not over the run
+    assert (
+        f"    allocated over the trace's {len(trace):,} entries, the last {span_s:,.3f} s before the dump, "
+        "by how each allocation was attributed:\n"
+    ) in text
+    assert "over the run" not in text
+
+
+def _first_memory_event(path: Path) -> dict[str, Any]:
+    with gzip.open(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    memory = [e for e in events if e.get("name") == "[memory]"]
+    return min(memory, key=lambda e: e["ts"])  # min keeps the first of equal ts, as a stable sort
+
+
+def _counter_note(start: int) -> str:
+    return (
+        f"cpu: the trace's 'Total Allocated' starts at {start:,} B from before the profiling began (the "
+        "profiler's counter, carried over from an earlier profiler session in the same process); kvtrace "
+        f"counts the trace's own 'Bytes' from 0, so TensorBoard's memory view, which plots 'Total "
+        f"Allocated', shows up to {start:,} B more"
+    )
+
+
+def test_cpu_counter_carried_over_is_said(capsys: Any) -> None:
+    # GIVEN a CPU trace whose first [memory] event's total is above its own Bytes
+    first = _first_memory_event(STATIC_TRACE)
+    start = first["args"]["Total Allocated"] - first["args"]["Bytes"]
+    assert start > 0
+    note = _counter_note(start)
+    # WHEN reported (streamed), as text and as JSON
+    text = _report([str(STATIC_TRACE)], capsys)
+    notes = json.loads(_report([str(STATIC_TRACE), "--json"], capsys))["notes"]
+    # THEN both say where the counter started and that kvtrace counts from 0
+    assert f"  note: {note}\n" in text
+    assert note in notes
+    # AND the columns reader says it too
+    assert note in read_chrome_trace(STATIC_TRACE).meta["input_notes"]
+
+
+def test_counter_started_at_zero_says_nothing(capsys: Any) -> None:
+    # GIVEN a CPU trace whose profiler counter started at 0 (the first profiling session of its process)
+    trace = next((ROOT / "sample_traces" / "dynamic_b2" / "profiler").glob("*.pt.trace.json.gz"))
+    first = _first_memory_event(trace)
+    assert first["args"]["Total Allocated"] == first["args"]["Bytes"]
+    # WHEN reported, THEN no note on the counter
+    assert "'Total Allocated' starts at" not in _report([str(trace)], capsys)
