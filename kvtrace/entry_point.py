@@ -16,9 +16,27 @@ import sys
 def main() -> int:
     """Run `kvtrace` on `sys.argv[1:]`; the exit status, 130 on a Ctrl-C that `kvtrace.cli.main` did not
     get to say (while it imports, or in its first lines before its own try)."""
-    try:
-        from kvtrace.cli import main as cli_main
+    swallowed = False
+    previous_hook = sys.unraisablehook
 
+    def drop_ctrl_c(unraisable: sys.UnraisableHookArgs) -> None:
+        """A Ctrl-C whose handler ran inside a weakref callback (importlib frees its module locks through
+        one) raised where Python can only print it, "Exception ignored in: ...", and the import went on."""
+        nonlocal swallowed
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            swallowed = True
+        else:
+            previous_hook(unraisable)
+
+    try:
+        sys.unraisablehook = drop_ctrl_c
+        try:
+            from kvtrace.cli import main as cli_main
+        finally:
+            if sys.unraisablehook is drop_ctrl_c:
+                sys.unraisablehook = previous_hook
+        if swallowed:
+            raise KeyboardInterrupt
         return cli_main()
     except KeyboardInterrupt:
         # The command's name is known to kvtrace.cli alone, which may be what was cut short
