@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from kvtrace.cli import main
+from kvtrace.entry_point import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,8 +8,8 @@ import importlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import NoReturn, TextIO
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO
 
 from kvtrace.commands.base import Command
 from kvtrace.commands.lazy_numpy import numpy_at_first_use
@@ -110,15 +110,25 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 class _CtrlC:
     """Whether a Ctrl-C came while a command ran. A library may catch the KeyboardInterrupt and raise its
     own error in its place: numpy, cut short while it loads its C extension, raises an ImportError of 20
-    lines of advice, which was said as an internal error (exit 70) instead of an interrupt (130)."""
+    lines of advice, which was said as an internal error (exit 70) instead of an interrupt (130). And a
+    Ctrl-C whose handler runs inside a weakref callback or a `__del__` (importlib frees its module locks
+    through one) raises where Python can only print it: "Exception ignored in: ..." and a traceback, and
+    the command ran on as if no Ctrl-C had come. That one is dropped unprinted, and seen."""
 
     def __init__(self) -> None:
         self.seen = False
         self._installed = False
+        self._unraisablehook: Callable[[Any], object] | None = None
 
     def _handle(self, signum: int, frame: object) -> None:
         self.seen = True
         raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable: Any) -> None:
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            self.seen = True
+        elif self._unraisablehook is not None:
+            self._unraisablehook(unraisable)
 
     def install(self) -> None:
         """Only over Python's own handler: a SIGINT ignored (nohup) or taken by an embedding host stays so;
@@ -131,10 +141,15 @@ class _CtrlC:
         except ValueError:  # "signal only works in main thread of the main interpreter"
             return
         self._installed = True
+        self._unraisablehook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
 
     def restore(self) -> None:
         if self._installed and signal.getsignal(signal.SIGINT) == self._handle:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self._unraisablehook is not None and sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self._unraisablehook
+        self._unraisablehook = None
         self._installed = False
 
 
@@ -210,12 +225,16 @@ def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
         )
         return 2
     try:
+        if _ctrl_c.seen:  # a Ctrl-C that a weakref callback swallowed as the parser was built
+            raise KeyboardInterrupt
         if command.defers_numpy:
             with numpy_at_first_use():
                 status = command.run(args)
         else:
             status = command.run(args)
         sys.stdout.flush()  # what is still buffered fails here, named, not at the interpreter's exit
+        if _ctrl_c.seen:  # one swallowed while the command ran: what it did is not all it was asked
+            raise KeyboardInterrupt
         return status
     except KvtraceError as exc:
         if isinstance(exc, StdoutError):
