@@ -143,8 +143,10 @@ class JsonStream:
         separated by ",\\n  ") that contain no needle and whose braces and brackets balance are skipped
         undecoded, often a whole window at once: most events of a big trace are kernels and ops we do
         not keep. Raw newlines cannot occur inside JSON strings, so that separator is always structure.
-        The price: damage inside an event we skip (garbage between its fields) goes unnoticed; a lost
-        separator, unbalanced braces, truncation and gzip CRC errors are still reported.
+        The same goes for a trace another tool re-indented, at the indentation of its first element
+        (`_layout`: eight spaces for json.dumps(indent=4)). The price: damage inside an event we skip
+        (garbage between its fields) goes unnoticed; a lost separator, unbalanced braces, truncation and
+        gzip CRC errors are still reported.
 
         With `read_run` too, a Kineto-layout element holding a needle is first offered to
         `read_run(buf, pos, limit)`, which may take it and the elements after it without decoding (it must
