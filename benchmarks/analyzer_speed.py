@@ -44,6 +44,13 @@ the 1M torch.profiler trace). `--events 2000,20000 --torch-events 4000 --snapsho
 that others recorded: `chrome/*.json[.gz]` and `snapshots/*.pickle`. Point it at your own; without that
 folder the real rows are left out and the synthetic and torch.profiler ones still run.
 
+`--reindented` runs only the fallback-path table instead: each real Chrome trace (a JSON object with
+`traceEvents`) in `--real-traces DIR`/chrome and each sample run's trace, as recorded, re-indented
+(`json.dumps(indent=4)`, as other tools rewrite a trace) and compact (`separators=(",", ":")`), the copies
+in a scratch folder with the original's compression; `json.load` and `kvtrace report --json` on each, rounds
+alternated over files, forms and tools, medians of `--reps`. The original keeps Kineto's layout, which the
+byte scan reads; the other two forms are read through the streamed JSON path.
+
 No timing is asserted: this prints a table, it is not a test.
 """
 
@@ -608,10 +615,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="every real Chrome trace and snapshot, not only the largest of each (small inputs: start-up)",
     )
+    parser.add_argument(
+        "--reindented",
+        action="store_true",
+        help="only the fallback path: each real and sample Chrome trace as recorded, re-indented and compact",
+    )
     args = parser.parse_args(argv)
     counts = sorted(int(part) for part in str(args.events).split(",") if part.strip())
     if not counts or counts[0] < 10 or args.reps < 1:
         parser.error("--events must be at least 10 and --reps at least 1")
+    if args.reindented:
+        for package in ("kvtrace", "analyzers"):
+            compileall.compile_dir(REPO / package, quiet=1)
+        return run_reindented(args)
 
     started = time.perf_counter()
     for package in ("kvtrace", "analyzers"):
@@ -677,6 +693,138 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"\ntotal runtime {time.perf_counter() - started:.0f} s")
     return 0
+
+
+# -- the fallback path: re-indented and compact copies -----------------------------------------------
+_FORMS = ("original", "re-indented", "compact")
+
+
+def _open_trace(path: Path) -> tuple[object, bool]:
+    """The parsed trace and whether the file is gzip (by magic bytes)."""
+    import json
+
+    with open(path, "rb") as fh:
+        compressed = fh.read(2) == b"\x1f\x8b"
+    with gzip.open(path, "rb") if compressed else open(path, "rb") as fh:
+        return json.load(fh), compressed
+
+
+def _rewrite(trace: object, path: Path, form: str, compressed: bool) -> None:
+    """`trace` written as another tool would: json.dumps with indent=4, or with no whitespace at all."""
+    import json
+
+    text = json.dumps(trace, indent=4) if form == "re-indented" else json.dumps(trace, separators=(",", ":"))
+    data = text.encode("utf-8")
+    if compressed:
+        with gzip.open(path, "wb", compresslevel=6) as out:
+            out.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def _reindented_inputs(real_traces: Path) -> list[Path]:
+    chrome = sorted((real_traces / "chrome").glob("*.json*")) if (real_traces / "chrome").is_dir() else []
+    samples = sorted((REPO / "sample_traces").glob("**/profiler/*.pt.trace.json*"))
+    return [*chrome, *samples]
+
+
+def _text_size(path: Path) -> str:
+    """Size of the JSON text in `path`, uncompressed."""
+    with open(path, "rb") as fh:
+        compressed = fh.read(2) == b"\x1f\x8b"
+    with gzip.open(path, "rb") if compressed else open(path, "rb") as fh:
+        return f"{len(fh.read()) / 1e6:.1f} MB"
+
+
+def _same_report(forms: dict[str, Path]) -> str:
+    """Whether `kvtrace report --json` says the same of every form (each file's own path masked)."""
+    outputs = {}
+    for form, path in forms.items():
+        done = subprocess.run(
+            [sys.executable, "-m", "kvtrace.cli", "report", str(path), "--json", "-q"],
+            cwd=REPO,
+            capture_output=True,
+        )
+        outputs[form] = (done.returncode, done.stdout.replace(str(path).encode(), b"<trace>"))
+    first = outputs["original"]
+    differ = [form for form, out in outputs.items() if out != first]
+    return "byte-identical" if not differ else f"DIFFERS in {', '.join(differ)} (exit {first[0]} original)"
+
+
+def run_reindented(args: argparse.Namespace) -> int:
+    """The fallback path (streamed JSON) against json.load, beside the byte scan on the same events."""
+    limit = int(args.mem_limit_gb * 1e9)
+    scratch = Path(tempfile.mkdtemp(prefix="kvtrace_reindented_"))
+    try:
+        files: list[tuple[str, dict[str, Path]]] = []
+        sizes: dict[tuple[str, str], str] = {}  # the JSON text's size, uncompressed
+        for path in _reindented_inputs(args.real_traces):
+            trace, compressed = _open_trace(path)
+            if not (isinstance(trace, dict) and isinstance(trace.get("traceEvents"), list)):
+                print(f"skipped {path.name}: not a Chrome trace (no traceEvents)", flush=True)
+                continue
+            # A sample run by its folder (its trace's name is a pid and a clock), a real trace by its name.
+            in_samples = path.is_relative_to(REPO / "sample_traces")
+            label = str(path.parent.parent.relative_to(REPO)) if in_samples else path.name
+            forms = {"original": path}
+            sizes[(label, "original")] = _text_size(path)
+            for form in _FORMS[1:]:
+                folder = scratch / f"{len(files)}_{form}"
+                folder.mkdir()
+                forms[form] = folder / path.name
+                _rewrite(trace, forms[form], form, compressed)
+                sizes[(label, form)] = _text_size(forms[form])
+            del trace
+            files.append((label, forms))
+        tools = {
+            "json.load": lambda p: ["-c", _JSON_LOAD, str(p)],
+            "report": lambda p: ["-m", "kvtrace.cli", "report", str(p), "--json", "-q"],
+        }
+        runs: dict[tuple[str, str, str], list[Measurement]] = {}
+        for rep in range(args.reps):
+            for label, forms in files:
+                order = list(forms) if rep % 2 == 0 else list(reversed(forms))
+                for form in order:
+                    tool_order = list(tools) if rep % 2 == 0 else list(reversed(tools))
+                    for tool in tool_order:
+                        result = measure(tools[tool](forms[form]), REPO, args.timeout, limit)
+                        runs.setdefault((label, form, tool), []).append(result)
+            print(f"round {rep + 1} of {args.reps} done", flush=True)
+        same = {label: _same_report(forms) for label, forms in files}
+        header = (
+            f"{'file':<44} {'form':<11} {'on disk':>9} {'JSON':>9} {'json.load s':>11} {'report s':>9} "
+            f"{'ratio':>6} {'load MiB':>9} {'report MiB':>10}"
+        )
+        print("\n" + header)
+        print("-" * len(header))
+        for label, forms in files:
+            for form, path in forms.items():
+                load = _median_of(runs[(label, form, "json.load")])
+                report = _median_of(runs[(label, form, "report")])
+                print(
+                    f"{label[-44:]:<44} {form:<11} {_size(path):>9} {sizes[(label, form)]:>9} "
+                    f"{_fmt_s(load.wall_s):>11} "
+                    f"{_fmt_s(report.wall_s) if report.ok else 'n/a':>9} {_ratio(report, load, 'wall_s'):>6} "
+                    f"{_fmt_mb(load.peak_rss_bytes):>9} {_fmt_mb(report.peak_rss_bytes):>10}"
+                    + ("" if report.ok else f"  {report.failure}")
+                )
+        for label, verdict in same.items():
+            print(f"report --json of the three forms of {label}: {verdict}")
+        print("goal (issue 11): report/json.load <= 0.5x; wall includes each fresh interpreter's start-up")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def _median_of(runs: list[Measurement]) -> Measurement:
+    """Median wall and highest peak RSS of the runs, or the first failure."""
+    failed = next((r for r in runs if not r.ok), None)
+    if failed is not None:
+        return failed
+    return Measurement(
+        wall_s=statistics.median(r.wall_s for r in runs if r.wall_s is not None),
+        peak_rss_bytes=max(r.peak_rss_bytes or 0 for r in runs),
+    )
 
 
 def _count_memory_events(path: Path) -> int | None:
