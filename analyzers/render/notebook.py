@@ -18,7 +18,7 @@ from analyzers.model import request_at_most
 from analyzers.render.engine import engine_text_lines
 from analyzers.render.group import rank_cells
 from analyzers.render.html_text import html_text
-from analyzers.render.text import budget_line
+from analyzers.render.text import allocated_over, budget_line
 from analyzers.summary import Report
 from analyzers.timeline import DeviceTimeline, downsample_together
 from analyzers.units import human_bytes
@@ -115,7 +115,10 @@ def report_to_notebook_html(report: Report) -> str:
         _row("KV cache", "", header=True),
         _row("peak", human_bytes(kv.peak_bytes if measured else None)),
         _row("final", human_bytes(kv.final_bytes if measured else None)),
-        _row("allocated over the run", human_bytes(kv.allocated_bytes_total if measured else None)),
+        _row(
+            f"allocated {allocated_over(report, report.devices)}",
+            human_bytes(kv.allocated_bytes_total if measured else None),
+        ),
         _row("evicted tokens (all rows and layers)", f"{kv.evicted_tokens:,}" if measured else "-"),
         _row("measured from", kv.measured_from),
     ]
