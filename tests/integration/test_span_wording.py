@@ -68,8 +68,10 @@ def test_snapshot_page_and_notebook_say_the_trace_span(tmp_path: Path, capsys: A
     cell = report._repr_html_()
     # THEN the page's summary row and the notebook's KV row say the text's span, not "over the run"
     assert f"<tr><th>KV allocated over {html.escape(span)}</th><td>{human_bytes(allocated)}</td></tr>" in page
-    # (its figure is the notebook's own: its unattributed KV's 0 B where the page's is "-")
-    assert f"<tr><td>allocated over {html.escape(span)}</td><td>" in cell
+    # and, as the page and the JSON (null), the notebook gives the unattributed KV as unknown, not 0 B
+    assert allocated is None
+    assert f"<tr><td>allocated over {html.escape(span)}</td><td>-</td></tr>" in cell
+    assert "<tr><td>peak</td><td>-</td></tr>" in cell and "<tr><td>final</td><td>-</td></tr>" in cell
     assert "over the run" not in page
     assert "over the run" not in cell
 
