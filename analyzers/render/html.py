@@ -19,7 +19,7 @@ from analyzers.render.html_text import html_text
 from analyzers.render.json import NO_KV_HINT, report_to_json, size_basis_said
 from analyzers.render.kv_heatmap import eviction_marks, layer_grid
 from analyzers.render.plotly_div import figure_div
-from analyzers.render.text import budget_line, evicted_tokens
+from analyzers.render.text import allocated_over, budget_line, evicted_tokens
 from analyzers.render.timeline_layout import MARGIN, before_first_generate, colorbar_beside, panel_layout
 from analyzers.summary import Report
 from analyzers.timeline import PAGE_POINTS, downsample_indices, timeline_indices
@@ -437,7 +437,11 @@ def _summary_table(report: Report) -> str:
     rows += [
         ("KV final", human_bytes(kv["final_bytes"])),
         ("KV peak (transient copies)", human_bytes(kv["peak_bytes"])),
-        ("KV allocated over the run", human_bytes(kv["allocated_bytes_total"])),
+        # a snapshot's sums its trace's span, not the run: the text's words (keys go in unescaped)
+        (
+            f"KV allocated {html_text(allocated_over(report, report.devices))}",
+            human_bytes(kv["allocated_bytes_total"]),
+        ),
         (
             "evicted tokens (all rows and layers)",
             evicted_tokens(report.kv) if kv["evicted_tokens"] is not None else "-",

@@ -18,7 +18,7 @@ from analyzers.model import request_at_most
 from analyzers.render.engine import engine_text_lines
 from analyzers.render.group import rank_cells
 from analyzers.render.html_text import html_text
-from analyzers.render.text import budget_line
+from analyzers.render.text import allocated_over, budget_line
 from analyzers.summary import Report
 from analyzers.timeline import DeviceTimeline, downsample_together
 from analyzers.units import human_bytes
@@ -101,21 +101,30 @@ def report_to_notebook_html(report: Report) -> str:
             header=True,
         )
     ]
+    # a bare trace's or snapshot's KV, never attributed, is unknown (in `other`), not 0: "-", as the page says
+    unattributed = report.kv.measured_from == "none" and report.kv_measured
     for dev in report.devices:
         measured = report.device_measured(dev)  # a refused vLLM start's may not be: "-", as the report's HTML
         at_peak = dev.categories_at_peak
-        figures = [dev.peak_allocated_bytes, *(at_peak.get(name, 0) for name in ("kv", "weights", "other"))]
+        figures: list[int | None] = [dev.peak_allocated_bytes]
+        figures += [
+            None if name == "kv" and unattributed else at_peak.get(name, 0)
+            for name in ("kv", "weights", "other")
+        ]
         figures.append(dev.final_allocated_bytes)
         cells = [human_bytes(value if measured else None) for value in figures]
         rows.append(_row(dev.device, *cells, human_bytes(dev.capacity_bytes)))
     parts.append("<table>" + "".join(rows) + "</table>")
     kv = report.kv
-    measured = report.kv_measured
+    measured = report.kv_measured and not unattributed
     kv_rows = [
         _row("KV cache", "", header=True),
         _row("peak", human_bytes(kv.peak_bytes if measured else None)),
         _row("final", human_bytes(kv.final_bytes if measured else None)),
-        _row("allocated over the run", human_bytes(kv.allocated_bytes_total if measured else None)),
+        _row(
+            f"allocated {allocated_over(report, report.devices)}",
+            human_bytes(kv.allocated_bytes_total if measured else None),
+        ),
         _row("evicted tokens (all rows and layers)", f"{kv.evicted_tokens:,}" if measured else "-"),
         _row("measured from", kv.measured_from),
     ]

@@ -175,9 +175,10 @@ def _rank_heads_line(share: dict[str, int]) -> str:
     )
 
 
-def _allocated_over(report: Report, devices: list[DeviceSummary]) -> str:
+def allocated_over(report: Report, devices: list[DeviceSummary]) -> str:
     """What "allocated" sums over: a snapshot's trace span (a ring buffer, maybe begun mid-run), said with
-    its entries and seconds where one device's trace holds them; else the run."""
+    its entries and seconds where one device's trace holds them; else the run. The text, page and notebook
+    say it alike."""
     spans = [d for d in devices if d.trace_entries is not None]
     if report.source_kind != "snapshot" or not spans:
         return "over the run"
@@ -236,7 +237,7 @@ def report_to_text(report: Report) -> str:
                 "allocator earlier, not the slack of a peak"
             )
         if dev.bytes_by_method:
-            over = _allocated_over(report, [dev])
+            over = allocated_over(report, [dev])
             lines.append(f"    allocated {over}, by how each allocation was attributed:")
             for method, nbytes in sorted(dev.bytes_by_method.items(), key=lambda item: -item[1]):
                 label = METHOD_LABELS.get(method, method)
@@ -265,7 +266,7 @@ def report_to_text(report: Report) -> str:
         )
     if kv.final_bytes:
         churn = kv.allocated_bytes_total / kv.final_bytes
-        over = _allocated_over(report, report.devices)
+        over = allocated_over(report, report.devices)
         over += ":" if over != "over the run" else ""  # a span is said in words: a colon sets the bytes apart
         lines.append(
             f"    allocated {over} {human_bytes(kv.allocated_bytes_total)} = {times(churn)} its final size"

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import gzip
+import html
 import json
 import pickle
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 
 from analyzers.readers.chrome_trace import read_chrome_trace
+from analyzers.report import build_report
+from analyzers.units import human_bytes
 from kvtrace.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,23 +33,47 @@ def _report(argv: list[str], capsys: Any) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.skipif(not REAL_SNAPSHOT.exists(), reason="shared/real_traces not present")
-def test_snapshot_allocated_says_the_trace_span(capsys: Any) -> None:
-    # GIVEN a real torch 2.6 snapshot (builtin types only), its trace's entries and first-to-last µs
+def _real_snapshot_span() -> str:
+    """The real snapshot's span in words, from its pickle: its one trace's entries and first-to-last µs."""
     with REAL_SNAPSHOT.open("rb") as f:
         snapshot = pickle.load(f)
     traced = [trace for trace in snapshot["device_traces"] if trace]
     assert len(traced) == 1
     trace = traced[0]
     span_s = (trace[-1]["time_us"] - trace[0]["time_us"]) / 1e6
+    return f"the trace's {len(trace):,} entries, the last {span_s:,.3f} s before the dump"
+
+
+@pytest.mark.skipif(not REAL_SNAPSHOT.exists(), reason="shared/real_traces not present")
+def test_snapshot_allocated_says_the_trace_span(capsys: Any) -> None:
+    # GIVEN a real torch 2.6 snapshot (builtin types only), its trace's entries and first-to-last µs
+    span = _real_snapshot_span()
     # WHEN reported
     text = _report([str(REAL_SNAPSHOT)], capsys)
     # THEN what was allocated is said over that span, not over the run
-    assert (
-        f"    allocated over the trace's {len(trace):,} entries, the last {span_s:,.3f} s before the dump, "
-        "by how each allocation was attributed:\n"
-    ) in text
+    assert f"    allocated over {span}, by how each allocation was attributed:\n" in text
     assert "over the run" not in text
+
+
+@pytest.mark.skipif(not REAL_SNAPSHOT.exists(), reason="shared/real_traces not present")
+def test_snapshot_page_and_notebook_say_the_trace_span(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN the real snapshot's span, and its KV allocated as the text report says it
+    span = _real_snapshot_span()
+    _, report = build_report(REAL_SNAPSHOT)
+    allocated = json.loads(_report([str(REAL_SNAPSHOT), "--json"], capsys))["kv"]["allocated_bytes_total"]
+    # WHEN its HTML page is written and a notebook shows it (`Report._repr_html_`)
+    page_path = tmp_path / "page.html"
+    assert main(["report", str(REAL_SNAPSHOT), "--no-export", "-q", "-o", str(page_path)]) == 0
+    page = page_path.read_text()
+    cell = report._repr_html_()
+    # THEN the page's summary row and the notebook's KV row say the text's span, not "over the run"
+    assert f"<tr><th>KV allocated over {html.escape(span)}</th><td>{human_bytes(allocated)}</td></tr>" in page
+    # and, as the page and the JSON (null), the notebook gives the unattributed KV as unknown, not 0 B
+    assert allocated is None
+    assert f"<tr><td>allocated over {html.escape(span)}</td><td>-</td></tr>" in cell
+    assert "<tr><td>peak</td><td>-</td></tr>" in cell and "<tr><td>final</td><td>-</td></tr>" in cell
+    assert "over the run" not in page
+    assert "over the run" not in cell
 
 
 def _first_memory_event(path: Path) -> dict[str, Any]:
