@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 _ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
-# C0 and C1 control characters and DEL: a newline splits a one-line message, ESC starts a terminal escape;
-# and the lone surrogates Python decodes a file name's non-UTF-8 bytes to (surrogateescape)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\udc80-\udcff]")
+# C0 and C1 control characters and DEL: a newline splits a one-line message, ESC starts a terminal escape
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class KvtraceError(Exception):
@@ -90,18 +89,10 @@ def short_error(text: str, limit: int = 150) -> str:
 def printable(text: str) -> str:
     """`text` with its control characters escaped as Python writes them ("a\\nb", "x\\x1b[31m"), all else as
     it is: a file name holding a newline or a terminal escape would split a one-line error or note in two,
-    or recolour the user's terminal. A name's byte that is not UTF-8 (0xff, read by Python as the surrogate
-    "\\udcff") is written as that byte, "\\xff", as `ls -b` shows it. Plain names print exactly as given."""
+    or recolour the user's terminal. Plain names print exactly as given."""
     if not _CONTROL.search(text):
         return text
-    return _CONTROL.sub(_escaped, text)
-
-
-def _escaped(found: re.Match[str]) -> str:
-    char = found.group()
-    if "\udc80" <= char <= "\udcff":  # surrogateescape's stand-in for the byte 0x80-0xff
-        return f"\\x{ord(char) - 0xDC00:02x}"
-    return repr(char)[1:-1]
+    return _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)
 
 
 def shell_arg(path: str | os.PathLike[str]) -> str:

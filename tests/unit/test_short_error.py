@@ -4,11 +4,6 @@ copy of the same arithmetic, which could drift apart. Expected texts are written
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import pytest
-
 import kvtrace.commands.diagnose as diagnose_command
 import kvtrace.integrations.hf_paged as hf_paged
 from kvtrace.errors import short_error
@@ -46,21 +41,3 @@ def test_shown_integer_gives_a_huge_one_by_its_length() -> None:
     assert shown_integer(10**400) == "100000… (401 digits)"
     assert shown_integer(-(10**30)) == "-100000… (31 digits)"
     assert shown_integer(2**20_000) == "2**20,000 or more"  # str() refuses more than 4,300 digits
-
-
-def test_a_file_names_byte_that_is_not_utf8_is_said_as_that_byte(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from kvtrace.cli import main
-    from kvtrace.errors import printable
-
-    # GIVEN a run folder named with the byte 0xff (Latin-1 on disk), which Python reads as "\udcff"
-    name = os.fsdecode(b"run-\xff")
-    folder = tmp_path / name
-    folder.mkdir()
-    # WHEN kvtrace reports it (an empty folder: a one-line error naming it)
-    assert main(["report", str(folder), "--no-export"]) == 2
-    # THEN the line names the byte as `ls -b` shows it, not the surrogate Python made of it
-    err = capsys.readouterr().err
-    assert "run-\\xff" in err and "udcff" not in err, err
-    assert printable(name) == "run-\\xff"
