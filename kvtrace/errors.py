@@ -115,6 +115,17 @@ def shown_integer(value: int, digits: int = 24) -> str:
     return f"{sign}{magnitude[:6]}… ({len(magnitude):,} digits)"
 
 
+def shown_float(value: float) -> str:
+    """What a float found where an integer belongs is, for a message. Python's json reads NaN, Infinity and
+    a number past float's range (1e309) as non-finite floats: "a number with a fraction" said of those was
+    wrong, and hid the damage."""
+    if value != value:  # NaN is the one float unequal to itself
+        return "not a number (NaN)"
+    if value in (float("inf"), float("-inf")):
+        return "infinite" if value > 0 else "infinite (negative)"
+    return "a number with a fraction"
+
+
 def too_long_integer() -> str:
     """What `json.loads` means by a plain ValueError (not a JSONDecodeError): CPython refuses to read an
     integer of more digits than `sys.get_int_max_str_digits()` (4300), a guard against quadratic parsing.
