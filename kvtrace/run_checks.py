@@ -75,7 +75,8 @@ def _kind(value: Any) -> str:
         return f"{value}" if abs(value) < 10**30 else "an integer of more than 30 digits"
     if isinstance(value, float):
         return shown_float(value)
-    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    kinds: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _bad(path: Path, lineno: int, name: str, value: Any, low: int, high: int) -> KvtraceError:
