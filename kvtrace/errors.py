@@ -25,6 +25,11 @@ class KvtraceError(Exception):
         self.exit_code = exit_code
 
 
+class UsageError(KvtraceError):
+    """A command line short of what the command needs (one run to `compare`, no model to `plan`), found after
+    argparse: said as argparse's own such errors are, "(see kvtrace CMD --help)" after it."""
+
+
 class MissingPart(KvtraceError):
     """An optional part this command needs is not installed (vLLM, kvpress, a quantized cache's backend):
     status 1, as for the extras `missing_dependency` names; the input and flags were right (not 2)."""

@@ -15,7 +15,7 @@ from kvtrace.commands.output import (
     write_html,
 )
 from kvtrace.commands.progress import reading
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, UsageError
 from kvtrace.run_layout import is_run_group
 
 
@@ -70,7 +70,7 @@ class CompareCommand(Command):
                 names = " ".join(shell_arg(p) for p in held[:3]) + (" ..." if len(held) > 3 else "")
                 example = f"kvtrace compare {names}"
                 raise KvtraceError(f"{args.runs[0]} holds {len(held)} runs: name them, e.g. {example}")
-            raise KvtraceError("give at least two runs to compare")
+            raise UsageError("give at least two runs to compare")
         paths = [Path(p) for p in args.runs]
         for path in paths:
             require_input(path)

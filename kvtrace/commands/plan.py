@@ -20,7 +20,7 @@ from kvtrace.commands.plan_notes import (
     run_prompt_at,
 )
 from kvtrace.commands.progress import reading
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, UsageError
 
 if TYPE_CHECKING:
     from analyzers.planning.plan_types import PlanResult, RecordedPeak
@@ -507,7 +507,7 @@ class PlanCommand(Command):
             geometry = run.geometry
             used = layout or major_minor(run.transformers_version)
         elif args.preset is None and args.config is None:
-            raise KvtraceError("give a model: --preset NAME, --config PATH or --from-run RUN")
+            raise UsageError("give a model: --preset NAME, --config PATH or --from-run RUN")
         elif args.preset is not None:
             geometry, used = get_preset(args.preset), layout  # Llama 3: every release lays it out alike
         else:

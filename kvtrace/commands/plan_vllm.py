@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from kvtrace.commands.base import require_input
 from kvtrace.commands.output import print_result
 from kvtrace.commands.plan_flags import refuse_transformers_flags
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, UsageError
 
 if TYPE_CHECKING:
     from analyzers.planning.presets import ModelGeometry
@@ -379,7 +379,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     elif run_geometry is not None:
         geometry = run_geometry
     else:
-        raise KvtraceError("give a model: --preset NAME, --config PATH or --from-run RUN")
+        raise UsageError("give a model: --preset NAME, --config PATH or --from-run RUN")
 
     def pick(flag: str | None, key: str, default: int | None, name: str) -> int | None:
         """The size typed after flag `name`, else the run's value, else the default."""

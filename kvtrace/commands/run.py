@@ -18,7 +18,7 @@ from typing import Any
 from kvtrace.commands.base import Command, shell_arg
 from kvtrace.commands.demo import refuse_not_a_run_folder, refuse_occupied
 from kvtrace.commands.output import say
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, UsageError
 from kvtrace.term_signal import Terminated
 
 _VLLM_MP = "VLLM_ENABLE_V1_MULTIPROCESSING"
@@ -185,7 +185,7 @@ def _target_and_args(command_line: list[str]) -> tuple[str, list[str]]:
     if command_line[:1] == ["--"]:
         command_line = command_line[1:]
     if not command_line:
-        raise KvtraceError("no script after --: give the script (or, with -m, the module) to run")
+        raise UsageError("no script after --: give the script (or, with -m, the module) to run")
     return command_line[0], command_line[1:]
 
 
