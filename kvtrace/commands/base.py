@@ -9,6 +9,7 @@ from typing import Any
 from kvtrace.errors import KvtraceError, shell_arg
 
 __all__ = [
+    "MAKES_FOLDERS",
     "AsTyped",
     "Command",
     "add_gpu_memory",
@@ -18,6 +19,11 @@ __all__ = [
     "shell_arg",
     "short_dtype",
 ]
+
+
+# Said under every output option: each command makes the folders its output path lacks, as `mkdir -p`
+# does (`-o new/dir/x.html` writes there), where compilers and curl refuse such a path; said, not a surprise
+MAKES_FOLDERS = "missing folders on the path are made, as mkdir -p makes them"
 
 
 class Command:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kvtrace.commands.base import Command, require_input, shell_arg
+from kvtrace.commands.base import MAKES_FOLDERS, Command, require_input, shell_arg
 from kvtrace.commands.output import (
     check_html_target,
     print_result,
@@ -53,7 +53,10 @@ class CompareCommand(Command):
             help="two or more runs: run directories, run groups, traces or snapshots (what report reads)",
         )
         parser.add_argument(
-            "-o", "--output", metavar="FILE", help="write a self-contained HTML page (e.g. compare.html)"
+            "-o",
+            "--output",
+            metavar="FILE",
+            help=f"write a self-contained HTML page (e.g. compare.html; {MAKES_FOLDERS})",
         )
         parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -7,7 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtrace.commands.base import Command, add_gpu_memory, gpu_memory_flag, long_dtype, shell_arg
+from kvtrace.commands.base import (
+    MAKES_FOLDERS,
+    Command,
+    add_gpu_memory,
+    gpu_memory_flag,
+    long_dtype,
+    shell_arg,
+)
 from kvtrace.commands.output import check_html_target
 from kvtrace.errors import KvtraceError, MissingPart
 
@@ -87,7 +94,8 @@ class DemoCommand(Command):
             "--out",
             "--output",
             metavar="DIR",
-            help="run directory (default: runs/demo-<cache>, with -<press> when there is one)",
+            help="run directory (default: runs/demo-<cache>, with -<press> when there is one; "
+            f"{MAKES_FOLDERS})",
         )
         parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
         parser.add_argument(

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kvtrace.commands.base import Command, add_gpu_memory, gpu_memory_flag, shell_arg
+from kvtrace.commands.base import MAKES_FOLDERS, Command, add_gpu_memory, gpu_memory_flag, shell_arg
 from kvtrace.commands.demo import refuse_not_a_run_folder, refuse_occupied
 from kvtrace.commands.output import say
 from kvtrace.errors import KvtraceError, UsageError
@@ -54,7 +54,11 @@ class RunCommand(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "-o", "--out", "--output", metavar="DIR", help="run directory (default: runs/<script name>)"
+            "-o",
+            "--out",
+            "--output",
+            metavar="DIR",
+            help=f"run directory (default: runs/<script name>; {MAKES_FOLDERS})",
         )
         parser.add_argument(
             "--overwrite", action="store_true", help="replace the run directory if it holds a run"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from analyzers.units import a_or_an
-from kvtrace.commands.base import Command, add_gpu_memory, gpu_memory_flag, long_dtype
+from kvtrace.commands.base import MAKES_FOLDERS, Command, add_gpu_memory, gpu_memory_flag, long_dtype
 from kvtrace.commands.output import check_regular_target, page_bytes, print_after_writing, write_replacing
 from kvtrace.errors import (
     KvtraceError,
@@ -343,7 +343,14 @@ class SweepCommand(Command):
             "and where it runs out; --budget is another name for it",
             dest="budget",
         )
-        parser.add_argument("-o", "--out", "--output", required=True, metavar="DIR", help="output directory")
+        parser.add_argument(
+            "-o",
+            "--out",
+            "--output",
+            required=True,
+            metavar="DIR",
+            help=f"output directory ({MAKES_FOLDERS})",
+        )
         parser.add_argument("--overwrite", action="store_true", help="replace the sweep already in --out")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

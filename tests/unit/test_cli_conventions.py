@@ -468,3 +468,13 @@ def test_plan_by_either_name_is_the_same_plan_and_a_bad_size_names_the_flag_type
     assert plans[0] == plans[1] and plans[0]["request"]["gpu_memory_bytes"] == 24 * 2**30
     assert main(["plan", "--preset", "llama-3-8b", "--budget", "24"]) == 2
     assert capsys.readouterr().err.startswith("kvtrace plan: error: --budget 24")
+
+
+@pytest.mark.parametrize("command", ["compare", "demo", "export", "report", "run", "sweep"])
+def test_every_output_option_says_it_makes_missing_folders(command: str) -> None:
+    # GIVEN a command that writes a file or folder the user names: `kvtrace report RUN -o new/dir/x.html`
+    # made new/dir unsaid, where compilers and curl refuse a path whose folder is missing
+    parser = _subparsers()[command]
+    (output,) = [a for a in parser._actions if _OUTPUT_NAMES & set(a.option_strings)]
+    # THEN its help says so, in the same words on every command
+    assert "missing folders on the path are made, as mkdir -p makes them" in (output.help or ""), output.help
