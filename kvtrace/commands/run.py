@@ -15,10 +15,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kvtrace.commands.base import Command, shell_arg
+from kvtrace.commands.base import MAKES_FOLDERS, Command, add_gpu_memory, gpu_memory_flag, shell_arg
 from kvtrace.commands.demo import refuse_not_a_run_folder, refuse_occupied
 from kvtrace.commands.output import say
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, UsageError
 from kvtrace.term_signal import Terminated
 
 _VLLM_MP = "VLLM_ENABLE_V1_MULTIPROCESSING"
@@ -54,7 +54,11 @@ class RunCommand(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "-o", "--out", "--output", metavar="DIR", help="run directory (default: runs/<script name>)"
+            "-o",
+            "--out",
+            "--output",
+            metavar="DIR",
+            help=f"run directory (default: runs/<script name>; {MAKES_FOLDERS})",
         )
         parser.add_argument(
             "--overwrite", action="store_true", help="replace the run directory if it holds a run"
@@ -68,10 +72,10 @@ class RunCommand(Command):
             action="store_true",
             help="record Python stacks of allocations (diagnose names them)",
         )
-        parser.add_argument(
-            "--gpu-memory",
-            metavar="SIZE",
-            help="mark where the run would run out on a device this size, e.g. 24GiB, or a GPU's name (L4)",
+        add_gpu_memory(
+            parser,
+            "mark where the run would run out on a device this size, e.g. 24GiB, or a GPU's name (L4); "
+            "--budget is another name for it",
         )
         # One positional for the script and its arguments, argparse's PARSER kind (as a subcommand takes the
         # rest of the line): a TARGET then a REMAINDER lost the script's own `--` (`script.py -- x` gave it
@@ -88,7 +92,7 @@ class RunCommand(Command):
 
         # the flag first, before the script is looked for: "24" without its unit is refused, not 24 bytes
         typed = args.gpu_memory
-        gpu_memory = parse_device_memory(typed, "--gpu-memory") if typed is not None else None
+        gpu_memory = parse_device_memory(typed, gpu_memory_flag(args)) if typed is not None else None
         target, script_args = _target_and_args(args.command_line)
         # sys.path[0] as Python sets it: the working folder for -m, the script's own (links resolved) for a
         # script; never the folder of the `kvtrace` command, which the installed script puts there
@@ -185,7 +189,7 @@ def _target_and_args(command_line: list[str]) -> tuple[str, list[str]]:
     if command_line[:1] == ["--"]:
         command_line = command_line[1:]
     if not command_line:
-        raise KvtraceError("no script after --: give the script (or, with -m, the module) to run")
+        raise UsageError("no script after --: give the script (or, with -m, the module) to run")
     return command_line[0], command_line[1:]
 
 
