@@ -106,7 +106,9 @@ def test_an_engine_the_user_keeps_in_its_own_process_is_said_not_recorded(
     assert said["outputs"] == REQUESTS
     line = next(line for line in done.stderr.splitlines() if line.startswith("kvtrace run: recorded"))
     assert "a vLLM LLM whose engine ran in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=1)" in line
-    assert f"KVTRACE_DIR={run}-engine python {script}" in line
+    # (the command to paste is the script's own, its argument, the model's folder, with it: it said
+    # `python serve.py`, which the script refuses without the folder)
+    assert f"KVTRACE_DIR={run}-engine python {script} {tiny_model_dir});" in line
     assert "no transformers or vLLM generate() call" not in line
     assert not (run / fmt.ENGINE).exists()
     # AND its report says so too, not that the script called no generate() ("found no generate() call, so
