@@ -119,6 +119,14 @@ def test_an_engine_the_user_keeps_in_its_own_process_is_said_not_recorded(
         "found a vLLM LLM at its first generate(), but its engine ran in a process" in n for n in notes
     )
     assert not any("found no generate() call" in note for note in notes)
+    # AND a plan from it says why it has no model ("recorded without model=", an argument its user never
+    # gives), and its diagnosis that no KV remedy can be priced, in one line
+    assert main(["plan", "--from-run", str(run)]) == 2
+    said = "no model geometry (its vLLM engine ran in a process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1)"
+    assert said in capsys.readouterr().err
+    assert main(["diagnose", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "cannot be priced: no KV cache was held in this run" in text and "cannot be computed" not in text
 
 
 KILLED_SCRIPT = textwrap.dedent(
