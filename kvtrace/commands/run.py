@@ -166,7 +166,9 @@ class RunCommand(Command):
             sys.stdout = stdout
         if raised is not None:
             _print_script_traceback(raised, target)
-        found = _what_was_found(recording, args.no_profiler, vllm_inproc, out, target, args.module)
+        found = _what_was_found(
+            recording, args.no_profiler, vllm_inproc, out, [target, *script_args], args.module
+        )
         if recording.sigterm_received:
             found += "; the script was stopped by SIGTERM"
         # Under torchrun each rank records into out/rank-<r>: its line names its own run, and the group's
@@ -208,30 +210,31 @@ def _vllm_engine_in_process() -> bool:
 
 
 def _what_was_found(
-    recording: Any, no_profiler: bool, vllm_inproc: bool, out: Path, target: str, module: bool
+    recording: Any, no_profiler: bool, vllm_inproc: bool, out: Path, command_line: list[str], module: bool
 ) -> str:
     """The final line's account of what the run followed, and for a vLLM engine it could not follow, how to
-    record it."""
+    record it: the command to paste, the script's own arguments with it (`command_line`)."""
     model, llm = recording.model, recording.vllm_llm
     if model is not None:
         return f"model {type(model).__name__}"
     if llm is not None:
         where = f", in this process ({_VLLM_MP}=0, set by kvtrace run)" if vllm_inproc else ""
         return f"vLLM engine of {type(llm).__name__}{where}"
-    command = f"python {'-m ' if module else ''}{target}"
+    command = " ".join(["python", *(["-m"] if module else []), *(shell_arg(arg) for arg in command_line)])
+    engine_dir = shell_arg(f"{out}-engine")
     if recording.engine_not_followed is not None:
         why = "" if vllm_inproc else f" ({_VLLM_MP}={os.environ.get(_VLLM_MP)})"
         unset = "" if vllm_inproc else f"unset {_VLLM_MP}, or "
         return (
             f"a vLLM {recording.engine_not_followed} whose engine ran in its own process{why}: its pool is "
-            f"not in this run; {unset}record the engine with the kvtrace plugin: KVTRACE_DIR={out}-engine "
+            f"not in this run; {unset}record the engine with the kvtrace plugin: KVTRACE_DIR={engine_dir} "
             f"{command}"
         )
     found = "no transformers or vLLM generate() call: recorded without a model, transformers caches only"
     if not no_profiler:
         found += ", no profiler trace (it starts at the first generate())"
     if "vllm" in sys.modules:  # AsyncLLM, `vllm serve`: an engine core in its own process, the plugin's
-        found += f"; for a vLLM engine in its own process, run KVTRACE_DIR={out}-engine {command}"
+        found += f"; for a vLLM engine in its own process, run KVTRACE_DIR={engine_dir} {command}"
     return found
 
 
