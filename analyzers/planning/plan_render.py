@@ -261,7 +261,8 @@ def _recorded_activations(result: PlanResult) -> str:
     the weights, that KV and they are the peak. Before, the row did not say which KV: a finished run that
     peaked inside its last cache update showed 79.74 KiB, its 27.24 KiB and the growth copy again, beside
     the "cache growth peak" row; and it called a decode step's end, planned at fewer rows than a run that
-    peaked at its prefill, "the run's at the peak's moment"."""
+    peaked at its prefill, "the run's at the peak's moment", as it did the run's prefill's or KV peak's
+    where the plan's prefill or last update was its worst moment."""
     size = _size(result.activations_bytes)
     moment = result.activations_moment
     if moment == "encoder_pass":
@@ -282,6 +283,16 @@ def _recorded_activations(result: PlanResult) -> str:
     else:
         beside = f"the {_size(kv)} of KV the peak's moment holds"
     recorded = result.request.recorded
+    if moment == "prefill":
+        return (
+            f"{size} (the run's during its prefill, the most it held there beside its weights and KV, scaled "
+            f"to this plan's prefill; beside the weights and {beside})"
+        )
+    if moment == "last_update":
+        return (
+            f"{size} (the run's at its KV peak, a decode step's cache update, scaled to this plan's last "
+            f"update; beside the weights and {beside})"
+        )
     if moment == "decode_step_end" and recorded is not None:
         return (
             f"{size} (the run's at a decode step's end, the most its decode steps held, moved from its "

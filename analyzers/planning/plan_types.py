@@ -442,10 +442,12 @@ class PlanResult:
     # the prefill's, what a recorded run's peak moment holds (a step's end: the KV without its growth copy)
     kv_at_peak_bytes: int = 0
     # With a recording, the moment `activations_bytes` are the run's of: "run_peak" (the run's peak moved to
-    # this plan, or its prefill's or a cache update's where the plan's prefill or last update is the larger),
-    # "decode_step_end" (fewer rows than a run that peaked at its prefill: its decode steps' most, their
-    # rows' share freed), "decode_attention" (the peak's, and one layer's copies of the KV as the last
-    # decode step attends over a longer context), "encoder_pass"; None without a recording
+    # this plan), "prefill" (the plan's prefill, with the most the run held beside its weights and KV during
+    # its own), "last_update" (the plan's KV peak, its last cache update, with what the run held at its own
+    # KV peak; before, these two were said "run_peak"), "decode_step_end" (fewer rows than a run that
+    # peaked at its prefill: its decode steps' most, their rows' share freed), "decode_attention" (the
+    # peak's, and one layer's copies of the KV as the last decode step attends over a longer context),
+    # "encoder_pass"; None without a recording
     activations_moment: str | None = None
     # The prefill's activations at its worst moment, estimated from the geometry (analyzers.planning
     # .prefill_activations) for the prompt given, else the longest (context - 1), under sdpa, unpadded; None

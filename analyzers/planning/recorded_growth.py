@@ -28,6 +28,7 @@ from analyzers.planning.recorded_terms import (
     Gain,
     attended_gain,
     attention_copies,
+    beside_at_end,
     context_growth,
     covering_moments,
     decode_beside_fewer_rows,
@@ -63,10 +64,16 @@ __all__ = ["ActivationsMoment", "RecordedMoment", "recorded_peak_at", "recorded_
 Moment = tuple[int, int]
 
 # Which moment a plan's activations come from (`PlanResult.activations_moment`): the run's peak moved to the
-# plan (`_recorded_peak_at`, with its prefill and cache update floors), a decode step's end at fewer rows
-# than a run that peaked at its prefill (`_decode_floor`), the last decode step attending over a longer
-# context (`_attention_floor`), an encoder-decoder's encoder pass
-ActivationsMoment = Literal["run_peak", "decode_step_end", "decode_attention", "encoder_pass"]
+# plan (`_recorded_peak_at`), the plan's prefill or its KV peak (its last decode step's cache update) with
+# what the run held at its own (`_moment_floors`, and another cache's moments), a decode step's end at fewer
+# rows than a run that peaked at its prefill (`_decode_floor`), the last decode step attending over a longer
+# context (`_attention_floor`), an encoder-decoder's encoder pass. Before, the prefill's and the update's
+# were said "run_peak": the text called them "the run's at the peak's moment"
+ActivationsMoment = Literal[
+    "run_peak", "prefill", "last_update", "decode_step_end", "decode_attention", "encoder_pass"
+]
+# a moment and which it is, as `_recorded_peak_at` weighs them
+NamedMoment = tuple[ActivationsMoment, Moment]
 
 
 class RecordedMoment(NamedTuple):
@@ -79,9 +86,9 @@ class RecordedMoment(NamedTuple):
     activations_moment: ActivationsMoment
 
 
-def _larger(*moments: Moment) -> Moment:
+def _larger(*moments: NamedMoment) -> NamedMoment:
     """The moment that needs the most bytes (the first of equals)."""
-    return max(moments, key=lambda moment: moment[0])
+    return max(moments, key=lambda named: named[1][0])
 
 
 def recorded_peak_at(req: PlanRequest, batch: int, context: int) -> int:
@@ -102,7 +109,7 @@ def recorded_peak_moment(req: PlanRequest, batch: int, context: int) -> Recorded
     prompt = kv_sizes(req, batch, context).prompt
     beams = beam_search_growth(req.recorded, req.beams, batch, prompt, context)
     moments: tuple[tuple[ActivationsMoment, Moment], ...] = (
-        ("run_peak", _recorded_peak_at(req, batch, context)),
+        _recorded_peak_at(req, batch, context),
         ("decode_attention", _attention_floor(req, batch, context)),
         ("encoder_pass", encoder),
         ("decode_step_end", _decode_floor(req, batch, context)),
@@ -123,7 +130,7 @@ def _decode_floor(req: PlanRequest, batch: int, context: int) -> Moment:
     return req.weights_bytes + kv + beside, kv
 
 
-def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
+def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> NamedMoment:
     """The peak a recorded run would reach at `batch` and `context`, priced as `kvtrace diagnose` prices
     its remedies from the run's peak moment (analyzers.planning.diagnose_remedies): the KV of that moment
     moves as the arithmetic says; a smaller batch frees the moment's batch-first activations in proportion
@@ -159,14 +166,17 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
     floors = _moment_floors(req, run, rec, batch, context)
     if not same_cache_as_run(req):
         sizes = kv_sizes(req, batch, context)
-        unseen = unseen_at_end(run, rec)
+        at_end_most = beside_at_end(run, rec)  # once: three terms read it
+        unseen = unseen_at_end(rec, at_end_most)
         longer = prefill_growth(run, rec, sizes.prompt)
         prompt_grown = rows * longer
         # a static cache's prefill: the run's prefill activations grown with the prompt, and attention's
         # tensors over the cache's length, which the run's prefill did not make
         at_prefill = grown_with_prompt(activations + unseen, fixed, rows, longer, rec.prefill_prompt_bytes)
         kept_prefill = 1 - freed / max(rec.activations_bytes, 1)  # fewer rows keep this share of them
+        prefill_named: ActivationsMoment = "run_peak"  # the peak's, grown with the prompt
         if rec.prefill_activations_bytes is not None and rec.phase == "decode":
+            prefill_named = "prefill"
             # measured during its prefill, as `kvtrace diagnose`'s static cache remedy takes them: not its
             # decode step's end (the logits processors' vectors). Before, the demo's Llama (8 rows, 20-token
             # padded prompt, 64 new tokens) planned static from its dynamic run said 126.22 MiB where
@@ -183,20 +193,24 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
         # context 206 was 27,740 B, 4.4%, below the recording), grown as all are (an upper bound)
         mask = static_mask_bytes(req, run, rec, batch, context)
         at_end = activations + growth + gain.grown(unseen, None) + mask
-        ended = step_end_beside(run, rec, activations)
+        ended = step_end_beside(rec, activations, at_end_most)
         if ended < activations:
             # a run that peaked at its prefill ended its steps beside less than the prefill held: at most
             # its peak less its weights and final KV. Before, the prefill's went beside this cache's final
             # KV: the tiny Llama (8 rows, 20-token prompt, 40 new tokens) planned fp8 from its dynamic run
             # said 1,045,416 B where the fp8 recording peaked at its prefill at 1,005,480
             # grown by what a token adds to it where the run tells it (`step_end_token_bytes`)
-            at_end = gain.grown(ended, step_end_token_bytes(run, rec), fixed) + mask
+            at_end = gain.grown(ended, step_end_token_bytes(rec, at_end_most), fixed) + mask
         at_peak = max(at_end, at_prefill)
         update = full_update_beside(req, rec)
         quantize_unpriced = req.cache == "quantized" and req.kv_dtype != "fp8"
         if update is None or (quantize_unpriced and prefill_peaks(rec, grown, prompt_grown)):
             # the update's copies beside: a bound
-            return req.weights_bytes + sizes.step_peak_bytes + at_peak + tokens, sizes.step_peak_bytes
+            named = prefill_named if at_prefill > at_end else "run_peak"  # `at_peak`'s
+            return named, (
+                req.weights_bytes + sizes.step_peak_bytes + at_peak + tokens,
+                sizes.step_peak_bytes,
+            )
         # Two moments, never live together: the run's peak (a step's end, its logits) holding this cache's
         # KV, and this cache's KV peak (inside an update, or a beam search's reorder) beside what the run
         # held at its own KV peak; fewer rows keep the share of them that `rows_freed` keeps at the peak
@@ -217,12 +231,15 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
         # larger activations: the demo's Llama planned at --cache sliding --window 10 said 78.67 MiB where
         # the recording peaked at its prefill at 74.74 MiB
         moment_kv = prefill_moment_kv(req, rec, batch, context)
+        at_prefill_moment = moment_kv + at_prefill + fp8_prefill_attending(req, rec, batch, context) + tokens
         step_end = _larger(
-            (sizes.end_bytes + at_end + tokens, sizes.end_bytes),
-            (moment_kv + at_prefill + fp8_prefill_attending(req, rec, batch, context) + tokens, moment_kv),
+            ("run_peak", (sizes.end_bytes + at_end + tokens, sizes.end_bytes)),
+            (prefill_named, (at_prefill_moment, moment_kv)),
         )
-        peak, kv = _larger(step_end, (sizes.step_peak_bytes + in_update, sizes.step_peak_bytes))
-        return req.weights_bytes + peak, kv
+        named, (peak, kv) = _larger(
+            step_end, ("last_update", (sizes.step_peak_bytes + in_update, sizes.step_peak_bytes))
+        )
+        return named, (req.weights_bytes + peak, kv)
     moment_kv = _moment_kv(req, rec, batch, context)
     moved = moment_kv - _moment_kv(run, rec, rec.batch, rec.context)
     if rec.phase == "prefill":
@@ -256,7 +273,7 @@ def _recorded_peak_at(req: PlanRequest, batch: int, context: int) -> Moment:
         )
         growth, tokens = max(grown_at_prefill - activations, 0) + quadratic - shrunk, 0
     grew = (req.weights_bytes - rec.weights_bytes) + moved - freed + growth + tokens
-    return _larger((rec.peak_bytes + grew, moment_kv), *floors)
+    return _larger(("run_peak", (rec.peak_bytes + grew, moment_kv)), *floors)
 
 
 def _attention_floor(req: PlanRequest, batch: int, context: int) -> Moment:
@@ -349,7 +366,7 @@ def _new_token_states(req: PlanRequest, rec: RecordedPeak, batch: int) -> int:
 
 def _moment_floors(
     req: PlanRequest, run: PlanRequest, rec: RecordedPeak, batch: int, context: int
-) -> list[Moment]:
+) -> list[NamedMoment]:
     """The plan's prefill and its KV peak, each with the activations the run allows that moment, grown as
     it grows. The prefill's are what the run held beside its weights and KV during its prefill, where the
     allocator's events tell it (`RecordedPeak.prefill_activations_bytes`); else at most its peak less its
@@ -363,9 +380,9 @@ def _moment_floors(
     kept = 1 - rows_freed(rec, batch) / max(rec.activations_bytes, 1)
     beside_prefill, prefill_fixed = _beside_prefill(run, rec)
     late = req.weights_bytes + sizes.step_peak_bytes + _beside_late(req, run, rec, batch, context)
-    floors = [(late, sizes.step_peak_bytes)]
+    floors: list[NamedMoment] = [("last_update", (late, sizes.step_peak_bytes))]
     if rec.cut_short and rec.phase == "decode" and not _held_growth_copy(run, rec):
-        floors.append(_cut_step_end(req, rec, batch, context))
+        floors.append(("run_peak", _cut_step_end(req, rec, batch, context)))  # the peak's, at a step's end
     rows, longer = max(batch / rec.batch, 1.0), prefill_growth(run, rec, sizes.prompt)
     early = rows * longer
     attention = prefill_attention_bytes(req, run, rec, batch, context, sizes.prompt)
@@ -393,7 +410,7 @@ def _moment_floors(
             attention = 0 if squared else attention
         if attention:
             prefill = _with_attention(req, run, rec, batch, context, prefill, kept, early)
-        floors.append((req.weights_bytes + sizes.prefill_bytes + prefill, sizes.prefill_bytes))
+        floors.append(("prefill", (req.weights_bytes + sizes.prefill_bytes + prefill, sizes.prefill_bytes)))
     return floors
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "Gain",
     "attended_gain",
     "attention_copies",
+    "beside_at_end",
     "context_growth",
     "covering_moments",
     "eager_scores_bytes",
@@ -112,39 +113,41 @@ def context_growth(req: PlanRequest, rec: RecordedPeak, context: int) -> float:
     return max(_attended(req, context) / _attended(req, rec.context), 1.0)
 
 
-def step_end_beside(run: PlanRequest, rec: RecordedPeak, activations: int) -> int:
+def step_end_beside(rec: RecordedPeak, activations: int, at_end: int) -> int:
     """What the run held beside its weights and KV at a decode step's end, at most, of `activations` (the
     peak moment's at the plan's rows): a run that peaked at its prefill held its final KV at its last
-    step's end within its peak, so no more than its peak less its weights and that KV beside it, kept in the
-    share fewer rows keep; the peak's own where the run peaked elsewhere, or was cut short before its end."""
+    step's end within its peak, so no more than its peak less its weights and that KV beside it (`at_end`,
+    `beside_at_end`'s), kept in the share fewer rows keep; the peak's own where the run peaked elsewhere, or
+    was cut short before its end."""
     if rec.phase != "prefill" or rec.cut_short:
         return activations
     kept = activations / max(rec.activations_bytes, 1)
-    return min(activations, math.floor(_beside_at_end(run, rec) * kept))
+    return min(activations, math.floor(at_end * kept))
 
 
-def step_end_token_bytes(run: PlanRequest, rec: RecordedPeak) -> int | None:
+def step_end_token_bytes(rec: RecordedPeak, at_end: int) -> int | None:
     """What a row and token of the context adds to `step_end_beside`'s figure of a run that peaked at its
     prefill, where that figure is its decode steps' measured most (`decode_context_token_bytes`: the ids
     and mask every step grows), not the bound; else the peak's (`context_token_bytes`, which a prefill peak
     does not tell): all grow with the context. Before, all did: a sliding run of the tiny Llama (4 rows,
     40-token prompt, window 16, 20 new tokens) planned `--cache dynamic --context 200` put its step's end,
     110,244 B, grown 10/3-fold (367,480 B) beside the final KV, 1,327,288 B where the dynamic recording
-    peaked at its last update at 1,112,984 (+19.3%)."""
+    peaked at its last update at 1,112,984 (+19.3%). `at_end`: `beside_at_end`'s."""
     decode = rec.decode_activations_bytes
-    if rec.phase != "prefill" or rec.cut_short or decode is None or decode > _beside_at_end(run, rec):
+    if rec.phase != "prefill" or rec.cut_short or decode is None or decode > at_end:
         return rec.context_token_bytes
     return rec.decode_context_token_bytes
 
 
-def _beside_at_end(run: PlanRequest, rec: RecordedPeak) -> int:
+def beside_at_end(run: PlanRequest, rec: RecordedPeak) -> int:
     """The most a finished run held beside its weights and final KV at its last step's end: its peak less
     those, and, where it peaked at its prefill, no more than its decode steps held at most beside their KV
     (`RecordedPeak.decode_activations_bytes`, measured). A sliding run's prefill holds its whole prompt's KV,
     more than its final window's, so its peak less that window's KV counted the difference as activations:
     the tiny Llama (4 rows, 40-token prompt, window 16, 20 new tokens) planned fp8 said 1,064,328 B where
     the fp8 recording peaked at its prefill at 1,005,448 (+5.9%), 24 tokens' KV of every row and layer and
-    the prefill's activations beside the fp8 cache's final KV."""
+    the prefill's activations beside the fp8 cache's final KV. Its callers take it computed once a plan's
+    moment (`step_end_beside`, `step_end_token_bytes`, `unseen_at_end`): each computed it again."""
     final_kv = kv_sizes(run, rec.batch, rec.context).kv_bytes
     bound = max(rec.peak_bytes - rec.weights_bytes - final_kv, 0)
     decode = rec.decode_activations_bytes
@@ -192,13 +195,14 @@ def fp8_prefill_attending(req: PlanRequest, rec: RecordedPeak, batch: int, conte
     return math.ceil(at_run * batch * prompt / (rec.batch * run_prompt)) if at_run else 0
 
 
-def unseen_at_end(run: PlanRequest, rec: RecordedPeak) -> int:
+def unseen_at_end(rec: RecordedPeak, at_end: int) -> int:
     """Bytes a finished run may have held beside its weights and KV at its last step's end beyond those it
-    held at its peak moment: its peak less its weights, final KV and the peak's activations (none where the
-    peak was that moment, or the run was cut short and never reached it)."""
+    held at its peak moment: its peak less its weights, final KV (`at_end`, `beside_at_end`'s) and the
+    peak's activations (none where the peak was that moment, or the run was cut short and never reached
+    it)."""
     if rec.cut_short:
         return 0
-    return max(_beside_at_end(run, rec) - rec.activations_bytes, 0)
+    return max(at_end - rec.activations_bytes, 0)
 
 
 @dataclass(frozen=True)

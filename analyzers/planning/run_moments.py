@@ -6,7 +6,8 @@ not change. Pure, torch-free.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -204,13 +205,23 @@ def decode_beside_at(source: MemorySource, report: Report) -> tuple[int | None, 
     return int(beside[at]), at
 
 
-def prefill_windows(source: MemorySource, report: Report) -> list[np.ndarray]:
+def prefill_windows(source: MemorySource, report: Report) -> tuple[np.ndarray, ...]:
     """The main device's event indices of each whole prefill step of the KV log (from the step's start to
-    the next step's, `step_starts`); none where the run has no KV log or timeline."""
+    the next step's, `step_starts`); none where the run has no KV log or timeline. Found once a report
+    (`_moments_of`): a plan of a prefill-peaking run read them in four figures, and again in its diagnosis;
+    the arrays are read-only."""
+    memo = _moments_of(source, report)
+    if memo.windows is None:
+        memo.windows = _find_prefill_windows(source, report)
+    return memo.windows
+
+
+def _find_prefill_windows(source: MemorySource, report: Report) -> tuple[np.ndarray, ...]:
+    """`prefill_windows`, computed."""
     kv_log = source.meta.get("kv")
     found = main_timeline(source, report)
     if kv_log is None or found is None:
-        return []
+        return ()
     timeline = found[1]
     # Where each step began as `diagnose` counts it: a module cache's first KV line (`cache_k`, scanned at
     # the forward's end) would put the prefill's own activations outside its window and the next decode
@@ -224,8 +235,35 @@ def prefill_windows(source: MemorySource, report: Report) -> list[np.ndarray]:
         end_us = starts[i + 1][0] if i + 1 < len(starts) else np.inf
         inside = np.flatnonzero((timeline.ts_us >= start_us) & (timeline.ts_us < end_us))
         if len(inside):
+            inside.setflags(write=False)  # shared by every caller of the report
             windows.append(inside)
-    return windows
+    return tuple(windows)
+
+
+@dataclass
+class _RunMoments:
+    """What `prefill_windows` and `prefill_split` found for one report of `source`, kept while the report
+    lives: `kvtrace plan --from-run` diagnoses the run, then reads the same figures for its peak."""
+
+    source: MemorySource
+    windows: tuple[np.ndarray, ...] | None = None
+    # by (rows, prompt, context): diagnose's and plan's are the run's call's, so one split serves both
+    splits: dict[tuple[int | None, int | None, int | None], PrefillSplit | None] = field(default_factory=dict)
+
+
+# by id(report), each entry dropped when its report is collected (a Report is a dataclass, unhashable)
+_MOMENTS: dict[int, _RunMoments] = {}
+
+
+def _moments_of(source: MemorySource, report: Report) -> _RunMoments:
+    """The report's `_RunMoments`, made on first use (anew where the report is read with another source)."""
+    key = id(report)
+    memo = _MOMENTS.get(key)
+    if memo is None or memo.source is not source:
+        if memo is None:
+            weakref.finalize(report, _MOMENTS.pop, key, None)
+        memo = _MOMENTS[key] = _RunMoments(source)
+    return memo
 
 
 @dataclass(frozen=True)
@@ -333,7 +371,19 @@ def prefill_split(
     """For each whole prefill step, at each of its events, the bytes beside the weights and KV split as
     `PrefillSplit.moments` splits them (with no `context`, the first two not told apart: all in the second).
     None where the events carry no addresses or categories, or the run does not say its rows and prompt, or
-    has no whole prefill step."""
+    has no whole prefill step. Made once a report and call (`_moments_of`): `kvtrace plan --from-run` read
+    it for its diagnosis's prefill moment, then for its own peak."""
+    splits = _moments_of(source, report).splits
+    key = (rows, prompt, context)
+    if key not in splits:
+        splits[key] = _split_prefill(source, report, rows, prompt, context)
+    return splits[key]
+
+
+def _split_prefill(
+    source: MemorySource, report: Report, rows: int | None, prompt: int | None, context: int | None
+) -> PrefillSplit | None:
+    """`prefill_split`, computed."""
     from analyzers.model import OTHER
     from analyzers.planning.diagnose_rows import fixed_sizes, row_units
     from analyzers.planning.static_prefill import eager_pair_bytes, eager_pair_sizes, window_mask_sizes
