@@ -239,16 +239,16 @@ class JsonStream:
                                 next_needle[index] = found if found >= 0 else len(buf)
                         needle_at = min(next_needle)
                     if plain_to <= pos:  # pos is between events, so outside any string
-                        plain_to = _PLAIN_STRINGS.match(buf, pos, min(needle_at, limit)).end()  # type: ignore[union-attr]
-                    # The last "}, {" before the first string with a bracket (or the needle, or the edge).
+                        plain = _PLAIN_STRINGS.match(buf, pos, min(needle_at, limit))
+                        plain_to = plain.end()  # type: ignore[union-attr]
+                    # The last "}, {" before the first string with a bracket (or the needle, or the edge);
+                    # after a failed run, the first, one element at a time up to where that run ended.
                     last = buf.rfind(sep, pos, plain_to) if pos >= bulk_from else buf.find(sep, pos, plain_to)
                     if last > pos and _whole_one_line(buf, pos, last + 1, sep, value_open):
                         skipped += buf.count(sep, pos, last + len(sep))
                         pos = last + 2  # past "}," of the last skipped element
                         continue
-                    if (
-                        last > pos and pos >= bulk_from
-                    ):  # one element at a time up to that one, then try again
+                    if last > pos and pos >= bulk_from:
                         bulk_from = last
                         first = buf.find(sep, pos, plain_to)
                         if _whole_one_line(buf, pos, first + 1, sep, value_open):

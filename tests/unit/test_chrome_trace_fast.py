@@ -351,3 +351,27 @@ def test_one_line_damage_between_events_is_reported(damage: Callable[[str], str]
         return
     with pytest.raises(KvtraceError, match=message):
         _walk(text)
+
+
+@pytest.mark.parametrize("form", list(_ONE_LINE))
+def test_one_line_trace_that_defeats_the_skip_is_read_in_linear_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    # GIVEN a one-line trace where every other kernel has a "{lambda" name or an array of objects (neither
+    # can be skipped: each is decoded), and the memory events are far apart
+    events: list[Any] = []
+    for i in range(6000):
+        name = f"kernel_{i}::{{lambda(float)#1}}" if i % 4 == 0 else f"gemm_{i}"
+        args: dict[str, Any] = {"list": [{"a": i}, {"b": i}]} if i % 4 == 2 else {"grid": [1, 2, 3]}
+        events.append({"ph": "X", "cat": "kernel", "name": name, "ts": i, "dur": 1, "args": args})
+        if i % 1000 == 999:
+            events.append(json.loads(_event(i, "new", f"{i}.5")))
+    body = json.dumps({"traceEvents": events}, **_ONE_LINE[form])
+    path = tmp_path / "t.json"
+    path.write_text(body)
+    monkeypatch.setattr(json_stream, "_CHUNK_BYTES", 256 << 10)  # windows of a few thousand events
+    monkeypatch.setattr(chrome_trace, "JsonStream", _CountedStream)
+    monkeypatch.setattr(_CountedText, "scanned", 0)
+    # WHEN it is read THEN the columns are json.load's, for a few passes over the text
+    _assert_same(path)
+    assert _CountedText.scanned < 30 * len(body)
