@@ -56,22 +56,21 @@ def _whole_events(
     )
 
 
-def _whole_one_line(text: str, start: int, end: int, sep: str, value_open: str) -> bool:
-    """Whether text[start:end], an element's start to a "}" followed by `sep`'s ", {" (or ",{"), in a stretch
-    `_PLAIN_STRINGS` matched (so every bracket in it is structure), is whole elements of a one-line array.
+def _whole_one_line(text: str, start: int, end: int, sep: str, value_open: str) -> int:
+    """How many whole elements of a one-line array text[start:end] is (an element's start to a "}" that
+    `sep`'s ", {" or ",{" follows, in a stretch `_PLAIN_STRINGS` matched, so every brace in it is structure),
+    or 0 where that is not proven.
 
-    Braces and brackets balance; every "{" but the first opens an object value (`value_open`, ": {") or an
-    array element after an object (`sep`, "}, {"), and no array opens with an object ("[{"). Then no "}, {"
-    can be inside an event: an array of objects nested in one must begin with an object ("[{") or reach its
-    first object after a non-object (", {" after no "}"), and either is refused. So each "}, {" is between
-    events, which a lost comma ("}{") or garbage between events would break: those fail, to be decoded."""
+    Every "{" but the first opens an object value (`value_open`, ": {") or an array element after an object
+    (`sep`, "}, {"), no array opens with an object ("[{"), and braces balance. Then no "}, {" can be inside
+    an event: an array of objects nested in one begins with an object ("[{") or reaches its first object
+    after a non-object (", {" after no "}"), and either is refused. So each "}, {" is between events, and
+    a lost comma ("}{"), garbage between events or a stray brace fails the count, to be decoded."""
     opens = text.count("{", start, end)
-    return (
-        opens == text.count("}", start, end)
-        and text.count("[", start, end) == text.count("]", start, end)
-        and text.find("[{", start, end) < 0
-        and opens == 1 + text.count(value_open, start, end) + text.count(sep, start, end)
-    )
+    if opens != text.count("}", start, end) or text.find("[{", start, end) >= 0:
+        return 0
+    between = text.count(sep, start, end)
+    return between + 1 if opens == 1 + text.count(value_open, start, end) + between else 0
 
 
 def _one_line_separators(text: str, start: int) -> tuple[str, str]:
@@ -238,14 +237,23 @@ class JsonStream:
                                 found = buf.find(needle, pos)
                                 next_needle[index] = found if found >= 0 else len(buf)
                         needle_at = min(next_needle)
-                    if plain_to <= pos:  # pos is between events, so outside any string
-                        plain = _PLAIN_STRINGS.match(buf, pos, min(needle_at, limit))
-                        plain_to = plain.end()  # type: ignore[union-attr]
-                    # The last "}, {" before the first string with a bracket (or the needle, or the edge);
-                    # after a failed run, the first, one element at a time up to where that run ended.
-                    last = buf.rfind(sep, pos, plain_to) if pos >= bulk_from else buf.find(sep, pos, plain_to)
-                    if last > pos and _whole_one_line(buf, pos, last + 1, sep, value_open):
-                        skipped += buf.count(sep, pos, last + len(sep))
+                    # No separator before the needle: this element holds it, to be decoded (memory events
+                    # often come in a row). Else the last "}, {" before the first string with a bracket (or
+                    # the needle, or the edge); after a failed run, the first, one element at a time up to
+                    # where that run ended.
+                    last = -1
+                    if needle_at >= limit or buf.find(sep, pos, needle_at) >= 0:
+                        if plain_to <= pos:  # pos is between events, so outside any string
+                            plain = _PLAIN_STRINGS.match(buf, pos, min(needle_at, limit))
+                            plain_to = plain.end()  # type: ignore[union-attr]
+                        last = (
+                            buf.rfind(sep, pos, plain_to)
+                            if pos >= bulk_from
+                            else buf.find(sep, pos, plain_to)
+                        )
+                    run = _whole_one_line(buf, pos, last + 1, sep, value_open) if last > pos else 0
+                    if run:
+                        skipped += run
                         pos = last + 2  # past "}," of the last skipped element
                         continue
                     if last > pos and pos >= bulk_from:
