@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TextIO
 from kvtrace.commands.base import Command
 from kvtrace.commands.lazy_numpy import numpy_at_first_use
 from kvtrace.commands.output import GuardedStdout, StdoutError, UnfailingStderr, discard_unwritten, say
-from kvtrace.errors import KvtraceError, missing_dependency, os_errno, os_reason, printable
+from kvtrace.errors import KvtraceError, UsageError, missing_dependency, os_errno, os_reason, printable
 
 # (name, module, class): imported when the parser is built, so each module keeps torch/plotly imports
 # inside `run`. A command line naming one command imports only that one (start-up counts on small inputs).
@@ -239,7 +239,8 @@ def _main(argv: Sequence[str], stdout: TextIO | None) -> int:
     except KvtraceError as exc:
         if isinstance(exc, StdoutError):
             discard_unwritten(stdout)
-        say(f"kvtrace {command.name}: error: {printable(str(exc))}")
+        see = f" (see kvtrace {command.name} --help)" if isinstance(exc, UsageError) else ""
+        say(f"kvtrace {command.name}: error: {printable(str(exc))}{see}")
         return exc.exit_code
     except KeyboardInterrupt:
         say(f"kvtrace {command.name}: interrupted")

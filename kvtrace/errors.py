@@ -25,6 +25,11 @@ class KvtraceError(Exception):
         self.exit_code = exit_code
 
 
+class UsageError(KvtraceError):
+    """A command line short of what the command needs (one run to `compare`, no model to `plan`), found after
+    argparse: said as argparse's own such errors are, "(see kvtrace CMD --help)" after it."""
+
+
 class MissingPart(KvtraceError):
     """An optional part this command needs is not installed (vLLM, kvpress, a quantized cache's backend):
     status 1, as for the extras `missing_dependency` names; the input and flags were right (not 2)."""
@@ -113,6 +118,17 @@ def shown_integer(value: int, digits: int = 24) -> str:
     if len(magnitude) <= digits:
         return text
     return f"{sign}{magnitude[:6]}… ({len(magnitude):,} digits)"
+
+
+def shown_float(value: float) -> str:
+    """What a float found where an integer belongs is, for a message. Python's json reads NaN, Infinity and
+    a number past float's range (1e309) as non-finite floats: "a number with a fraction" said of those was
+    wrong, and hid the damage."""
+    if value != value:  # NaN is the one float unequal to itself
+        return "not a number (NaN)"
+    if value in (float("inf"), float("-inf")):
+        return "infinite" if value > 0 else "infinite (negative)"
+    return "a number with a fraction"
 
 
 def too_long_integer() -> str:

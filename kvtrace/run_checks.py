@@ -10,7 +10,7 @@ from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, shown_float
 from kvtrace.format import EVENT_KINDS, MAX_LAYER, MAX_LAYERS, WEIGHT_EVENTS, KvEvent, WeightRecord
 from kvtrace.kv_event_sharing import SharedValues
 
@@ -73,9 +73,10 @@ def _kind(value: Any) -> str:
         return "a boolean"
     if isinstance(value, int):
         return f"{value}" if abs(value) < 10**30 else "an integer of more than 30 digits"
-    return {str: "a string", float: "a number with a fraction", list: "a list", dict: "an object"}.get(
-        type(value), type(value).__name__
-    )
+    if isinstance(value, float):
+        return shown_float(value)
+    kinds: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _bad(path: Path, lineno: int, name: str, value: Any, low: int, high: int) -> KvtraceError:

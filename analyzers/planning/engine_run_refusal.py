@@ -31,13 +31,13 @@ def not_a_vllm_pool(root: Path, info: EngineInfo) -> str | None:
     if info.name != CONTINUOUS_BATCHING:
         return (
             f"{root}: a {info.name} engine run, whose pool kvtrace plan has no rules for; `kvtrace diagnose "
-            f"{shell_arg(root)} --budget SIZE` prices it against a memory, {report}"
+            f"{shell_arg(root)} --gpu-memory SIZE` prices it against a memory, {report}"
         )
     return (
         f"{root}: a transformers continuous-batching run ({info.name}){_pool(info)}: kvtrace plan does not "
         "plan such a pool (it is neither generate()'s cache nor vLLM's); "
-        f"`kvtrace diagnose {shell_arg(root)} --budget SIZE` prices its num_blocks and max_memory_percent, "
-        f"{report}"
+        f"`kvtrace diagnose {shell_arg(root)} --gpu-memory SIZE` prices its num_blocks and "
+        f"max_memory_percent, {report}"
     )
 
 

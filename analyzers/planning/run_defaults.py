@@ -42,12 +42,13 @@ from analyzers.planning.run_calls import CallRequest, call_request, prompt_ends
 from analyzers.planning.run_experts import run_experts
 from analyzers.planning.run_padding import call_padded
 from analyzers.readers.engine_files import read_engine
+from analyzers.readers.run_dir import recorded_by_kvtrace_run
 from analyzers.readers.run_files import kv_log_notes
 from analyzers.readers.run_oom import limit_of
 from analyzers.readers.sources import ProgressFn, next_stage
 from analyzers.run_stop import interrupted_how
 from kvtrace.errors import KvtraceError
-from kvtrace.format import ENGINE, MODEL_CONFIG, Run
+from kvtrace.format import ENGINE, ENGINE_NOT_FOLLOWED_NOTE, ENGINE_NOT_RECORDED_NOTE, MODEL_CONFIG, Run
 from kvtrace.geometry import major_minor
 from kvtrace.run_lock import holder
 from kvtrace.run_reader import read_run
@@ -243,6 +244,28 @@ def _oom_limit(manifest: dict[str, Any]) -> int | None:
     return limit_of(message) if isinstance(message, str) else None
 
 
+def _why_no_model(manifest: dict[str, Any]) -> str:
+    """Why a run has no model to plan from, as its recording tells it: a vLLM engine it could not follow
+    (its own process, or an `LLM` started in a `record(dir)` block), a `kvtrace run` script that made no
+    generate() call, else a record() without model=. "recorded without model=" said of the first two
+    named an argument their user never had to give."""
+    notes = [note for note in manifest.get("notes") or () if isinstance(note, str)]
+    if any(note.startswith(ENGINE_NOT_FOLLOWED_NOTE) for note in notes):
+        return (
+            "its vLLM engine ran in a process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1) and was not "
+            "recorded; to record it, leave that variable unset under kvtrace run, or use kvtrace's vLLM "
+            "plugin, KVTRACE_DIR=DIR"
+        )
+    if any(note.startswith(ENGINE_NOT_RECORDED_NOTE) for note in notes):
+        return (
+            "a vLLM LLM started in the block, which record(dir) without model= does not follow; record it "
+            "with record(dir, model=llm)"
+        )
+    if recorded_by_kvtrace_run(manifest):
+        return "kvtrace run found no generate() call, so no model was recorded"
+    return "recorded without model="
+
+
 def _geometry(
     run: Run, notes: list[str], main: CacheFigures | None, layout: tuple[int, int] | None = None
 ) -> ModelGeometry:
@@ -275,7 +298,7 @@ def _geometry(
         why = (
             f"its model ({kind}) has no Hugging Face config or cache_k/cache_v buffers to read it from"
             if isinstance(kind, str)
-            else "recorded without model="
+            else _why_no_model(run.manifest)
         )
         raise KvtraceError(
             f"{run.path / 'manifest.json'}: no model geometry ({why}): plan it with "

@@ -36,10 +36,12 @@ except re.error:  # pragma: no cover - Python 3.10
 
 def _layout(indent: str) -> tuple[str, str, str, str]:
     """(open, separator, close, next) of an array whose elements open at `indent`: Kineto's own for its
-    two spaces, or those of a tool that re-indented the trace (json.dumps(indent=4) puts them at eight)."""
-    if indent == "  " or not indent or indent.strip(" "):
+    two spaces, or those of a tool that re-indented the trace (json.dumps(indent=4) puts them at eight
+    spaces, indent="\\t" at two tabs)."""
+    if indent == "  " or not indent or indent.strip(indent[0]) or indent[0] not in " \t":
         return _KINETO_OPEN, _KINETO_SEP, _KINETO_CLOSE, _KINETO_NEXT
-    return "{\n" + indent + "  ", f"\n{indent}}},\n{indent}{{", f"\n{indent}}}", f"\n{indent}{{"
+    inner = indent + ("\t" if indent[0] == "\t" else "  ")
+    return "{\n" + inner, f"\n{indent}}},\n{indent}{{", f"\n{indent}}}", f"\n{indent}{{"
 
 
 def _whole_events(
@@ -191,7 +193,7 @@ class JsonStream:
         inside a skipped event goes unnoticed; a lost comma or garbage between events, truncation and
         unbalanced braces are reported.
 
-        With `read_run` too, a Kineto-layout element holding a needle is first offered to
+        With `read_run` too, an element in that layout holding a needle is first offered to
         `read_run(buf, pos, limit)`, which may take it and the elements after it without decoding (it must
         take only whole elements that are each followed by a separator before `limit`) and returns where
         the next element starts, or `pos` to leave the element to the JSON decoder.
@@ -203,16 +205,15 @@ class JsonStream:
             return 0
         skipped = 0
         # The first element's indentation sets the layout the bulk skip looks for: a re-indented trace's
-        # events are skipped as Kineto's are (every one was decoded: ~2.8x the time), but only Kineto's
-        # own layout is offered to `read_run`, whose patterns are Kineto's.
+        # events are skipped as Kineto's are (every one was decoded: ~2.8x the time), and offered to
+        # `read_run`, which learns the layout of their memory events.
         line = self.buf.rfind("\n", 0, self.pos)
         element_open, sep, close, after_close = _layout(self.buf[line + 1 : self.pos] if line >= 0 else "")
-        kineto = sep == _KINETO_SEP
         value_open = ""
         one_line = "\n" not in self.buf[bracket : self.pos] and self.buf.startswith('{"', self.pos)
-        if one_line:
+        if one_line:  # no layout: its own skip below, and nothing offered to `read_run`
             sep, value_open = _one_line_separators(self.buf, self.pos)
-            element_open, kineto = '{"', False
+            element_open = '{"'
         scan = self._decoder.scan_once  # type: ignore[attr-defined]
         whitespace = _WHITESPACE.match
         while True:
@@ -291,7 +292,7 @@ class JsonStream:
                             skipped += 1
                             pos = next_sep + len(close) + 1
                             continue
-                    if kineto and read_run is not None and needle_at < limit and next_sep < limit:
+                    if read_run is not None and needle_at < limit and next_sep < limit:
                         after_run = read_run(buf, pos, limit)
                         if after_run > pos:
                             pos = after_run

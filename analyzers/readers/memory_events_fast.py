@@ -1,11 +1,12 @@
-"""Columns of `[memory]` events, and a bulk reader for runs of them in the exact layout Kineto writes.
+"""Columns of `[memory]` events, and a bulk reader for runs of them in a layout known to be exact.
 
 Decoding each memory event as JSON (two dicts, a callback) is most of the time spent on a big trace, and
 millions of them are written by one `fprintf` format. `MemoryRunReader` takes a run of consecutive events
-in that layout as text, pulls out the numbers with C-level string operations (`translate`, `split`) and
-proves the run is exactly the layout with those numbers filled in (`template % numbers == text`), each a
-valid JSON number. So what it accepts is what `json` would have read, value for value; anything else (other
-spacing, key order, strings for numbers, a `[memory]` inside another event) is left to the JSON decoder.
+as text, pulls out the numbers with C-level string operations (`translate`, `split`) and proves the run is
+exactly a layout with those numbers filled in (`template % numbers == text`), each a valid JSON number.
+The layouts are Kineto's, and those learned from a re-indented trace's own events (`memory_layouts`). So
+what it accepts is what `json` would have read, value for value; anything else (other spacing inside a
+run, other keys, strings for numbers, a `[memory]` inside another event) is left to the JSON decoder.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable
 from typing import Any
+
+from analyzers.readers.memory_layouts import KINETO_LAYOUTS, Layout, learn_layout
 
 __all__ = ["MAX_EVENT_BYTES", "MAX_MOVED_BYTES", "DeviceColumns", "MemoryRunReader", "as_int"]
 
@@ -67,20 +70,6 @@ class DeviceColumns:
         )
 
 
-# One event as Kineto writes it, "%s" where a number goes. Neither layout has a digit, '.' or '-' outside
-# its numbers, which is what lets `translate` + `split` find them.
-_NEW_LAYOUT = (
-    '{\n    "ph": "i",\n    \n    "cat": "cpu_instant_event",\n    "s": "t",\n    "name": "[memory]",\n'
-    '    "pid": %s,\n    "tid": %s,\n    "ts": %s\n    ,\n    "args": {\n'
-    '      "Total Reserved": %s, "Total Allocated": %s, "Bytes": %s, "Device Id": %s, "Device Type": %s,'
-    ' "Addr": %s, "finished": true, "Ev Idx": %s\n    }\n  }'
-)
-_OLD_LAYOUT = (  # before 2022: no Addr, no totals
-    '{\n    "ph": "i", "s": "t", "name": "[memory]",\n    "pid": %s, "tid": %s,\n    "ts": %s,\n'
-    '    "args": {\n      "Device Type": %s, "Device Id": %s, "Bytes": %s\n    }\n  }'
-)
-_ELEMENT_SEP = ",\n  "
-_FINISHED_FALSE, _FINISHED_TRUE = '"finished": false', '"finished": true'
 _NUMBER_CHARS = frozenset("0123456789.-")
 _KEEP_NUMBERS = {code: (code if chr(code) in _NUMBER_CHARS else 32) for code in range(128)}
 _ONES = str.maketrans("23456789", "11111111")
@@ -88,7 +77,6 @@ _ONES = str.maketrans("23456789", "11111111")
 # leading zeros, a '.' without digits on both sides. (Digits 1-9 are first mapped to '1'.)
 _NOT_JSON = (" 00", " 01", "-00", "-01", " .", "-.", ". ")
 _MEMORY_NEEDLE = '"[memory]"'
-_KINETO_SEP = "\n  },\n  {"
 # Chars of the first bulk try, doubled after each success: a short first try bounds the work lost when a
 # run does not fit (then `_ONE_BY_ONE` events are read singly before the next bulk try).
 _FIRST_SPAN = 8 << 10
@@ -98,33 +86,48 @@ _ONE_BY_ONE = 8
 # A separator is looked for no further when reading one event: in a trace without Kineto's separators (one
 # re-indented by another tool) the search ran to the window's end at each event, quadratic in the window.
 _MAX_EVENT_CHARS = 1 << 12
+# Layouts learned per indentation, and events that taught nothing, before the reader stops learning there:
+# a file of odd events then costs a few failed tries, not one per event.
+_MAX_LEARNED = 4
+_MAX_FAILED_LESSONS = 16
+_MAX_INDENTS = 4
+_INF = float("inf")
 
 
-class _Layout:
-    def __init__(self, template: str, fields: str) -> None:
-        self.template = template
-        self.head = template[: template.index("%s")]
-        self.fields = fields.split()
-        self.width = len(self.fields)
-        self.finished = _FINISHED_TRUE in template
-        # Every field but ts is converted with int(), so none is left unchecked; unused ones are dropped.
-        self.int_fields = [(index, field) for index, field in enumerate(self.fields) if field != "ts"]
+class _Indent:
+    """What runs of elements opening at one indentation look like: the separator between two elements,
+    the length of an element's closing line ("\\n" + indent + "}"), and the layouts read there."""
 
-    def index(self, field: str) -> int:
-        return self.fields.index(field)
+    def __init__(self, indent: str) -> None:
+        self.sep = f"\n{indent}}},\n{indent}{{"
+        self.close = len(indent) + 2
+        self.joiner = ",\n" + indent
+        self.layouts: list[Layout] = list(KINETO_LAYOUTS) if indent == "  " else []
+        self.failed_lessons = 0
 
-
-_LAYOUTS = (
-    _Layout(_NEW_LAYOUT, "pid tid ts reserved allocated bytes device_id device_type addr ev_idx"),
-    _Layout(_OLD_LAYOUT, "pid tid ts device_type device_id bytes"),
-)
+    def learn(self, event: str) -> bool:
+        """Learn the layout of `event` (one memory event's text); False if it teaches nothing new."""
+        if (
+            len(self.layouts) >= len(KINETO_LAYOUTS) + _MAX_LEARNED
+            or self.failed_lessons >= _MAX_FAILED_LESSONS
+        ):
+            return False
+        layout = learn_layout(event, self.joiner)
+        if layout is None or any(known.template == layout.template for known in self.layouts):
+            self.failed_lessons += 1
+            return False
+        self.layouts.append(layout)
+        return True
 
 
 class MemoryRunReader:
-    """Reads runs of `[memory]` events in Kineto's layout straight into `DeviceColumns`.
+    """Reads runs of `[memory]` events straight into `DeviceColumns`: in Kineto's layout, or in a layout
+    learned from the file's first such event at each indentation (`memory_layouts`: a trace another tool
+    re-indented, json.dumps(indent=4), keeps Kineto's keys in Kineto's order).
 
     `columns_for(device_type, device_id)` gives the columns of a device (the same the JSON path fills, so
     events keep their file order per device). `all_integral` turns False at the first fractional `ts`.
+    `events` counts the events read here, none of them decoded as JSON.
     """
 
     def __init__(
@@ -134,47 +137,66 @@ class MemoryRunReader:
     ) -> None:
         self._columns_for = columns_for
         self._saw_pids = saw_pids  # (device type, device id, the processes of some of its events)
+        self._indents: dict[str, _Indent] = {}
         self.events = 0
         self.all_integral = True
 
     def __call__(self, buf: str, pos: int, limit: int) -> int:
-        """Read the memory events from `buf[pos]` (an element's "{") that fit a layout and are followed by
-        a separator before `limit`; return where the next element starts ("{"), or `pos` if none fit."""
+        """Read the memory events from `buf[pos]` (an element's "{", first on its line) that fit a layout
+        and are followed by a separator before `limit`; return where the next element starts ("{"), or
+        `pos` if none fit."""
+        frame = self._indent(buf[buf.rfind("\n", 0, pos) + 1 : pos])
+        if frame is None:
+            return pos
+        sep_of, close, step = frame.sep, frame.close, len(frame.sep) - 1
         start, span = pos, _FIRST_SPAN
         while True:
             # In bulk: the whole elements within `span` chars, if they are all memory events that fit.
-            sep = buf.rfind(_KINETO_SEP, start, min(limit, start + span))
+            sep = buf.rfind(sep_of, start, min(limit, start + span))
             if sep > start:
-                count = buf.count(_KINETO_SEP, start, sep) + 1
-                if buf.count(_MEMORY_NEEDLE, start, sep) == count and self._read(buf[start : sep + 4], count):
-                    start, span = sep + 8, min(2 * span, _MAX_SPAN)
+                count = buf.count(sep_of, start, sep) + 1
+                if buf.count(_MEMORY_NEEDLE, start, sep) == count and self._read(
+                    frame, buf[start : sep + close], count
+                ):
+                    start, span = sep + step, min(2 * span, _MAX_SPAN)
                     continue
             # One at a time, up to the first element that is not a fitting memory event (the decoder's).
             for _ in range(_ONE_BY_ONE):
-                sep = buf.find(_KINETO_SEP, start, min(limit, start + _MAX_EVENT_CHARS))
-                if (
-                    sep < 0
-                    or buf.find(_MEMORY_NEEDLE, start, sep) < 0
-                    or not self._read(buf[start : sep + 4], 1)
+                sep = buf.find(sep_of, start, min(limit, start + _MAX_EVENT_CHARS))
+                if sep < 0 or buf.find(_MEMORY_NEEDLE, start, sep) < 0:
+                    return start
+                event = buf[start : sep + close]
+                if not self._read(frame, event, 1) and not (
+                    frame.learn(event) and self._read(frame, event, 1)
                 ):
                     return start
-                start = sep + 8
+                start = sep + step
             span = _FIRST_SPAN
 
-    def _read(self, text: str, count: int) -> bool:
-        for layout in _LAYOUTS:
+    def _indent(self, indent: str) -> _Indent | None:
+        """The frame of elements opening at `indent`: spaces only or tabs only (JSON whitespace, and a raw
+        new line cannot be inside a string, so its separator is structure); None for any other."""
+        frame = self._indents.get(indent)
+        if frame is not None or len(self._indents) >= _MAX_INDENTS:
+            return frame
+        if indent[:1] in (" ", "\t") and not indent.strip(indent[0]):
+            frame = self._indents[indent] = _Indent(indent)
+        return frame
+
+    def _read(self, frame: _Indent, text: str, count: int) -> bool:
+        for layout in frame.layouts:
             if text.startswith(layout.head) and self._read_layout(text, count, layout):
                 return True
         return False
 
-    def _read_layout(self, text: str, count: int, layout: _Layout) -> bool:
-        if layout.finished:
-            text = text.replace(_FINISHED_FALSE, _FINISHED_TRUE)
+    def _read_layout(self, text: str, count: int, layout: Layout) -> bool:
+        if layout.finished_true:
+            text = text.replace(layout.finished_false, layout.finished_true)
         tokens = text.translate(_KEEP_NUMBERS).split()
         if len(tokens) != count * layout.width:
             return False
         # The proof: the text is the layout with these tokens put in, and each is a JSON number.
-        if _ELEMENT_SEP.join([layout.template] * count) % tuple(tokens) != text:
+        if layout.joiner.join([layout.template] * count) % tuple(tokens) != text:
             return False
         if not _json_numbers(tokens):
             return False
@@ -185,6 +207,11 @@ class MemoryRunReader:
             }
             ts = self._timestamps(tokens[layout.index("ts") :: width])
         except (ValueError, OverflowError):  # a fraction where an int goes, or too big: the JSON path's
+            return False
+        # Sizes no device holds and times at no place (a float past 1e308) are the JSON path's to skip,
+        # each with its note.
+        delta = columns["bytes"]
+        if max(delta) > MAX_EVENT_BYTES or min(delta) < -MAX_EVENT_BYTES or not -_INF < sum(ts) < _INF:
             return False
         self._store(count, ts, columns)
         self.events += count

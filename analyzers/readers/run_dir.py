@@ -146,12 +146,13 @@ def _no_trace_note(cause: str, weights: bool, why: str = "") -> str:
     )
 
 
-def _no_model_note(manifest: dict[str, Any], from_table: list[bool]) -> str | None:
+def _no_model_note(manifest: dict[str, Any], from_table: list[bool], engine_on_disk: bool) -> str | None:
     """A run recorded without model= has no weights table: where a device's figures take the weights from
     it (a CPU, a trace without the allocator's totals: `from_table`), they leave out the weights allocated
     before the block; a GPU's totals count them, as other. None with a model, and for an engine's run
-    (vLLM's engine loads its weights itself: its note says so). Under `kvtrace run` the advice is what its
-    user can do: the script has no record() call to pass model= to."""
+    (vLLM's engine loads its weights itself: its note says so), told by the manifest's files or, for a run
+    killed before its manifest listed them, by the engine files in the folder (`engine_on_disk`). Under
+    `kvtrace run` the advice is what its user can do: the script has no record() call to pass model= to."""
     if "model" not in manifest or manifest["model"] is not None:
         return None
     notes = manifest.get("notes") or ()
@@ -171,7 +172,8 @@ def _no_model_note(manifest: dict[str, Any], from_table: list[bool]) -> str | No
             "kvtrace.record(dir, model=llm) around its generate() calls, model='auto', or kvtrace's vLLM "
             "plugin (KVTRACE_DIR=DIR in its environment)"
         )
-    if any(name in (manifest.get("files") or ()) for name in ENGINE_FILES) or not from_table:
+    listed = any(name in (manifest.get("files") or ()) for name in ENGINE_FILES)
+    if engine_on_disk or listed or not from_table:
         return None
     if recorded_by_kvtrace_run(manifest):
         said = (
@@ -485,7 +487,11 @@ def read_run_source(path: str | os.PathLike[str], progress: ProgressFn | None = 
     if weights_counted and "peak_leaves_out" not in source.meta:
         source.meta["input_notes"] = weights_counted_notes(source.meta.get("input_notes", []))
         source.meta["weights_counted"] = True  # in other, as the allocator's totals held them
-    no_model = _no_model_note(run.manifest, [weights_from_table(dev, traced) for dev in source.devices])
+    no_model = _no_model_note(
+        run.manifest,
+        [weights_from_table(dev, traced) for dev in source.devices],
+        engine_on_disk=any((run.path / name).is_file() for name in ENGINE_FILES),
+    )
     if no_model is not None:
         source.meta.setdefault("input_notes", []).append(no_model)
     if traces:

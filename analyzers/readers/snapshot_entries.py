@@ -10,7 +10,7 @@ from typing import Any
 
 from analyzers.model import Segment
 from analyzers.readers.memory_events_fast import MAX_EVENT_BYTES
-from kvtrace.errors import KvtraceError, shown_integer
+from kvtrace.errors import KvtraceError, shown_float, shown_integer
 
 FREE_ACTIONS = frozenset({"free_completed", "free"})
 LIVE_STATES = frozenset({"active_allocated", "active_pending_free", "active_awaiting_free"})
@@ -124,7 +124,9 @@ def _equal_in(stacks: list[tuple[list[Any], int]], frames: list[Any]) -> int | N
 
 def _what(value: Any) -> str:
     """What a value that should be an int is, in the words of the JSON readers' errors."""
-    kinds = {bool: "a boolean", str: "a string", float: "a number with a fraction", type(None): "None"}
+    if isinstance(value, float):
+        return shown_float(value)
+    kinds = {bool: "a boolean", str: "a string", type(None): "None"}
     return kinds.get(type(value), type(value).__name__)
 
 

@@ -250,19 +250,25 @@ def _remedy_mark(fits: bool | None, saved: int | None = None) -> str:
 
 def _listed_remedies(d: Diagnosis) -> tuple[list[Remedy], str | None]:
     """The remedies to list one by one, and the line that stands for the KV remedies of an input without KV
-    figures (a bare trace or snapshot marking none): each would say only that it cannot be priced, six lines
-    that bury the remedies that are (expandable_segments). None where there is nothing to fold. The JSON
-    keeps them all, `saved_bytes` null, for scripts that look a remedy up by kind."""
-    if d.kv_figures:
+    figures (a bare trace or snapshot marking none), or of a run that held no KV at all (a script that
+    never generated, a vLLM engine kvtrace could not follow): each would say only that it cannot be priced,
+    five or six lines that bury the remedies that are (expandable_segments) and the note that says why the
+    run holds none. None where there is nothing to fold. The JSON keeps them all, `saved_bytes` null, for
+    scripts that look a remedy up by kind."""
+    held_none = d.kv_figures and d.kv_peak_bytes == 0
+    if d.kv_figures and not held_none:
         return list(d.remedies), None
     folded = [r for r in d.remedies if r.saved_bytes is None and r.kind in KV_REMEDIES]
     if not folded:
         return list(d.remedies), None
     names = ", ".join(KV_REMEDIES[r.kind] for r in folded)
-    line = (
-        f"KV remedies ({names}): cannot be priced: this input has no KV figures; record the run with "
-        "kvtrace.record() for its KV cache, batch and tokens held"
+    why = (
+        "no KV cache was held in this run (the KV log shows none; see the notes below)"
+        if held_none
+        else "this input has no KV figures; record the run with kvtrace.record() for its KV cache, batch "
+        "and tokens held"
     )
+    line = f"KV remedies ({names}): cannot be priced: {why}"
     return [r for r in d.remedies if r not in folded], line
 
 

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from typing import Any
 
 from analyzers.summary import DeviceSummary, Report
+from analyzers.trace_coverage import trace_span_words
 
 JSON_VERSION = 1
 
@@ -41,6 +42,18 @@ METHOD_LABELS = {
 }
 
 
+def allocated_over(report: Report, devices: list[DeviceSummary]) -> str:
+    """What "allocated" sums over: a snapshot's trace span (a ring buffer, maybe begun mid-run), said with
+    its entries and seconds where one device's trace holds them; else the run. The text, page, notebook and
+    the JSON's `kv.allocated_over` (which the TensorBoard tab shows) say it alike."""
+    spans = [d for d in devices if d.trace_entries is not None]
+    if report.source_kind != "snapshot" or not spans:
+        return "over the run"
+    if len(spans) == 1:
+        return f"over {trace_span_words(spans[0].trace_entries or 0, spans[0].trace_span_us)}"
+    return "over the traces' spans (each device's last entries before the dump)"
+
+
 def report_to_json(report: Report) -> dict[str, Any]:
     kv = report.kv
     devices = [_device_json(report, d) for d in report.devices]
@@ -63,6 +76,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
             "peak_bytes": kv.peak_bytes if attributed else None,
             "final_bytes": kv.final_bytes if attributed else None,
             "allocated_bytes_total": kv.allocated_bytes_total if attributed else None,
+            "allocated_over": allocated_over(report, report.devices),
             "evicted_tokens": kv.evicted_tokens if attributed else None,
             "evictions_by_reason": kv.evictions_by_reason,
             "measured_from": kv.measured_from,

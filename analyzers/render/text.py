@@ -16,9 +16,8 @@ from analyzers.caches import (
     rows_name_caches,
 )
 from analyzers.model import request_at_most
-from analyzers.render.json import METHOD_LABELS, NO_KV_HINT, size_basis_said
-from analyzers.summary import DeviceSummary, KvSummary, Report
-from analyzers.trace_coverage import trace_span_words
+from analyzers.render.json import METHOD_LABELS, NO_KV_HINT, allocated_over, size_basis_said
+from analyzers.summary import KvSummary, Report
 from analyzers.units import a_or_an, human_bytes, times
 from kvtrace.errors import printable
 
@@ -173,18 +172,6 @@ def _rank_heads_line(share: dict[str, int]) -> str:
         f"{who}: its cache holds {held} of the model's {heads} KV heads (a tensor-parallel share), which the "
         "arithmetic counts; `kvtrace report` on the group gives the model's"
     )
-
-
-def allocated_over(report: Report, devices: list[DeviceSummary]) -> str:
-    """What "allocated" sums over: a snapshot's trace span (a ring buffer, maybe begun mid-run), said with
-    its entries and seconds where one device's trace holds them; else the run. The text, page and notebook
-    say it alike."""
-    spans = [d for d in devices if d.trace_entries is not None]
-    if report.source_kind != "snapshot" or not spans:
-        return "over the run"
-    if len(spans) == 1:
-        return f"over {trace_span_words(spans[0].trace_entries or 0, spans[0].trace_span_us)}"
-    return "over the traces' spans (each device's last entries before the dump)"
 
 
 def report_to_text(report: Report) -> str:

@@ -8,7 +8,22 @@ from typing import Any
 
 from kvtrace.errors import KvtraceError, shell_arg
 
-__all__ = ["AsTyped", "Command", "long_dtype", "require_input", "shell_arg", "short_dtype"]
+__all__ = [
+    "MAKES_FOLDERS",
+    "AsTyped",
+    "Command",
+    "add_gpu_memory",
+    "gpu_memory_flag",
+    "long_dtype",
+    "require_input",
+    "shell_arg",
+    "short_dtype",
+]
+
+
+# Said under every output option: each command makes the folders its output path lacks, as `mkdir -p`
+# does (`-o new/dir/x.html` writes there), where compilers and curl refuse such a path; said, not a surprise
+MAKES_FOLDERS = "missing folders on the path are made, as mkdir -p makes them"
 
 
 class Command:
@@ -67,3 +82,16 @@ class AsTyped(argparse.Action):
     ) -> None:
         setattr(namespace, self.dest, values)
         setattr(namespace, f"{self.dest}_flag", option)
+
+
+def add_gpu_memory(parser: argparse.ArgumentParser, help: str, dest: str = "gpu_memory") -> None:
+    """`--gpu-memory SIZE`, a device's memory on every command, and `--budget`, the same flag by the name
+    diagnose and sweep first gave it: a user who learnt one command's name gets it on all of them (`plan
+    --budget 24GiB` was "unrecognized arguments"). Help shows `--gpu-memory` alone."""
+    parser.add_argument("--gpu-memory", dest=dest, action=AsTyped, metavar="SIZE", help=help)
+    parser.add_argument("--budget", dest=dest, action=AsTyped, metavar="SIZE", help=argparse.SUPPRESS)
+
+
+def gpu_memory_flag(args: argparse.Namespace, dest: str = "gpu_memory") -> str:
+    """The name the user typed for the flag `add_gpu_memory` added, for a message about its value."""
+    return getattr(args, f"{dest}_flag", None) or "--gpu-memory"

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kvtrace.commands.base import Command, require_input, shell_arg
+from kvtrace.commands.base import MAKES_FOLDERS, Command, require_input, shell_arg
 from kvtrace.commands.output import (
     check_html_target,
     print_result,
@@ -15,7 +15,7 @@ from kvtrace.commands.output import (
     write_html,
 )
 from kvtrace.commands.progress import reading
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, UsageError
 from kvtrace.run_layout import is_run_group
 
 
@@ -53,7 +53,10 @@ class CompareCommand(Command):
             help="two or more runs: run directories, run groups, traces or snapshots (what report reads)",
         )
         parser.add_argument(
-            "-o", "--output", metavar="FILE", help="write a self-contained HTML page (e.g. compare.html)"
+            "-o",
+            "--output",
+            metavar="FILE",
+            help=f"write a self-contained HTML page (e.g. compare.html; {MAKES_FOLDERS})",
         )
         parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -70,7 +73,7 @@ class CompareCommand(Command):
                 names = " ".join(shell_arg(p) for p in held[:3]) + (" ..." if len(held) > 3 else "")
                 example = f"kvtrace compare {names}"
                 raise KvtraceError(f"{args.runs[0]} holds {len(held)} runs: name them, e.g. {example}")
-            raise KvtraceError("give at least two runs to compare")
+            raise UsageError("give at least two runs to compare")
         paths = [Path(p) for p in args.runs]
         for path in paths:
             require_input(path)

@@ -7,7 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtrace.commands.base import Command, long_dtype, shell_arg
+from kvtrace.commands.base import (
+    MAKES_FOLDERS,
+    Command,
+    add_gpu_memory,
+    gpu_memory_flag,
+    long_dtype,
+    shell_arg,
+)
 from kvtrace.commands.output import check_html_target
 from kvtrace.errors import KvtraceError, MissingPart
 
@@ -87,7 +94,8 @@ class DemoCommand(Command):
             "--out",
             "--output",
             metavar="DIR",
-            help="run directory (default: runs/demo-<cache>, with -<press> when there is one)",
+            help="run directory (default: runs/demo-<cache>, with -<press> when there is one; "
+            f"{MAKES_FOLDERS})",
         )
         parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
         parser.add_argument(
@@ -101,12 +109,11 @@ class DemoCommand(Command):
             "--prompt", action="append", help="a prompt (repeat for several; default: built-in)"
         )
         parser.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
-        parser.add_argument(
-            "--gpu-memory",
-            metavar="SIZE",
-            help=f"mark where the run would run out on a device of SIZE, e.g. 8GiB, or a GPU's name (T4) "
-            f"(default with --size "
-            f"demo: {DEMO_GPU_MEMORY}; 'none' for no budget)",
+        add_gpu_memory(
+            parser,
+            f"mark where the run would run out on a device of SIZE, e.g. 8GiB, or a GPU's name (T4) "
+            f"(default with --size demo: {DEMO_GPU_MEMORY}; 'none' for no budget); --budget is another name "
+            "for it",
         )
         parser.add_argument(
             "--dtype",
@@ -159,7 +166,9 @@ class DemoCommand(Command):
         gpu_memory = args.gpu_memory  # flags first: a bad value is named whatever --out holds
         if gpu_memory is None and args.size == "demo":
             gpu_memory = DEMO_GPU_MEMORY
-        budget = None if gpu_memory in (None, "none") else parse_device_memory(gpu_memory, "--gpu-memory")
+        budget = (
+            None if gpu_memory in (None, "none") else parse_device_memory(gpu_memory, gpu_memory_flag(args))
+        )
         # --out before torch is imported: a file in its place is refused at once, as `kvtrace run` does
         out = Path(args.out or default_out(args.cache, args.press))
         refuse_not_a_run_folder(out)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvtrace.commands.base import shell_arg
+from kvtrace.commands.base import gpu_memory_flag, shell_arg
 from kvtrace.commands.demo import refuse_not_a_run_folder, refuse_occupied
 from kvtrace.errors import KvtraceError, MissingPart
 
@@ -69,7 +69,11 @@ def refuse_hf_flags(args: argparse.Namespace) -> None:
     """Refuse a transformers demo flag typed with --engine vllm, before vLLM starts: its workload is fixed
     (8 requests x 100 new tokens in a 32-block pool), and a --batch or --gpu-memory silently dropped would
     report a run other than the one asked for."""
-    typed = [flag for name, flag, default in _HF_ONLY_FLAGS if getattr(args, name, default) != default]
+    typed = [
+        gpu_memory_flag(args) if name == "gpu_memory" else flag  # --budget, its other name, as typed
+        for name, flag, default in _HF_ONLY_FLAGS
+        if getattr(args, name, default) != default
+    ]
     if typed:
         raise KvtraceError(
             f"{', '.join(typed)} {'does' if len(typed) == 1 else 'do'} not apply with --engine vllm: its "

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvtrace.commands.base import AsTyped, Command, require_input
+from kvtrace.commands.base import Command, add_gpu_memory, gpu_memory_flag, require_input
 from kvtrace.commands.output import print_result, said_unreadable
 from kvtrace.commands.progress import reading
 from kvtrace.errors import KvtraceError, printable, short_error
@@ -41,13 +41,11 @@ class DiagnoseCommand(Command):
         )
         parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-        parser.add_argument(
-            "--budget",
-            "--gpu-memory",
-            action=AsTyped,
-            metavar="SIZE",
-            help="price remedies against this memory budget when there is no OOM, e.g. 80GiB, or a GPU's "
-            "name (H100, A100-40GB, L4: the total nvidia-smi shows for it)",
+        add_gpu_memory(
+            parser,
+            "price remedies against this memory budget when there is no OOM, e.g. 80GiB, or a GPU's name "
+            "(H100, A100-40GB, L4: the total nvidia-smi shows for it); --budget is another name for it",
+            dest="budget",
         )
 
     def run(self, args: argparse.Namespace) -> int:
@@ -59,7 +57,7 @@ class DiagnoseCommand(Command):
         path = Path(args.path)
         require_input(path)
         budget = (
-            parse_device_memory(args.budget, getattr(args, "budget_flag", None) or "--budget")
+            parse_device_memory(args.budget, gpu_memory_flag(args, "budget"))
             if args.budget is not None
             else None
         )

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from kvtrace.commands.base import Command
+from kvtrace.commands.base import MAKES_FOLDERS, Command
 from kvtrace.commands.output import print_after_writing, print_result
 from kvtrace.errors import printable
 
@@ -45,7 +45,9 @@ class ExportCommand(Command):
         parser.add_argument(
             "paths", nargs="+", metavar="PATH", help="runs, run groups, traces, snapshots, folders"
         )
-        parser.add_argument("-o", "--output", required=True, metavar="DIR", help="export directory")
+        parser.add_argument(
+            "-o", "--output", required=True, metavar="DIR", help=f"export directory ({MAKES_FOLDERS})"
+        )
         parser.add_argument(
             "--overwrite",
             action="store_true",

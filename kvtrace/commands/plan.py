@@ -8,7 +8,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvtrace.commands.base import AsTyped, Command, shell_arg, short_dtype
+from kvtrace.commands.base import AsTyped, Command, add_gpu_memory, gpu_memory_flag, shell_arg, short_dtype
 from kvtrace.commands.output import print_result
 from kvtrace.commands.plan_flags import refuse_unbuildable_kv
 from kvtrace.commands.plan_grid import counts
@@ -20,7 +20,7 @@ from kvtrace.commands.plan_notes import (
     run_prompt_at,
 )
 from kvtrace.commands.progress import reading
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, UsageError
 
 if TYPE_CHECKING:
     from analyzers.planning.plan_types import PlanResult, RecordedPeak
@@ -308,12 +308,12 @@ class PlanCommand(Command):
             "the batch, not with --context (default: the run's; Whisper's max_source_positions; else "
             "--context, an input as long as the decoder's sequence); refused with --engine vllm",
         )
-        parser.add_argument(
-            "--gpu-memory",
-            metavar="SIZE",
-            help="memory of one GPU, e.g. 80GiB, 24GB, or a GPU's name (H100, A100-40GB, L4, RTX-4090: the "
-            "total nvidia-smi shows for it; a note says it); a number without a unit is bytes, refused below "
-            "1 MiB (default 80GiB; with --from-run, the budget the run was recorded with, else its GPU's)",
+        add_gpu_memory(
+            parser,
+            "memory of one GPU, e.g. 80GiB, 24GB, or a GPU's name (H100, A100-40GB, L4, RTX-4090: the total "
+            "nvidia-smi shows for it; a note says it); a number without a unit is bytes, refused below 1 MiB "
+            "(default 80GiB; with --from-run, the budget the run was recorded with, else its GPU's); "
+            "--budget is another name for it",
         )
         parser.add_argument(
             "--reserve",
@@ -442,9 +442,8 @@ class PlanCommand(Command):
             "needed): its measured weights, activations, non-torch memory and device total, its settings "
             "(block size, max_model_len, kv_cache_dtype, kv_cache_memory_bytes, num_gpu_blocks_override, "
             "utilization, tensor parallel size, max_num_batched_tokens, async scheduling) and its model. A "
-            "transformers "
-            "continuous-batching run (generate_batch) is not planned: `kvtrace diagnose RUN --budget SIZE` "
-            "prices its pool",
+            "transformers continuous-batching run (generate_batch) is not planned: `kvtrace diagnose RUN "
+            "--gpu-memory SIZE` prices its pool",
         )
 
     def run(self, args: argparse.Namespace) -> int:
@@ -507,7 +506,7 @@ class PlanCommand(Command):
             geometry = run.geometry
             used = layout or major_minor(run.transformers_version)
         elif args.preset is None and args.config is None:
-            raise KvtraceError("give a model: --preset NAME, --config PATH or --from-run RUN")
+            raise UsageError("give a model: --preset NAME, --config PATH or --from-run RUN")
         elif args.preset is not None:
             geometry, used = get_preset(args.preset), layout  # Llama 3: every release lays it out alike
         else:
@@ -656,7 +655,7 @@ class PlanCommand(Command):
         if args.gpu_memory is not None:
             from analyzers.planning.size_text import parse_device_memory
 
-            gpu_memory = parse_device_memory(args.gpu_memory, "--gpu-memory")
+            gpu_memory = parse_device_memory(args.gpu_memory, gpu_memory_flag(args))
         elif run is not None and run.budget_bytes is not None:
             # The memory the run was meant to fit, which report and diagnose check it against
             gpu_memory = run.budget_bytes

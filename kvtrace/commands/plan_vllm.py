@@ -14,10 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvtrace.commands.base import require_input
+from kvtrace.commands.base import gpu_memory_flag, require_input
 from kvtrace.commands.output import print_result
 from kvtrace.commands.plan_flags import refuse_transformers_flags
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, UsageError
 
 if TYPE_CHECKING:
     from analyzers.planning.presets import ModelGeometry
@@ -379,7 +379,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     elif run_geometry is not None:
         geometry = run_geometry
     else:
-        raise KvtraceError("give a model: --preset NAME, --config PATH or --from-run RUN")
+        raise UsageError("give a model: --preset NAME, --config PATH or --from-run RUN")
 
     def pick(flag: str | None, key: str, default: int | None, name: str) -> int | None:
         """The size typed after flag `name`, else the run's value, else the default."""
@@ -403,7 +403,7 @@ def run_vllm_plan(args: argparse.Namespace) -> int:
     if args.gpu_memory is not None:
         from kvtrace.gpu_names import DRIVER_RESERVE_BYTES, named_gpu
 
-        gpu_memory = parse_device_memory(args.gpu_memory, "--gpu-memory")
+        gpu_memory = parse_device_memory(args.gpu_memory, gpu_memory_flag(args))
         if named_gpu(args.gpu_memory) is not None:  # nvidia-smi's total: vLLM multiplies CUDA's, less
             gpu_memory -= DRIVER_RESERVE_BYTES
     else:  # the run's device, else an 80 GiB GPU

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvtrace.commands.base import Command, require_input
+from kvtrace.commands.base import MAKES_FOLDERS, Command, require_input
 from kvtrace.commands.output import (
     check_html_target,
     print_result,
@@ -58,7 +58,10 @@ class ReportCommand(Command):
             "path", metavar="PATH", help="run directory, run group, Chrome trace or snapshot pickle"
         )
         parser.add_argument(
-            "-o", "--output", metavar="FILE", help="write a self-contained HTML timeline to this file"
+            "-o",
+            "--output",
+            metavar="FILE",
+            help=f"write a self-contained HTML timeline to this file ({MAKES_FOLDERS})",
         )
         parser.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

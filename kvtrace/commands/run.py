@@ -15,10 +15,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kvtrace.commands.base import Command, shell_arg
+from kvtrace.commands.base import MAKES_FOLDERS, Command, add_gpu_memory, gpu_memory_flag, shell_arg
 from kvtrace.commands.demo import refuse_not_a_run_folder, refuse_occupied
 from kvtrace.commands.output import say
-from kvtrace.errors import KvtraceError
+from kvtrace.errors import KvtraceError, UsageError
 from kvtrace.term_signal import Terminated
 
 _VLLM_MP = "VLLM_ENABLE_V1_MULTIPROCESSING"
@@ -54,7 +54,11 @@ class RunCommand(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "-o", "--out", "--output", metavar="DIR", help="run directory (default: runs/<script name>)"
+            "-o",
+            "--out",
+            "--output",
+            metavar="DIR",
+            help=f"run directory (default: runs/<script name>; {MAKES_FOLDERS})",
         )
         parser.add_argument(
             "--overwrite", action="store_true", help="replace the run directory if it holds a run"
@@ -68,10 +72,10 @@ class RunCommand(Command):
             action="store_true",
             help="record Python stacks of allocations (diagnose names them)",
         )
-        parser.add_argument(
-            "--gpu-memory",
-            metavar="SIZE",
-            help="mark where the run would run out on a device this size, e.g. 24GiB, or a GPU's name (L4)",
+        add_gpu_memory(
+            parser,
+            "mark where the run would run out on a device this size, e.g. 24GiB, or a GPU's name (L4); "
+            "--budget is another name for it",
         )
         # One positional for the script and its arguments, argparse's PARSER kind (as a subcommand takes the
         # rest of the line): a TARGET then a REMAINDER lost the script's own `--` (`script.py -- x` gave it
@@ -88,7 +92,7 @@ class RunCommand(Command):
 
         # the flag first, before the script is looked for: "24" without its unit is refused, not 24 bytes
         typed = args.gpu_memory
-        gpu_memory = parse_device_memory(typed, "--gpu-memory") if typed is not None else None
+        gpu_memory = parse_device_memory(typed, gpu_memory_flag(args)) if typed is not None else None
         target, script_args = _target_and_args(args.command_line)
         # sys.path[0] as Python sets it: the working folder for -m, the script's own (links resolved) for a
         # script; never the folder of the `kvtrace` command, which the installed script puts there
@@ -162,7 +166,9 @@ class RunCommand(Command):
             sys.stdout = stdout
         if raised is not None:
             _print_script_traceback(raised, target)
-        found = _what_was_found(recording, args.no_profiler, vllm_inproc, out, target, args.module)
+        found = _what_was_found(
+            recording, args.no_profiler, vllm_inproc, out, [target, *script_args], args.module
+        )
         if recording.sigterm_received:
             found += "; the script was stopped by SIGTERM"
         # Under torchrun each rank records into out/rank-<r>: its line names its own run, and the group's
@@ -185,7 +191,7 @@ def _target_and_args(command_line: list[str]) -> tuple[str, list[str]]:
     if command_line[:1] == ["--"]:
         command_line = command_line[1:]
     if not command_line:
-        raise KvtraceError("no script after --: give the script (or, with -m, the module) to run")
+        raise UsageError("no script after --: give the script (or, with -m, the module) to run")
     return command_line[0], command_line[1:]
 
 
@@ -204,30 +210,31 @@ def _vllm_engine_in_process() -> bool:
 
 
 def _what_was_found(
-    recording: Any, no_profiler: bool, vllm_inproc: bool, out: Path, target: str, module: bool
+    recording: Any, no_profiler: bool, vllm_inproc: bool, out: Path, command_line: list[str], module: bool
 ) -> str:
     """The final line's account of what the run followed, and for a vLLM engine it could not follow, how to
-    record it."""
+    record it: the command to paste, the script's own arguments with it (`command_line`)."""
     model, llm = recording.model, recording.vllm_llm
     if model is not None:
         return f"model {type(model).__name__}"
     if llm is not None:
         where = f", in this process ({_VLLM_MP}=0, set by kvtrace run)" if vllm_inproc else ""
         return f"vLLM engine of {type(llm).__name__}{where}"
-    command = f"python {'-m ' if module else ''}{target}"
+    command = " ".join(["python", *(["-m"] if module else []), *(shell_arg(arg) for arg in command_line)])
+    engine_dir = shell_arg(f"{out}-engine")
     if recording.engine_not_followed is not None:
         why = "" if vllm_inproc else f" ({_VLLM_MP}={os.environ.get(_VLLM_MP)})"
         unset = "" if vllm_inproc else f"unset {_VLLM_MP}, or "
         return (
             f"a vLLM {recording.engine_not_followed} whose engine ran in its own process{why}: its pool is "
-            f"not in this run; {unset}record the engine with the kvtrace plugin: KVTRACE_DIR={out}-engine "
+            f"not in this run; {unset}record the engine with the kvtrace plugin: KVTRACE_DIR={engine_dir} "
             f"{command}"
         )
     found = "no transformers or vLLM generate() call: recorded without a model, transformers caches only"
     if not no_profiler:
         found += ", no profiler trace (it starts at the first generate())"
     if "vllm" in sys.modules:  # AsyncLLM, `vllm serve`: an engine core in its own process, the plugin's
-        found += f"; for a vLLM engine in its own process, run KVTRACE_DIR={out}-engine {command}"
+        found += f"; for a vLLM engine in its own process, run KVTRACE_DIR={engine_dir} {command}"
     return found
 
 

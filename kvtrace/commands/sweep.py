@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from analyzers.units import a_or_an
-from kvtrace.commands.base import AsTyped, Command, long_dtype
+from kvtrace.commands.base import MAKES_FOLDERS, Command, add_gpu_memory, gpu_memory_flag, long_dtype
 from kvtrace.commands.output import check_regular_target, page_bytes, print_after_writing, write_replacing
 from kvtrace.errors import (
     KvtraceError,
@@ -337,16 +337,20 @@ class SweepCommand(Command):
         parser.add_argument(
             "--device", default="auto", help="cpu, cuda[:N] or auto: cuda when available (default auto)"
         )
-        parser.add_argument(
-            "--gpu-memory",
-            "--budget",
+        add_gpu_memory(
+            parser,
+            "device memory budget, e.g. 80GiB or a GPU's name (H100, L4): rows say whether each point fits, "
+            "and where it runs out; --budget is another name for it",
             dest="budget",
-            action=AsTyped,
-            metavar="SIZE",
-            help="device memory budget, e.g. 80GiB or a GPU's name (H100, L4): rows say whether each point "
-            "fits, and where it runs out",
         )
-        parser.add_argument("-o", "--out", "--output", required=True, metavar="DIR", help="output directory")
+        parser.add_argument(
+            "-o",
+            "--out",
+            "--output",
+            required=True,
+            metavar="DIR",
+            help=f"output directory ({MAKES_FOLDERS})",
+        )
         parser.add_argument("--overwrite", action="store_true", help="replace the sweep already in --out")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -374,7 +378,7 @@ class SweepCommand(Command):
         if args.budget is not None:
             from analyzers.planning.size_text import parse_device_memory
 
-            budget = parse_device_memory(args.budget, getattr(args, "budget_flag", None) or "--gpu-memory")
+            budget = parse_device_memory(args.budget, gpu_memory_flag(args, "budget"))
         if args.size is None and args.preset is None and args.config is None:
             args.size = "tiny"
         model_name, size, model_window = _model_size(args, max(contexts) + args.new_tokens)

@@ -8,6 +8,7 @@ overwritten through a link) or to hang. A full disk is a real file-size limit (R
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtrace.cli import main
+from kvtrace.cli import build_parser, main
 from tests.unit.test_plan import LLAMA_3_8B_CONFIG
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_traces"
@@ -632,3 +633,33 @@ def test_a_file_name_that_is_not_utf8_adds_no_byte_order_mark(
     lines = text.splitlines()
     assert lines[0] == f"kvtrace report: {name} (run)"
     assert lines[-1].startswith(f"wrote {name}.html (") and len(lines) > 5
+
+
+def test_every_output_path_gets_its_missing_folders_made_as_its_help_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN output paths two folders below a folder that does not exist yet, for each command that writes
+    # one from a recorded run or a script (demo and sweep record a model first: their run folders are made
+    # by the same record(), `kvtrace.run_folder`)
+    run = SAMPLES / "dynamic_b2"
+    script = tmp_path / "hello.py"
+    script.write_text("print('hi')\n")
+    outputs = {
+        "report": (["report", str(run), "-q", "--no-export"], tmp_path / "r" / "new" / "x.html"),
+        "compare": (
+            ["compare", str(run), str(SAMPLES / "static_b2"), "-q"],
+            tmp_path / "c" / "new" / "x.html",
+        ),
+        "export": (["export", str(run), "-q"], tmp_path / "e" / "new" / "tables"),
+        "run": (["run", "--no-profiler", str(script)], tmp_path / "u" / "new" / "run"),
+    }
+    for command, (argv, out) in outputs.items():
+        # WHEN each writes there
+        words = [*argv[:-1], "-o", str(out), argv[-1]] if command == "run" else [*argv, "-o", str(out)]
+        assert main(words) == 0, command
+        capsys.readouterr()
+        # THEN the folders were made and the output is in them, as its --help says
+        assert out.is_file() if out.suffix == ".html" else out.is_dir(), command
+        commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        help_text = " ".join(commands.choices[command].format_help().split())
+        assert "missing folders on the path are made, as mkdir -p makes them" in help_text, command

@@ -53,7 +53,10 @@ def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
             2**70,
             "field 'addr' is 1180591620717411303424, expected an integer from 0",
         ),
-        ("kv_events.jsonl", "storage_bytes", 1e400, "field 'storage_bytes' is a number with a fraction"),
+        # Python's json reads 1e400 and Infinity as inf, and NaN: each said as what it is, not "a number with
+        # a fraction"
+        ("kv_events.jsonl", "storage_bytes", 1e400, "field 'storage_bytes' is infinite, expected an integer"),
+        ("kv_events.jsonl", "layer", 2.5, "field 'layer' is a number with a fraction, expected an integer"),
         ("kv_events.jsonl", "storage_bytes", 2**70, "field 'storage_bytes' is 1180591620717411303424"),
         ("kv_events.jsonl", "step", "one", "field 'step' is a string, expected an integer"),
         ("kv_events.jsonl", "shape", "2x4", "field 'shape' is a string, expected a list of sizes"),
@@ -64,8 +67,9 @@ def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
             "memory_samples.jsonl",
             "cpu_percent",
             float("nan"),
-            "field 'cpu_percent' is a number with a fraction",
+            "field 'cpu_percent' is not a number (NaN)",
         ),
+        ("memory_samples.jsonl", "t_ns", -1e400, "field 't_ns' is infinite (negative), expected an integer"),
     ],
 )
 @pytest.mark.parametrize("command", ["report", "diagnose"])
@@ -119,6 +123,14 @@ def test_a_kv_event_without_its_fields_names_them_in_the_logs_terms(
         ),
         (lambda m: m["device"].__setitem__("type", 5), "field 'device.type' is 5, expected a string"),
         (
+            lambda m: m["device"].__setitem__("total_memory_bytes", 1e309),
+            "field 'device.total_memory_bytes' is infinite, expected a size",
+        ),
+        (
+            lambda m: m["model"].__setitem__("num_kv_heads", float("nan")),
+            "field 'model.num_kv_heads' is not a number (NaN), expected a count",
+        ),
+        (
             lambda m: m["model"].__setitem__("num_kv_heads", "two"),
             "field 'model.num_kv_heads' is a string, expected a count",
         ),
@@ -128,7 +140,7 @@ def test_a_kv_event_without_its_fields_names_them_in_the_logs_terms(
         ),
         (lambda m: m.__setitem__("schema_version", True), "missing or invalid schema_version"),
     ],
-    ids=["total-memory", "device-type", "kv-heads", "ended-t", "schema-bool"],
+    ids=["total-memory", "device-type", "memory-inf", "kv-heads-nan", "kv-heads", "ended-t", "schema-bool"],
 )
 def test_a_damaged_manifest_value_is_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: Callable[[dict[str, Any]], None], said: str

@@ -213,5 +213,5 @@ def test_plan_from_a_continuous_batching_run_names_its_engine_and_pool_not_vllm(
     assert f"{run}: a transformers continuous-batching run (transformers-cb)" in err
     pool = f"its pool 32 usable {PAGE}-token blocks ({usable_bytes / 1024:.2f} KiB) + {TRASH} trash sectors"
     assert pool in err
-    assert f"kvtrace diagnose {run} --budget SIZE" in err
+    assert f"kvtrace diagnose {run} --gpu-memory SIZE" in err
     assert "vLLM run" not in err and "max_model_len" not in err and "Traceback" not in err

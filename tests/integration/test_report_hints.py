@@ -186,6 +186,26 @@ def test_diagnose_of_a_run_without_kv_says_none_was_held(tmp_path: Path) -> None
     )
 
 
+def test_diagnose_text_of_a_run_without_kv_folds_the_kv_remedies_into_one_line(tmp_path: Path) -> None:
+    # GIVEN a run whose generate() holds no cache (use_cache=False): its KV log shows none, over the run
+    ids = torch.randint(3, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+    model = build_model(tiny_size(2))
+    with torch.no_grad(), kvtrace.record(tmp_path / "run", model=model, profiler=False):
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=False)
+    # WHEN it is diagnosed as text
+    text = _out(["diagnose", str(tmp_path / "run")])
+    # THEN the five KV remedies, none of which can be priced, are one line that says why (they were five
+    # ranked lines, "1. [batch] Smaller batch: cannot be computed: ...", above the note that says why)
+    lines = text.splitlines()
+    assert "remedies: none priced" in lines
+    assert (
+        "  KV remedies (smaller batch, shorter context, sliding window, static cache, quantized KV): "
+        "cannot be priced: no KV cache was held in this run (the KV log shows none; see the notes below)"
+    ) in lines
+    assert "cannot be computed" not in text
+    assert any(line.startswith("note: no KV cache update was seen in 4 forward passes") for line in lines)
+
+
 def test_forward_passes_on_another_thread_are_counted(tmp_path: Path) -> None:
     # GIVEN generate() on a worker thread (as beside a TextIteratorStreamer), the profiler on
     model = build_model(tiny_size(2))

@@ -434,6 +434,37 @@ KVTRACE_RUN_NO_MODEL = (
 )
 
 
+def test_plan_from_a_kvtrace_run_that_found_no_model_says_why(tmp_path: Path, capsys: Any) -> None:
+    # GIVEN a script that never calls generate() (it runs one forward of its model), under kvtrace run
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from transformers import DynamicCache
+        from kvtrace.llama import build_model
+        from tests.tiny import cache_arg, tiny_size
+
+        model = build_model(tiny_size({LAYERS}, kv_heads={KV_HEADS}))
+        ids = torch.randint(3, 1000, ({BATCH}, {PROMPT}), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model(ids, **cache_arg(DynamicCache(config=model.config)), use_cache=True)
+        """
+    )
+    done = _kvtrace_run(tmp_path, "-o", "run", "--no-profiler", "user.py", script=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # WHEN it is planned from
+    assert main(["plan", "--from-run", str(tmp_path / "run")]) == 2
+
+    # THEN the one-line refusal says what happened, not "recorded without model=", an argument that a
+    # kvtrace run user never gives
+    err = capsys.readouterr().err
+    assert err == (
+        f"kvtrace plan: error: {tmp_path / 'run' / 'manifest.json'}: no model geometry (kvtrace run found "
+        "no generate() call, so no model was recorded): plan it with --preset or --config instead of "
+        "--from-run\n"
+    )
+
+
 @pytest.mark.parametrize("profiler", [True, False], ids=["profiler", "no-profiler"])
 def test_a_script_without_generate_is_advised_what_kvtrace_run_can_do(
     tmp_path: Path, capsys: Any, profiler: bool

@@ -76,6 +76,23 @@ def test_snapshot_page_and_notebook_say_the_trace_span(tmp_path: Path, capsys: A
     assert "over the run" not in cell
 
 
+@pytest.mark.skipif(not REAL_SNAPSHOT.exists(), reason="shared/real_traces not present")
+def test_the_json_carries_the_span_that_the_tensorboard_tab_shows(capsys: Any) -> None:
+    # GIVEN the real snapshot's span, and a run's report (the TensorBoard tab's table is built from this
+    # JSON, `report_to_json`: it said "KV allocated over the run" whatever the input, the page and text not)
+    span = _real_snapshot_span()
+    # WHEN both are reported as JSON
+    snapshot = json.loads(_report([str(REAL_SNAPSHOT), "--json", "-q"], capsys))["kv"]
+    run = json.loads(_report([str(ROOT / "sample_traces" / "dynamic_b2"), "--json", "-q"], capsys))["kv"]
+    # THEN each says what its KV allocated sums over, in the text's words: the snapshot's trace span
+    assert snapshot["allocated_over"] == f"over {span}"
+    assert f"allocated {snapshot['allocated_over']}, by how" in _report([str(REAL_SNAPSHOT), "-q"], capsys)
+    assert run["allocated_over"] == "over the run"
+    # AND the tab's table builds its row from it, not from words of its own
+    tab = (ROOT / "analyzers" / "tb_plugin" / "static" / "kvcache.js").read_text()
+    assert "`KV allocated ${kv.allocated_over}`" in tab and "KV allocated over the run" not in tab
+
+
 def _first_memory_event(path: Path) -> dict[str, Any]:
     with gzip.open(path, "rt") as f:
         events = json.load(f)["traceEvents"]

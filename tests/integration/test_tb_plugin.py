@@ -888,6 +888,11 @@ def test_chromium_shows_an_engine_pool_and_a_short_runs_steps_as_the_cli_does(
     assert _heatmap_step_labels(_panel(dom, "short_b1")) == ["1", "2"]
     assert _heatmap_step_labels(_panel(dom, "dynamic_b2")) == [str(n) for n in range(2, 17, 2)]
     assert "<th>tokens held × batch</th><td>35 × 2</td>" in _panel(dom, "dynamic_b2")
+    # AND its KV allocated row says what it sums over in the report's words (the JSON's `allocated_over`)
+    dynamic = _cli_json("report", str(logdir / "dynamic_b2"), "--json", "--no-export", "-q")["kv"]
+    allocated = f"<th>KV allocated {dynamic['allocated_over']}</th><td>"
+    assert allocated in _panel(dom, "dynamic_b2") and dynamic["allocated_over"] == "over the run"
+    assert f"    allocated {dynamic['allocated_over']} " in _cli_text(logdir / "dynamic_b2")
     assert [line for line in stderr.splitlines() if ":CONSOLE" in line] == []
 
 

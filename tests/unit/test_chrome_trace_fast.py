@@ -16,6 +16,7 @@ import pytest
 
 from analyzers.readers import chrome_trace, json_stream
 from analyzers.readers.chrome_trace import read_chrome_trace
+from kvtrace.cli import main
 from kvtrace.errors import KvtraceError
 
 NEW = (
@@ -49,12 +50,18 @@ def _write(path: Path, events: list[str]) -> Path:
 
 def _reference(path: Path) -> dict[str, dict[str, list[Any]]]:
     """Columns per device from `json.load`, computed without the reader under test."""
+    return _reference_columns(json.loads(path.read_text()))
+
+
+def _reference_columns(trace: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
     names = {0: "cpu", 1: "cuda"}
     columns: dict[str, dict[str, list[Any]]] = {}
-    for event in json.loads(path.read_text())["traceEvents"]:
+    for event in trace["traceEvents"]:
         if event.get("name") != "[memory]":
             continue
         args = event["args"]
+        if type(args["Bytes"]) is not int or abs(args["Bytes"]) > 2**56:
+            continue  # no size a device holds: skipped with a note, on every path
         kind, index = names[args["Device Type"]], args["Device Id"]
         device = kind if kind == "cpu" or index < 0 else f"{kind}:{index}"
         column = columns.setdefault(device, {"ts": [], "addr": [], "delta": [], "allocated": []})
@@ -375,3 +382,103 @@ def test_one_line_trace_that_defeats_the_skip_is_read_in_linear_work(
     # WHEN it is read THEN the columns are json.load's, for a few passes over the text
     _assert_same(path)
     assert _CountedText.scanned < 30 * len(body)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE_TRACE = next((ROOT / "sample_traces" / "dynamic_b2" / "profiler").glob("*.pt.trace.json.gz"))
+WORKER0 = ROOT.parent / "shared" / "real_traces" / "chrome" / "worker0.1623143089861.pt.trace.json.gz"
+
+
+class _CountedRuns(chrome_trace.MemoryRunReader):
+    """The reader of memory runs, kept where the test can see how many events it read undecoded."""
+
+    last: chrome_trace.MemoryRunReader | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _CountedRuns.last = self
+
+
+def _report(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["report", str(path), "--json", "--no-export"]) == 0
+    return capsys.readouterr().out.replace(str(path), "<trace>")
+
+
+@pytest.mark.parametrize(
+    ("original", "indent"),
+    [(SAMPLE_TRACE, 4), (SAMPLE_TRACE, 2), (SAMPLE_TRACE, "\t"), (WORKER0, 4)],
+    ids=["sample-indent4", "sample-indent2", "sample-tab", "worker0-2021-layout-indent4"],
+)
+def test_reindented_real_trace_memory_events_are_read_without_decoding(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    original: Path,
+    indent: int | str,
+) -> None:
+    # GIVEN a real trace (a sample run's, 2024+ layout with Addr and totals; torch's 2021 layout without)
+    # re-indented by another tool: its memory events keep Kineto's keys, in other whitespace
+    if not original.exists():
+        pytest.skip(f"{original} is not here")
+    trace = json.loads(gzip.decompress(original.read_bytes()))
+    memory = sum(1 for event in trace["traceEvents"] if event.get("name") == "[memory]")
+    assert memory > 3000
+    copy = tmp_path / "reindented.pt.trace.json"
+    copy.write_text(json.dumps(trace, indent=indent))
+    monkeypatch.setattr(chrome_trace, "MemoryRunReader", _CountedRuns)
+    # WHEN it is read (the fallback path: not Kineto's layout)
+    source = read_chrome_trace(copy)
+    assert source.meta["reader"] == "json_stream"
+    # THEN nearly all its memory events are taken by the layout scan, not decoded one by one (all were:
+    # those cut by a 1 MiB window's edge still are), and every column is json.load's
+    runs = _CountedRuns.last
+    assert runs is not None
+    assert memory - 20 <= runs.events <= memory
+    scanned = read_chrome_trace(original)  # Kineto's own text, read by the byte scan
+    assert [d.device for d in source.devices] == [d.device for d in scanned.devices]
+    for device, want in zip(source.devices, scanned.devices, strict=True):
+        for column in ("ts_us", "addr", "delta_bytes", "total_allocated", "total_reserved"):
+            left, right = getattr(device, column), getattr(want, column)
+            assert (left is None) == (right is None), column
+            if left is not None:
+                assert left.dtype == right.dtype, column
+                np.testing.assert_array_equal(left, right)
+    for device, want in _reference_columns(trace).items():  # and json.load's, in the trace's time order
+        (read,) = [d for d in source.devices if d.device == device]
+        order = np.argsort(np.asarray(want["ts"]), kind="stable")
+        np.testing.assert_array_equal(read.delta_bytes, np.asarray(want["delta"], dtype=np.int64)[order])
+        np.testing.assert_array_equal(read.addr, np.asarray(want["addr"], dtype=np.int64)[order])
+    # AND the report says exactly what it says of the trace as torch wrote it
+    assert _report(copy, capsys) == _report(original, capsys)
+
+
+def test_a_learned_layout_reads_only_what_json_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN re-indented memory events, some in forms the learned layout must not take: a key escaped,
+    # a number in exponent form, a leading zero (not JSON), a string for a number, an extra key, a size
+    # no device holds, keys in another order; and a step whose string names "[memory]"
+    events: list[dict[str, Any]] = [json.loads(_event(i, "new", f"{i}.5")) for i in range(600)]
+    events[3]["args"]["Bytes"] = 2**60
+    events[5]["args"]["Bytes"] = "64"
+    events[7]["args"]["extra"] = 1
+    events[9] = {"name": "[memory]", **{k: v for k, v in events[9].items() if k != "name"}}
+    events.insert(11, json.loads(STEP % (1, "11.25")))
+    text = json.dumps({"traceEvents": events}, indent=4)
+    text = text.replace('"Ev Idx": 20\n', '"Ev \\u0049dx": 20\n').replace(
+        '"Addr": 32552,', '"Addr": 3.2552e4,'
+    )
+    text = text.replace('"ts": 40.5,', '"ts": 040.5,')
+    path = tmp_path / "t.json"
+    path.write_text(text)
+    with pytest.raises(Exception, match=r"t\.json"):
+        read_chrome_trace(path)  # the leading zero: corrupt JSON, as json.load says
+    path.write_text(text.replace('"ts": 040.5,', '"ts": 40.5,'))
+    monkeypatch.setattr(chrome_trace, "MemoryRunReader", _CountedRuns)
+    # WHEN read THEN the columns are json.load's (the impossible size skipped with a note, as decoded)
+    _assert_same(path)
+    # AND the scan took every memory event but those five (3, 5, 7, 20, 40: event 9's key order is learned)
+    # and the last, which no separator follows
+    assert _CountedRuns.last is not None and _CountedRuns.last.events == 600 - 5 - 1
+    assert read_chrome_trace(path).meta["skipped_events"] == {
+        "[memory] with an impossible Bytes (over 2**56)": 1,
+        "[memory] with a non-integer Bytes": 1,
+    }

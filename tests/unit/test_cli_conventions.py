@@ -428,3 +428,53 @@ def test_main_called_off_the_main_thread_runs_and_leaves_sigint_alone(tmp_path: 
     # THEN the command gives its own answer (a missing input: 2), not "signal only works in main thread"
     assert said == [2]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+_GPU_MEMORY_COMMANDS = [
+    (["demo"], "gpu_memory"),
+    (["run", "script.py"], "gpu_memory"),
+    (["plan", "--preset", "llama-3-8b"], "gpu_memory"),
+    (["diagnose", "run_dir"], "budget"),
+    (["sweep", "-o", "/tmp/s"], "budget"),
+]
+
+
+@pytest.mark.parametrize(("argv", "dest"), _GPU_MEMORY_COMMANDS, ids=[a[0] for a, _ in _GPU_MEMORY_COMMANDS])
+def test_budget_is_gpu_memory_on_every_command_that_takes_a_device_memory(argv: list[str], dest: str) -> None:
+    # GIVEN `--budget`, diagnose's and sweep's name for a device's memory: `kvtrace plan --budget 24GiB` and
+    # demo's and run's were "unrecognized arguments", though each command's --gpu-memory means the same
+    for flag in ("--gpu-memory", "--budget"):
+        # WHEN either name is typed, in a flag's place (before a script's name, which takes the rest)
+        words = [*argv[:1], flag, "L4", *argv[1:]]
+        args, unknown = build_parser(words).parse_known_args(words)
+        # THEN both reach the one option
+        assert unknown == [] and getattr(args, dest) == "L4", (words, unknown)
+    # AND the help names it once, as --gpu-memory
+    help_text = _subparsers()[argv[0]].format_help()
+    assert "--gpu-memory SIZE" in help_text and "--budget SIZE" not in help_text
+
+
+def test_plan_by_either_name_is_the_same_plan_and_a_bad_size_names_the_flag_typed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from kvtrace.cli import main
+
+    plans = []
+    for flag in ("--gpu-memory", "--budget"):
+        assert main(["plan", "--preset", "llama-3-8b", flag, "24GiB", "--json"]) in (0, 1)
+        plans.append(json.loads(capsys.readouterr().out))
+    assert plans[0] == plans[1] and plans[0]["request"]["gpu_memory_bytes"] == 24 * 2**30
+    assert main(["plan", "--preset", "llama-3-8b", "--budget", "24"]) == 2
+    assert capsys.readouterr().err.startswith("kvtrace plan: error: --budget 24")
+
+
+@pytest.mark.parametrize("command", ["compare", "demo", "export", "report", "run", "sweep"])
+def test_every_output_option_says_it_makes_missing_folders(command: str) -> None:
+    # GIVEN a command that writes a file or folder the user names: `kvtrace report RUN -o new/dir/x.html`
+    # made new/dir unsaid, where compilers and curl refuse a path whose folder is missing
+    parser = _subparsers()[command]
+    (output,) = [a for a in parser._actions if _OUTPUT_NAMES & set(a.option_strings)]
+    # THEN its help says so, in the same words on every command
+    assert "missing folders on the path are made, as mkdir -p makes them" in (output.help or ""), output.help

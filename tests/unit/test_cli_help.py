@@ -73,3 +73,24 @@ def test_run_without_a_script_names_only_the_script_as_missing(capsys: pytest.Ca
     assert capsys.readouterr().err == (
         "kvtrace run: error: the following arguments are required: TARGET (see kvtrace run --help)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["compare", "one_run"], "give at least two runs to compare"),
+        (["plan"], "give a model: --preset NAME, --config PATH or --from-run RUN"),
+        (["plan", "--engine", "vllm"], "give a model: --preset NAME, --config PATH or --from-run RUN"),
+    ],
+    ids=["compare-one-run", "plan-no-model", "plan-vllm-no-model"],
+)
+def test_a_command_line_short_of_an_argument_points_to_help_as_argparse_does(
+    capsys: pytest.CaptureFixture[str], argv: list[str], said: str
+) -> None:
+    # GIVEN a command line short of what the command needs, found after argparse (compare with one run):
+    # argparse's own "the following arguments are required" ends "(see kvtrace CMD --help)"; these lacked it
+    from kvtrace.cli import main
+
+    # WHEN it is run, THEN it is one line in argparse's form, status 2
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"kvtrace {argv[0]}: error: {said} (see kvtrace {argv[0]} --help)\n"

@@ -113,3 +113,27 @@ def test_both_replay_paths_give_a_free_without_size_its_allocations_size(
             "cuda:0 free_completed entry without size at an address no alloc in the trace"
         )
     assert fast.meta == slow.meta and fast.markers == slow.markers
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["columns", "loop"])
+@pytest.mark.parametrize(
+    ("size", "said"), [(float("inf"), "infinite"), (float("nan"), "not a number (NaN)")], ids=["inf", "nan"]
+)
+def test_a_non_finite_size_is_said_as_what_it_is_by_both_replay_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: bool, size: float, said: str
+) -> None:
+    # GIVEN the small snapshot whose first alloc's size is infinite or NaN (a float torch never writes; it
+    # was said "a number with a fraction")
+    if loop:
+        monkeypatch.setattr(snapshot_replay, "_replay_columns", lambda *args: None)
+    data = _snapshot(as_text=False)
+    data["device_traces"][0][2]["size"] = size
+    path = tmp_path / "non_finite.pickle"
+    path.write_bytes(pickle.dumps(data, protocol=4))
+    # THEN the error says what the value is
+    with pytest.raises(KvtraceError) as refused:
+        read_snapshot(path)
+    entry = "field 'size' of a trace entry (alloc)"
+    assert str(refused.value).endswith(
+        f"malformed snapshot (ValueError: {entry} is {said}, expected an integer)"
+    )

@@ -106,7 +106,9 @@ def test_an_engine_the_user_keeps_in_its_own_process_is_said_not_recorded(
     assert said["outputs"] == REQUESTS
     line = next(line for line in done.stderr.splitlines() if line.startswith("kvtrace run: recorded"))
     assert "a vLLM LLM whose engine ran in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=1)" in line
-    assert f"KVTRACE_DIR={run}-engine python {script}" in line
+    # (the command to paste is the script's own, its argument, the model's folder, with it: it said
+    # `python serve.py`, which the script refuses without the folder)
+    assert f"KVTRACE_DIR={run}-engine python {script} {tiny_model_dir});" in line
     assert "no transformers or vLLM generate() call" not in line
     assert not (run / fmt.ENGINE).exists()
     # AND its report says so too, not that the script called no generate() ("found no generate() call, so
@@ -117,3 +119,48 @@ def test_an_engine_the_user_keeps_in_its_own_process_is_said_not_recorded(
         "found a vLLM LLM at its first generate(), but its engine ran in a process" in n for n in notes
     )
     assert not any("found no generate() call" in note for note in notes)
+    # AND a plan from it says why it has no model ("recorded without model=", an argument its user never
+    # gives), and its diagnosis that no KV remedy can be priced, in one line
+    assert main(["plan", "--from-run", str(run)]) == 2
+    said = "no model geometry (its vLLM engine ran in a process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1)"
+    assert said in capsys.readouterr().err
+    assert main(["diagnose", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "cannot be priced: no KV cache was held in this run" in text and "cannot be computed" not in text
+
+
+KILLED_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from tests.vllm.workload import make_llm, prompts, sampling
+
+    llm = make_llm(sys.argv[1])
+    llm.generate(prompts(2), sampling(4))  # the engine is found here and its steps logged
+    time.sleep(0.5)  # the writer thread flushes the logs every 0.1 s
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or `kill -9` ends it: no manifest end
+    """
+)
+
+
+def test_a_killed_vllm_script_is_not_said_to_have_called_no_generate(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a vLLM script under `kvtrace run` killed (SIGKILL) after its engine was found and two requests
+    # ran: its manifest still says running and lists no files, but engine.json and its logs are there
+    script, run = tmp_path / "killed.py", tmp_path / "run"
+    script.write_text(KILLED_SCRIPT, encoding="utf-8")
+    done = _kvtrace_run(script, run, tiny_model_dir, multiprocessing=None)
+    assert done.returncode == -9, done.stderr[-4000:]
+    manifest = json.loads((run / fmt.MANIFEST).read_text())
+    assert manifest["ended"]["status"] == "running" and "files" not in manifest
+    assert (run / fmt.ENGINE).is_file()
+
+    # WHEN it is reported
+    assert main(["report", str(run), "--json", "--no-export", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+
+    # THEN the report reads the engine's two requests, and does not say that the script called no
+    # generate() (it said "found no generate() call, so the run has no model", beside the engine's figures)
+    assert report["engine"]["requests"] == 2
+    assert any("never finished" in note for note in report["notes"])
+    assert not any("found no generate() call" in note for note in report["notes"])

@@ -111,7 +111,8 @@ function summaryTable(summary) {
   const kv = summary.kv;
   rows.push(['KV final', humanBytes(kv.final_bytes)]);
   rows.push(['KV peak (transient copies)', humanBytes(kv.peak_bytes)]);
-  rows.push(['KV allocated over the run', humanBytes(kv.allocated_bytes_total)]);
+  // What "allocated" sums over, in the report's words: a snapshot's trace span, not the run
+  rows.push([`KV allocated ${kv.allocated_over}`, humanBytes(kv.allocated_bytes_total)]);
   rows.push(['evicted tokens', kv.evicted_tokens === null ? '-' : grouped(kv.evicted_tokens)]);
   // An engine's pool (vLLM) has no batch: its tokens are the pool's capacity, as `kvtrace report` says.
   if (kv.tokens_held !== null && kv.batch !== null) {
