@@ -46,7 +46,8 @@ folder the real rows are left out and the synthetic and torch.profiler ones stil
 
 `--reindented` runs only the fallback-path table instead: each real Chrome trace (a JSON object with
 `traceEvents`) in `--real-traces DIR`/chrome and each sample run's trace, as recorded, re-indented
-(`json.dumps(indent=4)`, as other tools rewrite a trace) and compact (`separators=(",", ":")`), the copies
+(`json.dumps(indent=4)`, as other tools rewrite a trace), compact (`separators=(",", ":")`) and one-line
+(plain `json.dumps(trace)`: ", " and ": " but no new line), the copies
 in a scratch folder with the original's compression; `json.load` and `kvtrace report --json` on each, rounds
 alternated over files, forms and tools, medians of `--reps`. The original keeps Kineto's layout, which the
 byte scan reads; the other two forms are read through the streamed JSON path.
@@ -618,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reindented",
         action="store_true",
-        help="only the fallback path: each real and sample Chrome trace as recorded, re-indented and compact",
+        help="only the fallback path: each real and sample trace as recorded, re-indented, compact, one-line",
     )
     args = parser.parse_args(argv)
     counts = sorted(int(part) for part in str(args.events).split(",") if part.strip())
@@ -696,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- the fallback path: re-indented and compact copies -----------------------------------------------
-_FORMS = ("original", "re-indented", "compact")
+_FORMS = ("original", "re-indented", "compact", "one-line")
 
 
 def _open_trace(path: Path) -> tuple[object, bool]:
@@ -710,10 +711,17 @@ def _open_trace(path: Path) -> tuple[object, bool]:
 
 
 def _rewrite(trace: object, path: Path, form: str, compressed: bool) -> None:
-    """`trace` written as another tool would: json.dumps with indent=4, or with no whitespace at all."""
+    """`trace` written as another tool would: json.dumps with indent=4, with no whitespace at all (compact),
+    or as Python's plain json.dump(obj) writes it (one line, ", " and ": ": a script that loads a trace,
+    filters it and dumps it back)."""
     import json
 
-    text = json.dumps(trace, indent=4) if form == "re-indented" else json.dumps(trace, separators=(",", ":"))
+    if form == "re-indented":
+        text = json.dumps(trace, indent=4)
+    elif form == "compact":
+        text = json.dumps(trace, separators=(",", ":"))
+    else:
+        text = json.dumps(trace)
     data = text.encode("utf-8")
     if compressed:
         with gzip.open(path, "wb", compresslevel=6) as out:
@@ -809,7 +817,7 @@ def run_reindented(args: argparse.Namespace) -> int:
                     + ("" if report.ok else f"  {report.failure}")
                 )
         for label, verdict in same.items():
-            print(f"report --json of the three forms of {label}: {verdict}")
+            print(f"report --json of the {len(_FORMS)} forms of {label}: {verdict}")
         print("goal (issue 11): report/json.load <= 0.5x; wall includes each fresh interpreter's start-up")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -25,6 +25,13 @@ _KINETO_OPEN = "{\n    "
 _KINETO_SEP = "\n  },\n  {"
 _KINETO_CLOSE = "\n  }"
 _KINETO_NEXT = "\n  {"
+# From a point outside any string: the longest stretch whose strings hold no bracket, brace, quote or escape
+# (possessive, so linear; Python 3.10 lacks `*+` and gets the same match by backtracking, slower). It ends
+# outside a string, before the first string that holds one (or at the end of the range).
+try:
+    _PLAIN_STRINGS = re.compile(r'[^"]*+(?:"[^"\\{}\[\]]*+"[^"]*+)*+')
+except re.error:  # pragma: no cover - Python 3.10
+    _PLAIN_STRINGS = re.compile(r'[^"]*(?:"[^"\\{}\[\]]*"[^"]*)*')
 
 
 def _layout(indent: str) -> tuple[str, str, str, str]:
@@ -49,6 +56,33 @@ def _whole_events(
         and text.count("{", start, end) == text.count("}", start, end)
         and text.count("[", start, end) == text.count("]", start, end)
     )
+
+
+def _whole_one_line(text: str, start: int, end: int, sep: str, value_open: str) -> int:
+    """How many whole elements of a one-line array text[start:end] is (an element's start to a "}" that
+    `sep`'s ", {" or ",{" follows, in a stretch `_PLAIN_STRINGS` matched, so every brace in it is structure),
+    or 0 where that is not proven.
+
+    Every "{" but the first opens an object value (`value_open`, ": {") or an array element after an object
+    (`sep`, "}, {"), no array opens with an object ("[{"), and braces balance. Then no "}, {" can be inside
+    an event: an array of objects nested in one begins with an object ("[{") or reaches its first object
+    after a non-object (", {" after no "}"), and either is refused. So each "}, {" is between events, and
+    a lost comma ("}{"), garbage between events or a stray brace fails the count, to be decoded."""
+    opens = text.count("{", start, end)
+    if opens != text.count("}", start, end) or text.find("[{", start, end) >= 0:
+        return 0
+    between = text.count(sep, start, end)
+    return between + 1 if opens == 1 + text.count(value_open, start, end) + between else 0
+
+
+def _one_line_separators(text: str, start: int) -> tuple[str, str]:
+    """(between events, before an object value) of a one-line array whose first element starts here, by the
+    separators after its first key: ("}, {", ": {") as json.dumps writes, ("},{", ":{") compact."""
+    colon = text.find(":", start)
+    comma = text.find(",", start)
+    item = ", " if comma >= 0 and text.startswith(", ", comma) else ","
+    key = ": " if colon >= 0 and text.startswith(": ", colon) else ":"
+    return "}" + item + "{", key + "{"
 
 
 class JsonStream:
@@ -150,12 +184,22 @@ class JsonStream:
         (garbage between its fields) goes unnoticed; a lost separator, unbalanced braces, truncation and
         gzip CRC errors are still reported.
 
+        A one-line array (its first element on the "[" line, as json.dump(obj) writes, with ", " or compact
+        ",") has no layout: "}, {" is also between the objects of an array inside an event, or in a string.
+        There a run is skipped only up to the first string that holds a bracket, brace or escape
+        (`_PLAIN_STRINGS`, a regex ~8x faster than decoding), so every bracket counted is structure, and only
+        if `_whole_one_line` proves each "}, {" in it is between events; an event with such a string (a CUDA
+        kernel's "::{lambda") or an array of objects is decoded. The same price as the layouts': damage
+        inside a skipped event goes unnoticed; a lost comma or garbage between events, truncation and
+        unbalanced braces are reported.
+
         With `read_run` too, an element in that layout holding a needle is first offered to
         `read_run(buf, pos, limit)`, which may take it and the elements after it without decoding (it must
         take only whole elements that are each followed by a separator before `limit`) and returns where
         the next element starts, or `pos` to leave the element to the JSON decoder.
         """
         self.expect("[", where)
+        bracket = self.pos
         if self.peek() == "]":
             self.pos += 1
             return 0
@@ -165,6 +209,11 @@ class JsonStream:
         # `read_run`, which learns the layout of their memory events.
         line = self.buf.rfind("\n", 0, self.pos)
         element_open, sep, close, after_close = _layout(self.buf[line + 1 : self.pos] if line >= 0 else "")
+        value_open = ""
+        one_line = "\n" not in self.buf[bracket : self.pos] and self.buf.startswith('{"', self.pos)
+        if one_line:  # no layout: its own skip below, and nothing offered to `read_run`
+            sep, value_open = _one_line_separators(self.buf, self.pos)
+            element_open = '{"'
         scan = self._decoder.scan_once  # type: ignore[attr-defined]
         whitespace = _WHITESPACE.match
         while True:
@@ -177,11 +226,45 @@ class JsonStream:
             # `sep_stop`, kept as the needles are: a trace re-indented by another tool (json.dumps(indent=4))
             # has none, and looking for one again at each element read such a file in quadratic time.
             next_sep, last_sep, sep_stop = -1, -1, -1
+            plain_to = -1  # one-line: where the stretch of bracket-free strings from an earlier pos ends
             while True:  # fast path: whole elements well inside the window
                 pos = whitespace(buf, pos).end()  # type: ignore[union-attr]
                 if pos >= limit:
                     break
-                if needles is not None and buf.startswith(element_open, pos):
+                if one_line and needles is not None and buf.startswith('{"', pos):
+                    if needle_at < pos:
+                        for index, needle in enumerate(needles):
+                            if next_needle[index] < pos:
+                                found = buf.find(needle, pos)
+                                next_needle[index] = found if found >= 0 else len(buf)
+                        needle_at = min(next_needle)
+                    # No separator before the needle: this element holds it, to be decoded (memory events
+                    # often come in a row). Else the last "}, {" before the first string with a bracket (or
+                    # the needle, or the edge); after a failed run, the first, one element at a time up to
+                    # where that run ended.
+                    last = -1
+                    if needle_at >= limit or buf.find(sep, pos, needle_at) >= 0:
+                        if plain_to <= pos:  # pos is between events, so outside any string
+                            plain = _PLAIN_STRINGS.match(buf, pos, min(needle_at, limit))
+                            plain_to = plain.end()  # type: ignore[union-attr]
+                        last = (
+                            buf.rfind(sep, pos, plain_to)
+                            if pos >= bulk_from
+                            else buf.find(sep, pos, plain_to)
+                        )
+                    run = _whole_one_line(buf, pos, last + 1, sep, value_open) if last > pos else 0
+                    if run:
+                        skipped += run
+                        pos = last + 2  # past "}," of the last skipped element
+                        continue
+                    if last > pos and pos >= bulk_from:
+                        bulk_from = last
+                        first = buf.find(sep, pos, plain_to)
+                        if _whole_one_line(buf, pos, first + 1, sep, value_open):
+                            skipped += 1
+                            pos = first + 2
+                            continue
+                elif needles is not None and buf.startswith(element_open, pos):
                     if needle_at < pos:  # each needle's next position is cached: one pass per window
                         for index, needle in enumerate(needles):
                             if next_needle[index] < pos:

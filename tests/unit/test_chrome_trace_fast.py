@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ import pytest
 from analyzers.readers import chrome_trace, json_stream
 from analyzers.readers.chrome_trace import read_chrome_trace
 from kvtrace.cli import main
+from kvtrace.errors import KvtraceError
 
 NEW = (
     '{\n    "ph": "i",\n    \n    "cat": "cpu_instant_event",\n    "s": "t",\n    "name": "[memory]",\n'
@@ -216,6 +220,168 @@ def test_reindented_trace_skips_the_events_it_does_not_keep(indent: int) -> None
     # and the memory events are json.load's, in order
     assert skipped == 900
     assert decoded == [e for e in events if e["name"] == "[memory]"]
+
+
+_ONE_LINE = {"one-line": {}, "compact": {"separators": (",", ":")}}
+_NEEDLES = ('"[memory]"', "ProfilerStep#", "kvtrace/", '"B"', '"E"')  # the reader's own (chrome_trace)
+
+
+def _walk(text: str) -> tuple[int, list[Any]]:
+    """(skipped, decoded) of the trace's events walked with the reader's needles."""
+    stream = json_stream.JsonStream(io.BytesIO(text.encode()), "t.json")
+    stream.expect("{", "the top")
+    while stream.value("the top") != "traceEvents":  # a recorded trace's other keys come first
+        stream.expect(":", "the top")
+        stream.value("the top")
+        stream.expect(",", "the top")
+    stream.expect(":", "the top")
+    decoded: list[Any] = []
+    skipped = stream.each_element("traceEvents", decoded.append, _NEEDLES)
+    return skipped, decoded
+
+
+def _kept(event: dict[str, Any]) -> bool:
+    """Whether the event holds a needle, as its one-line JSON text has it."""
+    return any(needle in json.dumps(event) for needle in _NEEDLES)
+
+
+@pytest.mark.parametrize("form", list(_ONE_LINE))
+def test_one_line_sample_trace_skips_its_kernels_and_reads_as_recorded(tmp_path: Path, form: str) -> None:
+    # GIVEN a sample run's recorded trace, loaded and dumped back on one line by a script (json.dump(obj), or
+    # compact): no layout to skip by, so every event was decoded (~1x json.load)
+    recorded = next(
+        (Path(__file__).parents[2] / "sample_traces" / "dynamic_b2" / "profiler").glob("*.json.gz")
+    )
+    trace = json.loads(gzip.decompress(recorded.read_bytes()))
+    events = trace["traceEvents"]
+    text = json.dumps(trace, **_ONE_LINE[form])
+    # WHEN its events are walked with the reader's needles
+    skipped, decoded = _walk(text)
+    # THEN what is decoded holds every event kept, in order, and what is skipped is events we do not keep:
+    # every one not decoded, most of the trace
+    kept = [e for e in events if _kept(e)]
+    assert [e for e in decoded if _kept(e)] == kept
+    assert skipped + len(decoded) == len(events)
+    assert skipped > 0.9 * (len(events) - len(kept))
+    # AND the report of the one-line copy is the recorded trace's, byte for byte (paths masked)
+    copy = tmp_path / recorded.name
+    copy.write_bytes(gzip.compress(text.encode()))
+    outputs = []
+    for path in (recorded, copy):
+        done = subprocess.run(
+            [sys.executable, "-m", "kvtrace.cli", "report", str(path), "--json", "-q"],
+            capture_output=True,
+            check=True,
+        )
+        outputs.append(done.stdout.replace(str(path).encode(), b"<trace>"))
+    assert outputs[0] == outputs[1]
+
+
+_ADVERSARIAL = [
+    # an array of objects in args, whose "}, {" is inside an event
+    {"ph": "X", "name": "k", "args": {"list": [{"ph": 1}, {"ph": 2}, {"ph": 3}]}},
+    # an array whose objects follow a number, and an empty object at the top of an array
+    {"ph": "X", "name": "k2", "args": {"list": [1, {"a": 1}, {"b": {}}], "e": [{}]}},
+    # names holding separators, braces and brackets, unbalanced
+    {"ph": "X", "name": "a}, {b", "args": {}},
+    {"ph": "X", "name": "}},{", "args": {"x": "]]"}},
+    {"ph": "X", "name": "{{[", "args": {"list": [{"ph": 1}, {"ph": 2}]}},
+    # strings balancing an array of objects' braces, so that counts alone would pass
+    {"ph": "X", "name": "}]", "args": {"list": [{"ph": 4}, {"ph": 5}]}, "tail": "[{"},
+    {"ph": "X", "name": "x}, {}, {", "args": {"y": '}, {"ph": 6}, {'}},
+    # a needle inside a string of an event we do not keep, escaped quotes and backslashes
+    {"ph": "X", "name": 'not "[memory]" at all', "args": {"path": "C:\\dir\\}, {"}},
+    {"ph": "X", "name": "plain", "args": {"k": 1}},
+]
+
+
+@pytest.mark.parametrize("form", list(_ONE_LINE))
+def test_one_line_adversarial_events_read_as_json_load_reads_them(form: str) -> None:
+    # GIVEN a one-line trace whose kernels hide "}, {" inside arrays of objects and strings, with strings
+    # whose braces balance the structure's, between plain kernels and memory events
+    events: list[Any] = []
+    for i in range(40):
+        events.extend(
+            {"ph": "X", "cat": "kernel", "name": f"gemm_{i}_{k}", "ts": i, "dur": 1} for k in range(3)
+        )
+        events.append(_ADVERSARIAL[i % len(_ADVERSARIAL)])
+        events.append({"ph": "X", "cat": "kernel", "name": f"after_{i}", "args": {"grid": [1, 2, 3]}})
+        events.append(json.loads(_event(i, "new", f"{i}.5")))
+    text = json.dumps({"traceEvents": events}, **_ONE_LINE[form])
+    # WHEN its events are walked with the reader's needles
+    skipped, decoded = _walk(text)
+    # THEN nothing is lost or misread: every event is skipped or decoded, as json.load reads it, in order
+    assert skipped + len(decoded) == len(events)
+    assert [e for e in decoded if e.get("name") == "[memory]"] == [
+        e for e in events if e.get("name") == "[memory]"
+    ]
+    for event in decoded:
+        assert event in events
+    # AND the plain kernels are skipped (at least the three before each tricky event)
+    assert skipped >= 3 * 40
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda t: t.replace(
+                '}, {"ph": "X", "cat": "kernel", "name": "gemm_5_1"',
+                '}{"ph": "X", "cat": "kernel", "name": "gemm_5_1"',
+            ),
+            "corrupt JSON",
+        ),
+        (
+            lambda t: t.replace(
+                '}, {"ph": "X", "cat": "kernel", "name": "gemm_5_1"',
+                '}, 7, {"ph": "X", "cat": "kernel", "name": "gemm_5_1"',
+            ),
+            "",
+        ),
+        (lambda t: t[: t.index('"gemm_250_1"')], "truncated"),
+    ],
+)
+def test_one_line_damage_between_events_is_reported(damage: Callable[[str], str], message: str) -> None:
+    # GIVEN a one-line trace of kernels and memory events, damaged between two kernels (a lost comma, a
+    # stray value) or cut
+    events: list[Any] = []
+    for i in range(300):
+        events.extend(
+            {"ph": "X", "cat": "kernel", "name": f"gemm_{i}_{k}", "ts": i, "dur": 1} for k in range(3)
+        )
+        events.append(json.loads(_event(i, "new", f"{i}.5")))
+    text = damage(json.dumps({"traceEvents": events}))
+    # WHEN it is walked THEN the damage is reported (a stray number is an element, decoded: not skipped)
+    if not message:
+        _, decoded = _walk(text)
+        assert 7 in decoded
+        return
+    with pytest.raises(KvtraceError, match=message):
+        _walk(text)
+
+
+@pytest.mark.parametrize("form", list(_ONE_LINE))
+def test_one_line_trace_that_defeats_the_skip_is_read_in_linear_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    # GIVEN a one-line trace where every other kernel has a "{lambda" name or an array of objects (neither
+    # can be skipped: each is decoded), and the memory events are far apart
+    events: list[Any] = []
+    for i in range(6000):
+        name = f"kernel_{i}::{{lambda(float)#1}}" if i % 4 == 0 else f"gemm_{i}"
+        args: dict[str, Any] = {"list": [{"a": i}, {"b": i}]} if i % 4 == 2 else {"grid": [1, 2, 3]}
+        events.append({"ph": "X", "cat": "kernel", "name": name, "ts": i, "dur": 1, "args": args})
+        if i % 1000 == 999:
+            events.append(json.loads(_event(i, "new", f"{i}.5")))
+    body = json.dumps({"traceEvents": events}, **_ONE_LINE[form])
+    path = tmp_path / "t.json"
+    path.write_text(body)
+    monkeypatch.setattr(json_stream, "_CHUNK_BYTES", 256 << 10)  # windows of a few thousand events
+    monkeypatch.setattr(chrome_trace, "JsonStream", _CountedStream)
+    monkeypatch.setattr(_CountedText, "scanned", 0)
+    # WHEN it is read THEN the columns are json.load's, for a few passes over the text
+    _assert_same(path)
+    assert _CountedText.scanned < 30 * len(body)
 
 
 ROOT = Path(__file__).resolve().parents[2]
