@@ -444,6 +444,11 @@ def test_a_tensor_and_pipeline_parallel_run_reads_as_one_workers_share(
     assert (plan["num_blocks"], plan["kv_bytes_per_token"], plan["starts"]) == (blocks, worker_token, True)
     assert [s["num_blocks"] for s in plan["stages"]] == [blocks] * pp
 
+    # AND `compare` counts the 4 workers' pools, each stage's share on each of its ranks, as that note does
+    row = _cli_json(["compare", str(run_dir), str(run_dir), "-q"])["runs"][0]
+    assert (row["kv_final_bytes"], row["kv_ranks"]) == (pp * tp * worker_pool, pp * tp)
+    assert set(row["kv_by_step"].values()) == {pp * tp * worker_pool}
+
     # AND `diagnose` prices the pool that avoids every preemption by the worker's blocks (8 requests of
     # cdiv(40 + 48 - 1, 32) = 3 blocks, and the null block), given to each of the 4 workers, which vLLM
     # confirms
