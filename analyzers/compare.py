@@ -32,6 +32,12 @@ Definitions, so that the columns mean the same thing for every run:
   from its first request event to its last step's end; the per-row columns have no meaning there ("-").
   Where its request log (engine_requests.jsonl) is missing, what only that log counts (requests, failed,
   aborted, preempted and output tokens, tokens/s) is unknown ("-", null), not 0; a note says so.
+* ranks: the KV figures (peak, final, per step) are every rank's or worker's summed (`kv_ranks` of them), as
+  `report` of a run group sums them: a run group's ranks, a vLLM run's tensor- and pipeline-parallel
+  workers (engine.json describes the first: each holds a pool of its own). The device figures (peak
+  allocated, reserved, weights and other at the peak) are one device's (`peak_rank`): a group's highest
+  rank, the one that runs out first, as `report` marks it; a vLLM run's first worker. A single process is
+  one rank of one device (`kv_ranks` 1, `peak_rank` None).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from analyzers.engine import aborted_requests_unknown, failed_requests_unknown
 from analyzers.model import MemorySource
 from analyzers.summary import Report
 from analyzers.timeline import DeviceTimeline
+from analyzers.units import human_bytes
 
 __all__ = [
     "Comparison",
@@ -96,6 +103,10 @@ class RunFigures:
     # Left out of the JSON: the page draws it, the figures above summarise it.
     timeline: DeviceTimeline | None = field(default=None, repr=False, compare=False)
     timed: bool = field(default=True, repr=False, compare=False)
+    # The ranks or workers whose KV the KV figures sum, and the rank (worker) whose device the device
+    # figures are; None for a single process (see the module docstring)
+    kv_ranks: int = 1
+    peak_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -231,13 +242,27 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
             "figures are not a run's (see `kvtrace diagnose`)",
         )
     partial = report.partial and main is not None
+    kv_peak, kv_final = (kv.peak_bytes, kv.final_bytes) if kv_known else (None, None)
+    workers = _engine_workers(source, report)
+    kv_ranks, peak_rank = 1, None
+    if workers is not None:
+        spread, said = workers
+        notes = (*(n for n in notes if not n.startswith(_ONE_WORKER_NOTES)), said)
+        if spread is None:
+            kv_peak = kv_final = None
+            kv_by_step = ()
+        else:
+            kv_ranks, total, pool = spread
+            peak_rank = 0 if main is not None else None
+            kv_peak, kv_final = (None if b is None else b * total // pool for b in (kv_peak, kv_final))
+            kv_by_step = tuple(b * total // pool for b in kv_by_step)
     timeline = next((tl for tl in report.timelines if main is not None and tl.device == main.device), None)
     return RunFigures(
         label=label,
         path=report.path,
         peak_bytes=main.peak_allocated_bytes if main else None,
-        kv_peak_bytes=kv.peak_bytes if kv_known else None,
-        kv_final_bytes=kv.final_bytes if kv_known else None,
+        kv_peak_bytes=kv_peak,
+        kv_final_bytes=kv_final,
         churn=(kv.allocated_bytes_total / kv.final_bytes) if kv_known and kv.final_bytes else None,
         fragmentation_bytes=main.fragmentation_at_peak_bytes if main else None,
         tokens_per_second=rate,
@@ -260,6 +285,44 @@ def run_figures(source: MemorySource, report: Report, label: str) -> RunFigures:
         source_kind=report.source_kind,
         timeline=timeline if timeline is not None and len(timeline.ts_us) else None,
         timed="event_index" not in (source.meta.get("timestamps") or {}).values(),
+        kv_ranks=kv_ranks,
+        peak_rank=peak_rank,
+    )
+
+
+# The report's notes that its KV figures are the first vLLM worker's: compare's are every worker's
+_ONE_WORKER_NOTES = ("tensor parallel ", "pipeline parallel ")
+
+
+def _engine_workers(source: MemorySource, report: Report) -> tuple[tuple[int, int, int] | None, str] | None:
+    """A vLLM run over several workers: ((workers, their KV bytes, the first's pool) or None where a
+    pipeline stage's share was not recorded, the note saying so); None for one worker or no pool."""
+    from analyzers.engine_stages import all_workers_pool, pipeline_size
+
+    run = source.meta.get("engine")
+    if run is None or report.engine is None or report.engine.status == "refused_start":
+        return None
+    info = run.info
+    tp = info.config.get("tensor_parallel_size")
+    tp = tp if isinstance(tp, int) and not isinstance(tp, bool) and tp > 1 else 1
+    stages = pipeline_size(info)
+    if tp * stages == 1 or not info.kv_cache_bytes:
+        return None
+    spread = all_workers_pool(info)
+    parallel = " x ".join(
+        f"{kind} parallel {size}" for kind, size in (("tensor", tp), ("pipeline", stages)) if size > 1
+    )
+    if spread is None:
+        return None, (
+            f"{parallel}: KV figures unknown: engine.json describes the first worker's pool alone, and the "
+            "other stages' shares were not recorded (runs recorded before kvtrace kept `pipeline_stages`)"
+        )
+    workers, total = spread
+    pool = int(info.kv_cache_bytes)
+    return (workers, total, pool), (
+        f"{parallel}: the KV figures are the {workers} workers' pools summed ({human_bytes(total)}; "
+        f"engine.json describes the first worker's, {human_bytes(pool)}); the device figures (peak "
+        "allocated, reserved) are that first worker's"
     )
 
 

@@ -108,3 +108,21 @@ def pipeline_note(info: EngineInfo, pool: int) -> str | None:
         f"pipeline parallel {size}: the KV figures are the first stage's worker's (engine.json describes "
         f"it, {human_bytes(pool)}), holding the KV of {first}; {rest}"
     )
+
+
+def all_workers_pool(info: EngineInfo) -> tuple[int, int] | None:
+    """(workers, KV bytes over all of them) of a run whose pool engine.json gives for its first worker:
+    each tensor-parallel rank holds a pool of that size (its share of the heads), each pipeline stage its
+    own layers' (`pipeline_stages`). None without a pool, or where a stage's share was not recorded."""
+    pool = info.kv_cache_bytes
+    if not isinstance(pool, int) or isinstance(pool, bool) or pool <= 0:
+        return None
+    tp = info.config.get("tensor_parallel_size")
+    tp = tp if isinstance(tp, int) and not isinstance(tp, bool) and tp > 1 else 1
+    size = pipeline_size(info)
+    if size == 1:
+        return tp, pool * tp
+    stages = _stages(info)
+    if len(stages) != size:
+        return None
+    return tp * size, tp * sum(kv for _, kv in stages)

@@ -404,7 +404,8 @@ def _replica_rates(group: GroupReport) -> dict[str, Any]:
 
 
 def group_figures(group: GroupReport, label: str) -> RunFigures:
-    """The group's row in `kvtrace compare`: KV summed over ranks, step by step; the peak rank's peak.
+    """The group's row in `kvtrace compare`: KV summed over ranks, step by step (`kv_ranks`); the peak
+    rank's peak and device figures (`peak_rank`), as `report` marks it.
     Tokens/s: tensor-parallel ranks generate the same tokens, so rank 0's figure is the job's; data-parallel
     ones each their own, so the job's is their sum."""
     base = group.ranks[0]
@@ -432,9 +433,13 @@ def group_figures(group: GroupReport, label: str) -> RunFigures:
         step_axis=steps,
         kv_by_step=tuple(by_step[s] for s in steps),
         notes=tuple(group.notes),
+        kv_ranks=len(group.ranks),
+        peak_rank=group.peak_rank if figures.peak_bytes is not None else None,
     )
 
 
 def rank_figures(group: GroupReport, label: str) -> list[RunFigures]:
-    """One row per rank, labelled `<label>/rank-<r>`, for comparing groups of the same world size."""
-    return [run_figures(r.source, r.report, f"{label}/rank-{r.rank}") for r in group.ranks]
+    """One row per rank, labelled `<label>/rank-<r>`, for comparing groups of the same world size: each
+    its own KV and device (`peak_rank` the rank)."""
+    rows = [(r.rank, run_figures(r.source, r.report, f"{label}/rank-{r.rank}")) for r in group.ranks]
+    return [dataclasses.replace(f, peak_rank=rank if f.peak_bytes is not None else None) for rank, f in rows]

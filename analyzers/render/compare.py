@@ -34,9 +34,24 @@ def _fmt_churn(value: float | None) -> str:
 
 
 def _fmt_peak(run: RunFigures) -> str:
-    """A peak without allocator events says what it counts: it is no measured peak."""
+    """A peak without allocator events says what it counts: it is no measured peak. An input of several
+    ranks says whose device it is (a group's highest rank, a vLLM run's first worker)."""
     peak = human_bytes(run.peak_bytes)
-    return f"{peak} ({run.peak_counts} only)" if run.partial and run.peak_bytes is not None else peak
+    if run.partial and run.peak_bytes is not None:
+        peak = f"{peak} ({run.peak_counts} only)"
+    if run.kv_ranks > 1 and run.peak_rank is not None:
+        # a group's is its highest rank's, as `report` marks it; a vLLM run's its first worker's
+        whose = f"worker {run.peak_rank}" if run.engine is not None else f"rank {run.peak_rank}: highest"
+        peak = f"{peak} ({whose})"
+    return peak
+
+
+def _fmt_kv(value: int | None, run: RunFigures) -> str:
+    """KV bytes, with the ranks (a vLLM run's workers) they sum where there are several."""
+    text = human_bytes(value)
+    if run.kv_ranks > 1 and value is not None:
+        text = f"{text} ({run.kv_ranks} {'workers' if run.engine is not None else 'ranks'})"
+    return text
 
 
 def _fmt_steps(run: RunFigures) -> str:
@@ -48,8 +63,8 @@ def _fmt_steps(run: RunFigures) -> str:
 
 _COMPARE_ROWS = (
     ("peak allocated", _fmt_peak),
-    ("KV peak", lambda r: human_bytes(r.kv_peak_bytes)),
-    ("KV final", lambda r: human_bytes(r.kv_final_bytes)),
+    ("KV peak", lambda r: _fmt_kv(r.kv_peak_bytes, r)),
+    ("KV final", lambda r: _fmt_kv(r.kv_final_bytes, r)),
     ("KV churn (allocated / final)", lambda r: _fmt_churn(r.churn)),
     ("reserved but unallocated at the peak", lambda r: human_bytes(r.fragmentation_bytes)),
     ("tokens/s per row (generation)", lambda r: _fmt_rate(r.tokens_per_second_per_row)),
@@ -129,11 +144,27 @@ def _has_bare_inputs(comparison: Comparison) -> bool:
     return any(r.source_kind not in _RUN_KINDS for r in comparison.runs)
 
 
+# Where an input spans several ranks: the rows of one device's figures, and those summed over the ranks
+_DEVICE_ROWS = {"peak allocated", "reserved but unallocated at the peak"} | {
+    name for name, _ in _ALLOCATOR_ROWS
+}
+_SUMMED_ROWS = {"KV peak", "KV final"}
+
+
 def _rows(comparison: Comparison) -> tuple[tuple[str, Any], ...]:
     """The table's rows: the allocator's when an input is a trace or snapshot, the engine's only when a run
-    has one."""
+    has one. Where an input spans several ranks (a run group, a tensor-parallel vLLM run), the rows say
+    which figures are one rank's device and which every rank's, as `report` of a group does."""
     rows = _COMPARE_ROWS[:1] + (_ALLOCATOR_ROWS if _has_bare_inputs(comparison) else ()) + _COMPARE_ROWS[1:]
-    return rows + (_ENGINE_ROWS if any(r.engine for r in comparison.runs) else ())
+    rows += _ENGINE_ROWS if any(r.engine for r in comparison.runs) else ()
+    if not any(r.kv_ranks > 1 for r in comparison.runs):
+        return rows
+    return tuple(
+        (f"{name} (one rank)" if name in _DEVICE_ROWS else f"{name} (all ranks)", cell)
+        if name in _DEVICE_ROWS | _SUMMED_ROWS
+        else (name, cell)
+        for name, cell in rows
+    )
 
 
 def comparison_to_text(comparison: Comparison) -> str:

@@ -228,20 +228,38 @@ def _listed_again(d: PreemptionDiagnosis, total: int) -> str:
     return f", {total - again:,} in the pool: {shared}"
 
 
+# A request id longer than this is elided in the middle in the text's table (a served run's are
+# `0_cmpl-<32 hex digits>-0`: 41 characters); the JSON and HTML keep them whole
+ID_WIDTH = 20
+
+
+def _short_ids(ids: list[str]) -> list[str]:
+    """The ids as the text's table shows them: printable, and over ID_WIDTH characters their head and tail
+    around "...", which tell a served run's ids apart (the head is the prompt's index, the tail its id's
+    end); whole where two would read the same."""
+    shown = [printable(rid) for rid in ids]
+    head = (ID_WIDTH - 3) // 2
+    tail = ID_WIDTH - 3 - head
+    short = [rid if len(rid) <= ID_WIDTH else f"{rid[:head]}...{rid[-tail:]}" for rid in shown]
+    return short if len(set(short)) == len(set(shown)) else shown
+
+
 def _preemption_text(d: PreemptionDiagnosis) -> list[str]:
     lines = [
         f"kvtrace diagnose: {printable(str(d.path))}: {_preemption_headline(d)}",
         f"  pool: {_pool(d)}",
         f"  at the first preemption (step {d.first_preemption_step}) the pool held:",
     ]
-    for held in d.held_at_first:
+    ids = _short_ids([held.request_id for held in d.held_at_first])
+    width = max([10, *(len(rid) for rid in ids)])
+    for held, rid in zip(d.held_at_first, ids, strict=True):
         lines.append(
-            f"    request {held.request_id:<10} {held.blocks:>5} blocks {held.tokens:>7,} tokens "
+            f"    request {rid:<{width}} {held.blocks:>5} blocks {held.tokens:>7,} tokens "
             f"(prompt {held.prompt_tokens:,}, output {held.output_tokens:,}{_in_flight(held)}"
             f"{_held_as_of(d, held)})"
         )
     total = sum(h.blocks for h in d.held_at_first)
-    lines.append(f"    total      {'':<10} {total:>5} blocks{_listed_again(d, total)}")
+    lines.append(f"    total   {'':<{width}} {total:>5} blocks{_listed_again(d, total)}")
     lines += [f"  demand if nothing were preempted: {_demand(d)}", f"  model: {d.model}"]
     lines += [f"  note: {printable(n)}" for n in d.notes]
     lines.append("Would have avoided every preemption:")

@@ -28,11 +28,14 @@ class CompareCommand(Command):
     prefill, then what each step appended per row, net of crops: right for speculative decoding) / the wall
     time from the recorder's start sample (the profiler running) to its last step's end, recorder overhead
     included, the profiler's start-up and trace writing not; per row, and over every batch row (under beam
-    search the rows are beams: the table says so). Run groups compare by their totals (tokens/s: rank 0's
-    under tensor parallelism, the ranks' sum under data parallelism), and rank by rank when all RUNs are
-    groups of the same world size. An engine run (vLLM, transformers' continuous batching) adds its pool's
-    rows (requests, blocks, preemptions, output tokens), its tokens/s the requests' output tokens over the
-    time from its first request to its last step (the per-row figures: "-"). Exit status: 0 on success;
+    search the rows are beams: the table says so). Run groups compare by their totals (KV summed over the
+    ranks, the rows saying "all ranks"; the device rows, peak allocated among them, the highest rank's, "one
+    rank"; tokens/s: rank 0's under tensor parallelism, the ranks' sum under data parallelism), and rank by
+    rank when all RUNs are groups of the same world size; a vLLM run's KV sums its tensor- and
+    pipeline-parallel workers' pools, its device rows the first worker's. An engine run (vLLM,
+    transformers' continuous batching) adds its pool's rows (requests, blocks, preemptions, output tokens),
+    its tokens/s the requests' output tokens over the time from its first request to its last step (the
+    per-row figures: "-"). Exit status: 0 on success;
     1 when the HTML or standard output cannot be written; 2 for unreadable input or bad flags, a run
     group's rank included (the others are compared, and its error follows on stderr), or an -o that is a
     named pipe or a device (/dev/null included), refused before any work.
@@ -106,7 +109,7 @@ class CompareCommand(Command):
 
     @staticmethod
     def _with_groups(inputs: list[Any], labels: list[str]) -> Any:
-        """Run groups compare by their totals (KV summed over ranks, the peak rank's peak); when every input
+        """Run groups compare by their totals (KV summed over ranks, the peak rank's device); when every input
         is a group of the same world size, rank by rank too (`<label>/rank-<r>` columns)."""
         from analyzers.compare import Comparison, run_figures
         from analyzers.group import GroupReport, group_figures, rank_figures

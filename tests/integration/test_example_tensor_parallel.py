@@ -190,3 +190,42 @@ def test_kvtrace_run_under_torchrun_names_each_ranks_own_run(torchrun_group: tup
         f"LlamaForCausalLM); next: kvtrace report {out}, kvtrace diagnose {out}"
         for rank in range(WORLD)
     ]
+
+
+def test_compare_says_the_groups_kv_is_every_ranks_and_its_peak_one_ranks(
+    torchrun_group: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the job's group beside its rank 0 alone: each rank holds half the KV heads of every token fed
+    out, _ = torchrun_group
+    example = _example()
+    size = example.SIZE
+    head_dim = size.hidden_size // size.num_heads
+    tokens = example.PROMPT_TOKENS + example.NEW_TOKENS - 1
+    rank_kv_bytes = size.num_layers * 2 * (size.num_kv_heads // WORLD) * head_dim * tokens * example.BATCH * 4
+    assert main(["report", str(out), "--json"]) == 0
+    group = json.loads(capsys.readouterr().out)
+    peak_rank = group["peak_rank"]
+    rank_peaks = [entry["peak_allocated_bytes"] for entry in group["ranks"]]
+    rank_kv_peaks = [entry["kv"]["peak_bytes"] for entry in group["ranks"]]
+
+    # WHEN compared, as JSON
+    assert main(["compare", str(out), str(out / "rank-0"), "--json", "-q"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+
+    # THEN the group's KV is both ranks' (as report sums it), its peak the highest rank's, and each row says
+    # how many ranks its KV counts and whose device its peak is; the single run is one rank's
+    assert [r["label"] for r in runs] == ["tp", "rank-0"]
+    grouped, alone = runs
+    assert (grouped["kv_final_bytes"], grouped["kv_ranks"]) == (WORLD * rank_kv_bytes, WORLD)
+    assert grouped["kv_peak_bytes"] == sum(rank_kv_peaks) == group["kv"]["peak_bytes"]
+    assert (grouped["peak_bytes"], grouped["peak_rank"]) == (max(rank_peaks), peak_rank)
+    assert (alone["kv_final_bytes"], alone["kv_ranks"], alone["peak_rank"]) == (rank_kv_bytes, 1, None)
+
+    # AND the text says the same in its row names and cells
+    assert main(["compare", str(out), str(out / "rank-0"), "-q"]) == 0
+    lines = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()[1:]]
+    rows = {name: cells for name, *cells in lines}
+    kib = rank_kv_bytes / 1024
+    assert rows["KV final (all ranks)"] == [f"{WORLD * kib:.2f} KiB ({WORLD} ranks)", f"{kib:.2f} KiB"]
+    assert rows["peak allocated (one rank)"][0].endswith(f" (rank {peak_rank}: highest)")
+    assert "peak allocated" not in rows and "KV final" not in rows

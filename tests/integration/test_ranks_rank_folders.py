@@ -495,7 +495,10 @@ def test_compare_of_a_group_marks_its_peak_as_its_peak_rank_counts_it(
     )
     partial = f"{human_bytes(RANK_WEIGHTS + RANK_KV_PEAK)} (weights + KV only)"
     whole_peak, rank_0, rank_1 = (human_bytes(b) for b in (max(own_peak), *own_peak))
-    cells_said = ["peak allocated", rank_0, whole_peak, rank_0, rank_0, partial, rank_1]
+    # a group's cell names its highest rank, whose device the row is (each rank's own row: its own)
+    whole_rank = own_peak.index(max(own_peak))
+    groups = [f"{rank_0} (rank 0: highest)", f"{whole_peak} (rank {whole_rank}: highest)"]
+    cells_said = ["peak allocated (one rank)", *groups, rank_0, rank_0, partial, rank_1]
     assert re.split(r"\s{2,}", peak_line.strip()) == cells_said
 
 

@@ -160,6 +160,37 @@ def test_a_tensor_parallel_run_reads_as_one_workers_share(tensor_parallel_run: d
     assert note.endswith(f"{human_bytes(2 * POOL_BYTES)} in all")
 
 
+def test_compare_sums_a_tensor_parallel_runs_workers_pools(tensor_parallel_run: dict[str, Any]) -> None:
+    # GIVEN the 2-worker run beside the one-worker vLLM sample: engine.json gives the first worker's pool
+    run_dir = tensor_parallel_run["dir"]
+    sample = ROOT / "sample_traces" / "vllm_preempt"
+    sample_pool = json.loads((sample / fmt.ENGINE).read_text())["kv_cache_bytes"]
+    # WHEN compared
+    runs = _cli_json(["compare", str(run_dir), str(sample), "-q"])["runs"]
+    # THEN the KV figures are both workers' pools, at every engine step, as a run group's are its ranks'
+    # (they were the first worker's alone), and the device figures say they are that worker's
+    tp, one = runs
+    assert (tp["kv_final_bytes"], tp["kv_peak_bytes"], tp["kv_ranks"]) == (2 * POOL_BYTES, 2 * POOL_BYTES, 2)
+    assert set(tp["kv_by_step"].values()) == {2 * POOL_BYTES}
+    assert tp["peak_rank"] == (0 if tp["peak_bytes"] is not None else None)
+    assert (one["kv_final_bytes"], one["kv_ranks"], one["peak_rank"]) == (sample_pool, 1, None)
+    (note,) = [n for n in tp["notes"] if n.startswith("tensor parallel 2:")]
+    assert note.startswith(
+        f"tensor parallel 2: the KV figures are the 2 workers' pools summed ({human_bytes(2 * POOL_BYTES)}"
+    )
+    # AND the text labels its rows and cells so
+    done = subprocess.run(
+        [sys.executable, "-m", "kvtrace.cli", "compare", str(run_dir), str(sample), "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("KV final (all ranks)")]
+    assert f"{human_bytes(2 * POOL_BYTES)} (2 workers)" in row
+
+
 def test_a_pipeline_parallel_run_reads_as_the_first_stages_share(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -412,6 +443,11 @@ def test_a_tensor_and_pipeline_parallel_run_reads_as_one_workers_share(
     plan = _cli_json(["plan", "--engine", "vllm", "--from-run", str(run_dir)])
     assert (plan["num_blocks"], plan["kv_bytes_per_token"], plan["starts"]) == (blocks, worker_token, True)
     assert [s["num_blocks"] for s in plan["stages"]] == [blocks] * pp
+
+    # AND `compare` counts the 4 workers' pools, each stage's share on each of its ranks, as that note does
+    row = _cli_json(["compare", str(run_dir), str(run_dir), "-q"])["runs"][0]
+    assert (row["kv_final_bytes"], row["kv_ranks"]) == (pp * tp * worker_pool, pp * tp)
+    assert set(row["kv_by_step"].values()) == {pp * tp * worker_pool}
 
     # AND `diagnose` prices the pool that avoids every preemption by the worker's blocks (8 requests of
     # cdiv(40 + 48 - 1, 32) = 3 blocks, and the null block), given to each of the 4 workers, which vLLM
