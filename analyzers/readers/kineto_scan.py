@@ -8,8 +8,9 @@ and in each block:
 * `[memory]` events are matched by one compiled pattern per Kineto layout (2021 and 2022+), whose groups
   are the numbers (JSON number grammar, so a leading zero or garbage is not accepted) and converted per
   column with numpy. When a block's matches do not account for every `"[memory]"` in it (other spacing, key
-  order, strings for numbers, garbage), each of its memory events is decoded with `json` instead, in file
-  order, so damage is reported and odd events are read exactly as the JSON reader reads them.
+  order, strings for numbers, garbage), or one holds a Bytes past `MAX_EVENT_BYTES` or a ts past a float's
+  range, each of its memory events is decoded with `json` instead, in file order, so damage is reported
+  (such an event is skipped with the decoder's note) and odd events are read as the JSON reader reads them.
 * events naming a step (`ProfilerStep#`, `kvtrace/`) or opening/closing a B/E range are found by substring
   and decoded one by one with `json`: a handful per step.
 * structure is checked cheaply: the separators give the event count, and a lost comma between events
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from analyzers.readers.memory_events_fast import MAX_EVENT_BYTES
 from analyzers.readers.sources import ProgressFn, open_input
 from analyzers.readers.unescaped_names import repair_event
 from kvtrace.errors import KvtraceError, too_long_integer
@@ -308,6 +310,8 @@ class _Scanner:
                 memory_blocks = _blocks_of(dict(zip(fields, columns, strict=True)), count)
             except (ValueError, OverflowError):  # a number beyond int64: the JSON reader's case
                 return False
+            if any(map(_impossible, memory_blocks)):  # the JSON reader's too: it skips each with its note
+                return False
             for memory in memory_blocks:
                 self.on_memory(memory)
             self.result.events += count
@@ -317,6 +321,17 @@ class _Scanner:
                 self.commas += gap.endswith(b",")
             return True
         return False
+
+
+def _impossible(block: MemoryBlock) -> bool:
+    """Whether a Bytes no device holds (past `MAX_EVENT_BYTES`) or a ts past a float's range (1e400) is
+    among `block`'s events: the decoder skips such an event with a note, as the streamed reader does."""
+    delta = block.delta
+    return (
+        int(delta.max()) > MAX_EVENT_BYTES
+        or int(delta.min()) < -MAX_EVENT_BYTES
+        or not bool(np.isfinite(block.ts).all())
+    )
 
 
 def _header(head: bytes) -> tuple[dict[str, Any], int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -482,3 +483,90 @@ def test_a_learned_layout_reads_only_what_json_reads(tmp_path: Path, monkeypatch
         "[memory] with an impossible Bytes (over 2**56)": 1,
         "[memory] with a non-integer Bytes": 1,
     }
+
+
+def _kineto_events(text: str) -> tuple[str, list[str], str]:
+    """(head through '"traceEvents": [', each event's text as Kineto wrote it, the rest) of a Kineto trace."""
+    begin = text.index('"traceEvents": [') + len('"traceEvents": [')
+    end = text.rindex("\n  }") + len("\n  }")
+    events = text[begin:end].split("\n  },\n  {")
+    return text[:begin], [events[0], *(f"\n  {{{event}" for event in events[1:])], text[end:]
+
+
+@pytest.mark.parametrize("command", ["report", "diagnose"])
+def test_impossible_sizes_and_times_are_skipped_alike_by_every_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # GIVEN a small trace in Kineto's own layout made of a sample run's events (the three before its first
+    # memory event, its first 40 memory events, three kvtrace step ranges), in which one allocation's
+    # Bytes is 2**60 (past any device) and another memory event's ts is 1e400 (past a float's range)
+    head, events, tail = _kineto_events(gzip.decompress(SAMPLE_TRACE.read_bytes()).decode())
+    memory = [index for index, event in enumerate(events) if '"name": "[memory]"' in event]
+    steps = [index for index, event in enumerate(events) if '"name": "kvtrace/' in event][:3]
+    kept = sorted({*memory[:40], *steps, *range(memory[0] - 3, memory[0])})
+    chosen = [events[index].rstrip(",") for index in kept]
+    chosen = [event if event.endswith("\n  }") else f"{event}\n  }}" for event in chosen]
+    mine = [position for position, index in enumerate(kept) if index in memory]
+    big = next(position for position in mine[4:] if '"Bytes": -' not in chosen[position])
+    far = mine[9]
+    chosen[big] = re.sub(r'"Bytes": \d+', f'"Bytes": {2**60}', chosen[big], count=1)
+    chosen[far] = re.sub(r'"ts": [0-9.]+', '"ts": 1e400', chosen[far], count=1)
+    text = head + ",".join(chosen) + tail
+    trace = json.loads(text)
+    # its four forms: as Kineto writes it (the byte scan), gzipped (the byte scan too), re-indented (the
+    # streamed reader, memory events in runs), one line (the streamed reader, each event decoded)
+    forms = {
+        "plain.pt.trace.json": text.encode(),
+        "gzipped.pt.trace.json.gz": gzip.compress(text.encode()),
+        "indent4.pt.trace.json": json.dumps(trace, indent=4).encode(),
+        "one_line.pt.trace.json": json.dumps(trace).encode(),
+    }
+    readers = {
+        "plain": "byte_scan",
+        "gzipped": "byte_scan",
+        "indent4": "json_stream",
+        "one_line": "json_stream",
+    }
+    monkeypatch.setattr(chrome_trace, "MemoryRunReader", _CountedRuns)
+    outputs = {}
+    for name, data in forms.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        form = name.split(".")[0]
+        _CountedRuns.last = None
+        source = read_chrome_trace(path)
+        assert source.meta["reader"] == readers[form], form
+        # WHEN each is read THEN the two events are skipped, each with the JSON decoder's note
+        assert source.meta["skipped_events"] == {
+            "[memory] with an impossible Bytes (over 2**56)": 1,
+            "[memory] with a non-numeric ts": 1,
+        }, form
+        if form == "indent4":  # the run reader took the 38 others, but the last, which no separator follows
+            assert _CountedRuns.last is not None and _CountedRuns.last.events == 37
+        args = [command, str(path), "--json"] + (["--no-export"] if command == "report" else [])
+        assert main(args) == 0
+        outputs[form] = json.loads(capsys.readouterr().out.replace(str(path), "<trace>"))
+    # AND report / diagnose say the same of every form
+    assert outputs["gzipped"] == outputs["plain"]
+    assert outputs["indent4"] == outputs["plain"]
+    assert outputs["one_line"] == outputs["plain"]
+    # AND the figures are the running sum of the other 38 events' Bytes, in time order, from the least
+    # level that keeps it at or above 0 (a CPU's totals are the profiler's counter, not followed)
+    rows = sorted(
+        (float(event["ts"]), event["args"]["Bytes"])
+        for position, event in enumerate(trace["traceEvents"])
+        if event.get("name") == "[memory]" and position not in (big, far)
+    )
+    assert len(rows) == 38
+    delta = np.array([size for _, size in rows], dtype=np.int64)
+    running = np.cumsum(delta)
+    baseline = max(0, -int(running.min()))
+    if command == "report":
+        (cpu,) = outputs["plain"]["devices"]
+        assert cpu["device"] == "cpu"
+        assert cpu["alloc_events"] == int((delta > 0).sum())
+        assert cpu["free_events"] == int((delta < 0).sum())
+        assert cpu["peak_allocated_bytes"] == baseline + int(running.max())
+        assert cpu["final_allocated_bytes"] == baseline + int(running[-1])
+    else:
+        assert outputs["plain"]["allocated_bytes"] == baseline + int(running.max())
