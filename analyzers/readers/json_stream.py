@@ -17,6 +17,7 @@ from typing import IO, Any
 from analyzers.readers.unescaped_names import repair_event
 from kvtrace.errors import KvtraceError, too_long_integer
 
+Needle = str | re.Pattern[str]  # what each_element looks for: one `str.find` or `re` pass per window
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _CHUNK_BYTES = 1 << 20
 _LOOKAHEAD = 64  # chars that must follow a decoded value, so a number cut by a chunk edge is not misread
@@ -44,18 +45,30 @@ def _layout(indent: str) -> tuple[str, str, str, str]:
     return "{\n" + inner, f"\n{indent}}},\n{indent}{{", f"\n{indent}}}", f"\n{indent}{{"
 
 
-def _whole_events(
-    text: str, start: int, end: int, count: int, close: str = _KINETO_CLOSE, after: str = _KINETO_NEXT
-) -> bool:
-    """Whether text[start:end], found by layout, really is `count` whole Kineto-style events: one
-    closing brace at event indentation each, joined by separators only, braces and brackets balanced.
-    Braces inside strings or a lost comma make it fail safe (the events are then decoded)."""
-    return (
-        text.count(close, start, end) == count
-        and text.count(after, start, end) == count - 1
-        and text.count("{", start, end) == text.count("}", start, end)
-        and text.count("[", start, end) == text.count("]", start, end)
-    )
+def _event_lines(sep: str, close: str) -> re.Pattern[str]:
+    """What `_whole_events` finds in one pass: each line at event indentation that opens or closes an
+    element, its group "{", "}" or, for a separator (`sep`: `close` + ",\n" + the same line opening the
+    next element), the separator from its "}"."""
+    line = close[:-1]  # "\n" and the indentation
+    return re.compile(re.escape(line) + "(" + re.escape(sep[len(line) :]) + "|[{}])")
+
+
+_KINETO_LINES = _event_lines(_KINETO_SEP, _KINETO_CLOSE)
+
+
+def _whole_events(text: str, start: int, end: int, lines: re.Pattern[str] = _KINETO_LINES) -> int:
+    """How many whole Kineto-style events text[start:end] (from an element's start to the closing brace
+    of one that a separator follows, found by layout) is, or 0 where that is not proven: every line at
+    event indentation that opens or closes an element is in a separator but the last, a close, and braces
+    and brackets balance. Braces inside strings or a lost comma make it fail safe (the events are then
+    decoded). One regex pass (`lines`, ~2.8x faster than counting separators, closes and opens apart)."""
+    marks = lines.findall(text, start, end)
+    if not marks or marks[-1] != "}" or marks.count("}") + marks.count("{") != 1:
+        return 0
+    balanced = text.count("{", start, end) == text.count("}", start, end) and text.count(
+        "[", start, end
+    ) == text.count("]", start, end)
+    return len(marks) if balanced else 0
 
 
 def _whole_one_line(text: str, start: int, end: int, sep: str, value_open: str) -> int:
@@ -64,15 +77,25 @@ def _whole_one_line(text: str, start: int, end: int, sep: str, value_open: str) 
     or 0 where that is not proven.
 
     Every "{" but the first opens an object value (`value_open`, ": {") or an array element after an object
-    (`sep`, "}, {"), no array opens with an object ("[{"), and braces balance. Then no "}, {" can be inside
-    an event: an array of objects nested in one begins with an object ("[{") or reaches its first object
-    after a non-object (", {" after no "}"), and either is refused. So each "}, {" is between events, and
-    a lost comma ("}{"), garbage between events or a stray brace fails the count, to be decoded."""
+    (`sep`, "}, {"), and braces balance: the counts say so, as each "{" is counted at most once and the
+    first (at `start`) is not. Then no "}, {" can be inside an event: an array of objects nested in one
+    begins with an object ("[{") or reaches its first object after a non-object (", {" after no "}"), and
+    either leaves a "{" uncounted (no pass of its own for "[{"). So each "}, {" is between events, and a
+    lost comma ("}{"), garbage between events or a stray brace fails the count, to be decoded."""
     opens = text.count("{", start, end)
-    if opens != text.count("}", start, end) or text.find("[{", start, end) >= 0:
+    if opens != text.count("}", start, end):
         return 0
     between = text.count(sep, start, end)
     return between + 1 if opens == 1 + text.count(value_open, start, end) + between else 0
+
+
+def _find(text: str, needle: Needle, start: int) -> int:
+    """Where `needle` (a substring or a pattern) is next in `text` from `start`; len(text) if nowhere."""
+    if isinstance(needle, str):
+        found = text.find(needle, start)
+        return found if found >= 0 else len(text)
+    match = needle.search(text, start)
+    return match.start() if match else len(text)
 
 
 def _one_line_separators(text: str, start: int) -> tuple[str, str]:
@@ -169,8 +192,9 @@ class JsonStream:
         self,
         where: str,
         on_element: Callable[[Any], None],
-        needles: tuple[str, ...] | None = None,
+        needles: tuple[Needle, ...] | None = None,
         read_run: Callable[[str, int, int], int] | None = None,
+        plain_needles: tuple[Needle, ...] | None = None,
     ) -> int:
         """Call `on_element` with each element of the array that starts here; return how many were
         skipped undecoded.
@@ -192,6 +216,10 @@ class JsonStream:
         kernel's "::{lambda") or an array of objects is decoded. The same price as the layouts': damage
         inside a skipped event goes unnoticed; a lost comma or garbage between events, truncation and
         unbalanced braces are reported.
+        Its needles are `plain_needles` where given: as no string of a run it skips holds an escape, a
+        needle there may rely on keys being written as they read (`"ph"`, not `"\\u0070h"`).
+
+        A needle is a substring or a compiled pattern (one `re` pass can beat two `str.find`s).
 
         With `read_run` too, an element in that layout holding a needle is first offered to
         `read_run(buf, pos, limit)`, which may take it and the elements after it without decoding (it must
@@ -208,12 +236,14 @@ class JsonStream:
         # events are skipped as Kineto's are (every one was decoded: ~2.8x the time), and offered to
         # `read_run`, which learns the layout of their memory events.
         line = self.buf.rfind("\n", 0, self.pos)
-        element_open, sep, close, after_close = _layout(self.buf[line + 1 : self.pos] if line >= 0 else "")
+        element_open, sep, close, _ = _layout(self.buf[line + 1 : self.pos] if line >= 0 else "")
+        lines = _event_lines(sep, close)
         value_open = ""
         one_line = "\n" not in self.buf[bracket : self.pos] and self.buf.startswith('{"', self.pos)
         if one_line:  # no layout: its own skip below, and nothing offered to `read_run`
             sep, value_open = _one_line_separators(self.buf, self.pos)
             element_open = '{"'
+            needles = plain_needles if plain_needles is not None else needles
         scan = self._decoder.scan_once  # type: ignore[attr-defined]
         whitespace = _WHITESPACE.match
         while True:
@@ -235,8 +265,7 @@ class JsonStream:
                     if needle_at < pos:
                         for index, needle in enumerate(needles):
                             if next_needle[index] < pos:
-                                found = buf.find(needle, pos)
-                                next_needle[index] = found if found >= 0 else len(buf)
+                                next_needle[index] = _find(buf, needle, pos)
                         needle_at = min(next_needle)
                     # No separator before the needle: this element holds it, to be decoded (memory events
                     # often come in a row). Else the last "}, {" before the first string with a bracket (or
@@ -268,8 +297,7 @@ class JsonStream:
                     if needle_at < pos:  # each needle's next position is cached: one pass per window
                         for index, needle in enumerate(needles):
                             if next_needle[index] < pos:
-                                found = buf.find(needle, pos)
-                                next_needle[index] = found if found >= 0 else len(buf)
+                                next_needle[index] = _find(buf, needle, pos)
                         needle_at = min(next_needle)
                     stop = min(needle_at, limit)
                     if next_sep < pos:
@@ -280,15 +308,15 @@ class JsonStream:
                     elif stop != sep_stop or last_sep < next_sep:
                         last_sep, sep_stop = buf.rfind(sep, pos, stop), stop
                     if last_sep > pos and pos >= bulk_from:
-                        run = buf.count(sep, pos, last_sep + len(sep))
-                        if _whole_events(buf, pos, last_sep + len(close), run, close, after_close):
+                        run = _whole_events(buf, pos, last_sep + len(close), lines)
+                        if run:
                             skipped += run
                             pos = last_sep + len(close) + 1  # past "}," of the last skipped element
                             continue
                     if last_sep > pos:
                         bulk_from = last_sep
                         # The first separator in the run.
-                        if _whole_events(buf, pos, next_sep + len(close), 1, close, after_close):
+                        if _whole_events(buf, pos, next_sep + len(close), lines) == 1:
                             skipped += 1
                             pos = next_sep + len(close) + 1
                             continue

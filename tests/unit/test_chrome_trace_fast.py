@@ -224,7 +224,6 @@ def test_reindented_trace_skips_the_events_it_does_not_keep(indent: int) -> None
 
 
 _ONE_LINE = {"one-line": {}, "compact": {"separators": (",", ":")}}
-_NEEDLES = ('"[memory]"', "ProfilerStep#", "kvtrace/", '"B"', '"E"')  # the reader's own (chrome_trace)
 
 
 def _walk(text: str) -> tuple[int, list[Any]]:
@@ -237,13 +236,17 @@ def _walk(text: str) -> tuple[int, list[Any]]:
         stream.expect(",", "the top")
     stream.expect(":", "the top")
     decoded: list[Any] = []
-    skipped = stream.each_element("traceEvents", decoded.append, _NEEDLES)
+    needles, plain = chrome_trace._NEEDLES, chrome_trace._PLAIN_NEEDLES  # the reader's own
+    skipped = stream.each_element("traceEvents", decoded.append, needles, plain_needles=plain)
     return skipped, decoded
 
 
 def _kept(event: dict[str, Any]) -> bool:
-    """Whether the event holds a needle, as its one-line JSON text has it."""
-    return any(needle in json.dumps(event) for needle in _NEEDLES)
+    """Whether the reader keeps the event: a begin or end, or one holding a needle substring."""
+    text = json.dumps(event)
+    return event.get("ph") in ("B", "E") or any(
+        n in text for n in ('"[memory]"', "ProfilerStep#", "kvtrace/")
+    )
 
 
 @pytest.mark.parametrize("form", list(_ONE_LINE))
@@ -320,6 +323,120 @@ def test_one_line_adversarial_events_read_as_json_load_reads_them(form: str) -> 
         assert event in events
     # AND the plain kernels are skipped (at least the three before each tricky event)
     assert skipped >= 3 * 40
+
+
+def _dump(trace: dict[str, Any], form: str) -> str:
+    """The trace as `form` writes it: Kineto's own layout (events at two spaces), re-indented by json.dumps,
+    or on one line with any of json.dumps's separators."""
+    if form == "kineto":
+        events = ",\n  ".join(json.dumps(e, indent=2).replace("\n", "\n  ") for e in trace["traceEvents"])
+        return '{\n  "traceEvents": [\n  ' + events + "\n  ]\n}\n"
+    return json.dumps(trace, **_FORMS[form])
+
+
+_FORMS: dict[str, dict[str, Any]] = {
+    "kineto": {},
+    "indent=4": {"indent": 4},
+    "indent=2": {"indent": 2},
+    "tab": {"indent": "\t"},
+    "one-line": {},
+    "compact": {"separators": (",", ":")},
+    "one-line ', ' ':'": {"separators": (", ", ":")},
+    "one-line ',' ': '": {"separators": (",", ": ")},
+}
+# How a tool may write the phase member, beside the form's own spacing ({colon}): the key escaped, other
+# JSON whitespace around the colon.
+_PHASE_SPELLINGS = (
+    '"ph"{colon}"{phase}"',
+    '"ph" :  "{phase}"',
+    '"ph"\t:\t"{phase}"',
+    '"ph":\n"{phase}"',
+    '"ph" :"{phase}"',
+    '"\\u0070h"{colon}"{phase}"',
+    '"p\\u0068" : "{phase}"',
+)
+
+
+@pytest.mark.parametrize("form", list(_FORMS))
+def test_begin_end_events_are_kept_in_every_layout_and_spelling(form: str) -> None:
+    # GIVEN a trace of kernels, memory events and begin/end events (which the reader keeps: an E closes the
+    # innermost open range of its thread, so one missed shifts a step's end), in each layout the reader's
+    # bulk skip accepts, the phase member written with every spacing and key escape JSON allows
+    events: list[dict[str, Any]] = []
+    for i in range(70):
+        events.extend({"ph": "X", "cat": "kernel", "name": f"k{i}_{k}", "ts": i, "dur": 1} for k in range(3))
+        events.append(
+            {"ph": f"@{i}@", "cat": "user_annotation", "name": f"range_{i // 2}", "pid": 1, "ts": i}
+        )
+        if i % 7 == 0:
+            events.append(json.loads(_event(i, "new", f"{i}.5")))
+
+    def spell(match: re.Match[str]) -> str:
+        i = int(match.group(2))
+        spelling = _PHASE_SPELLINGS[i // 2 % len(_PHASE_SPELLINGS)]
+        return spelling.format(colon=match.group(1), phase="BE"[i % 2])
+
+    text = re.sub(r'"ph"(\s*:\s*)"@(\d+)@"', spell, _dump({"traceEvents": events}, form))
+    # WHEN its events are walked with the reader's needles
+    skipped, decoded = _walk(text)
+    # THEN the begin and end events decoded are json.load's, every one, in order, and the kernels are
+    # skipped undecoded (the walk did skip: the needles, not decoding everything, found them)
+    loaded = json.loads(text)["traceEvents"]
+    want = [e for e in loaded if e.get("ph") in ("B", "E")]
+    assert len(want) == 70
+    assert [e for e in decoded if e.get("ph") in ("B", "E")] == want
+    assert skipped + len(decoded) == len(loaded)
+    assert skipped >= 0.9 * 3 * 70
+
+
+@pytest.mark.parametrize("form", ["kineto", "indent=4", "tab", "one-line", "compact"])
+def test_events_holding_b_or_e_but_not_as_their_phase_are_skipped(form: str) -> None:
+    # GIVEN kernels holding "B" and "E" as strings, but not as a member's value (a key, an array's element)
+    # or, on one line, as another key's value: the old needles '"B"' and '"E"' had every one decoded
+    events: list[dict[str, Any]] = []
+    for i in range(50):
+        args = {"B": i, "E": 2, "layout": ["B", "E"]}
+        events.append({"ph": "X", "cat": "kernel", "name": f"gemm_{i}", "ts": i, "dur": 1, "args": args})
+        if form in ("one-line", "compact"):  # as another key's value: the key is read there, no escape
+            events.append({"ph": "X", "cat": "kernel", "name": "E", "ts": i, "args": {"B": "B"}})
+        events.append(json.loads(_event(i, "new", f"{i}.5")))
+    text = _dump({"traceEvents": events}, form)
+    # WHEN its events are walked with the reader's needles
+    skipped, decoded = _walk(text)
+    # THEN only the memory events are decoded, as json.load reads them; every kernel is skipped
+    assert decoded == [e for e in events if e["name"] == "[memory]"]
+    assert skipped == len(events) - 50
+
+
+@pytest.mark.parametrize("form", ["kineto", "indent=4", "tab"])
+def test_layout_runs_are_whole_events_or_decoded(form: str) -> None:
+    # GIVEN a laid-out trace of kernels and memory events where one kernel holds an array of objects
+    # written at the events' own indentation (valid JSON: its lines look like events' separators), and
+    # copies with a lost comma or a stray closing line between two kernels
+    events: list[Any] = []
+    for i in range(60):
+        events.extend({"ph": "X", "cat": "kernel", "name": f"k{i}_{k}", "ts": i, "dur": 1} for k in range(3))
+        events.append(json.loads(_event(i, "new", f"{i}.5")))
+    text = _dump({"traceEvents": events}, form)
+    indent = {"kineto": "  ", "indent=4": " " * 8, "tab": "\t\t"}[form]
+    sep = f"\n{indent}}},\n{indent}{{"
+    odd = f'"list": [\n{indent}{{"a": 1{sep}"b": 2{sep}"c": [3]\n{indent}}}\n]'
+    nested = text.replace('"name": "k30_1"', '"name": "k30_1", ' + odd)
+    assert nested != text
+    # WHEN they are walked THEN every event is counted once and the kept ones are json.load's
+    skipped, decoded = _walk(nested)
+    loaded = json.loads(nested)["traceEvents"]
+    assert skipped + len(decoded) == len(loaded)
+    assert [e for e in decoded if e["name"] == "[memory]"] == [e for e in loaded if e["name"] == "[memory]"]
+    # AND the damaged copies are reported, not skipped
+    at = text.index('"name": "k40_2"')
+    at = text.rindex(sep, 0, at)
+    for damaged in (
+        text[:at] + sep.replace(",", "") + text[at + len(sep) :],
+        text[:at] + sep[:-1] + "}" + sep + text[at + len(sep) :],
+    ):
+        with pytest.raises(KvtraceError, match="corrupt JSON"):
+            _walk(damaged)
 
 
 @pytest.mark.parametrize(
