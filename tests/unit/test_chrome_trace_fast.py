@@ -647,21 +647,22 @@ def test_one_line_real_trace_memory_events_are_read_without_decoding(
     assert _report(copy, capsys) == _report(original, capsys)
 
 
-@pytest.mark.parametrize("form", list(_ONE_LINE))
+@pytest.mark.parametrize("form", [form for form in _FORMS if form.startswith(("one-line", "compact"))])
 def test_a_one_line_learned_layout_reads_only_what_json_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
 ) -> None:
-    # GIVEN one-line memory events, some in forms the learned layout must not take: a key escaped, a number
-    # in exponent form, a leading zero (not JSON), a string for a number, an extra key, a size no device
-    # holds, keys in another order; and a step whose string names "[memory]"
+    # GIVEN one-line memory events (json.dumps's separators, compact, and both mixed), some in forms the
+    # learned layout must not take: a key escaped, a number in exponent form, a leading zero (not JSON), a
+    # string for a number, an extra key, a size no device holds, keys in another order; and a step whose
+    # string names "[memory]"
     events: list[dict[str, Any]] = [json.loads(_event(i, "new", f"{i}.5")) for i in range(600)]
     events[3]["args"]["Bytes"] = 2**60
     events[5]["args"]["Bytes"] = "64"
     events[7]["args"]["extra"] = 1
     events[9] = {"name": "[memory]", **{k: v for k, v in events[9].items() if k != "name"}}
     events.insert(11, json.loads(STEP % (1, "11.25")))
-    text = json.dumps({"traceEvents": events}, **_ONE_LINE[form])
-    colon = ": " if form == "one-line" else ":"
+    text = _dump({"traceEvents": events}, form)
+    colon = _FORMS[form].get("separators", (", ", ": "))[1]
     text = text.replace(f'"Ev Idx"{colon}20}}', f'"Ev \\u0049dx"{colon}20}}')
     text = text.replace(f'"Addr"{colon}32552,', f'"Addr"{colon}3.2552e4,')
     assert text.count("\\u0049") == 1 and text.count("3.2552e4") == 1
