@@ -193,7 +193,7 @@ class JsonStream:
         where: str,
         on_element: Callable[[Any], None],
         needles: tuple[Needle, ...] | None = None,
-        read_run: Callable[[str, int, int], int] | None = None,
+        read_run: Callable[[str, int, int, str], int] | None = None,
         plain_needles: tuple[Needle, ...] | None = None,
     ) -> int:
         """Call `on_element` with each element of the array that starts here; return how many were
@@ -221,10 +221,12 @@ class JsonStream:
 
         A needle is a substring or a compiled pattern (one `re` pass can beat two `str.find`s).
 
-        With `read_run` too, an element in that layout holding a needle is first offered to
-        `read_run(buf, pos, limit)`, which may take it and the elements after it without decoding (it must
-        take only whole elements that are each followed by a separator before `limit`) and returns where
-        the next element starts, or `pos` to leave the element to the JSON decoder.
+        With `read_run` too, an element in that layout (or on one line) holding a needle is first offered to
+        `read_run(buf, pos, limit, one_line)`, `one_line` the one-line separator ("}, {" or "},{"; "" in a
+        layout), which may take it and the elements after it without decoding (it must take only whole
+        elements that are each followed by a separator before `limit`, proven so by their text, as on one
+        line that separator may also be inside an event) and returns where the next element starts, or
+        `pos` to leave the element to the JSON decoder.
         """
         self.expect("[", where)
         bracket = self.pos
@@ -240,7 +242,7 @@ class JsonStream:
         lines = _event_lines(sep, close)
         value_open = ""
         one_line = "\n" not in self.buf[bracket : self.pos] and self.buf.startswith('{"', self.pos)
-        if one_line:  # no layout: its own skip below, and nothing offered to `read_run`
+        if one_line:  # no layout: its own skip below, and `read_run` told the one-line separator
             sep, value_open = _one_line_separators(self.buf, self.pos)
             element_open = '{"'
             needles = plain_needles if plain_needles is not None else needles
@@ -267,10 +269,10 @@ class JsonStream:
                             if next_needle[index] < pos:
                                 next_needle[index] = _find(buf, needle, pos)
                         needle_at = min(next_needle)
-                    # No separator before the needle: this element holds it, to be decoded (memory events
-                    # often come in a row). Else the last "}, {" before the first string with a bracket (or
-                    # the needle, or the edge); after a failed run, the first, one element at a time up to
-                    # where that run ended.
+                    # No separator before the needle: this element holds it, offered to `read_run` (memory
+                    # events come in runs), else decoded. Else the last "}, {" before the first string with a
+                    # bracket (or the needle, or the edge); after a failed run, the first, one element at a
+                    # time up to where that run ended.
                     last = -1
                     if needle_at >= limit or buf.find(sep, pos, needle_at) >= 0:
                         if plain_to <= pos:  # pos is between events, so outside any string
@@ -281,6 +283,11 @@ class JsonStream:
                             if pos >= bulk_from
                             else buf.find(sep, pos, plain_to)
                         )
+                    elif read_run is not None and needle_at < limit:  # this element holds the needle
+                        after_run = read_run(buf, pos, limit, sep)
+                        if after_run > pos:
+                            pos = after_run
+                            continue
                     run = _whole_one_line(buf, pos, last + 1, sep, value_open) if last > pos else 0
                     if run:
                         skipped += run
@@ -321,7 +328,7 @@ class JsonStream:
                             pos = next_sep + len(close) + 1
                             continue
                     if read_run is not None and needle_at < limit and next_sep < limit:
-                        after_run = read_run(buf, pos, limit)
+                        after_run = read_run(buf, pos, limit, "")
                         if after_run > pos:
                             pos = after_run
                             continue

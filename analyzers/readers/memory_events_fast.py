@@ -94,16 +94,27 @@ _MAX_INDENTS = 4
 _INF = float("inf")
 
 
-class _Indent:
-    """What runs of elements opening at one indentation look like: the separator between two elements,
-    the length of an element's closing line ("\\n" + indent + "}"), and the layouts read there."""
+class _Frame:
+    """What runs of elements look like at one indentation, or on one line: the separator between two
+    elements, the length of an element's closing text before it ("\\n" + indent + "}", or "}"), and the
+    layouts read there."""
 
-    def __init__(self, indent: str) -> None:
-        self.sep = f"\n{indent}}},\n{indent}{{"
-        self.close = len(indent) + 2
-        self.joiner = ",\n" + indent
-        self.layouts: list[Layout] = list(KINETO_LAYOUTS) if indent == "  " else []
+    def __init__(self, sep: str, close: int, joiner: str, kineto: bool = False) -> None:
+        self.sep = sep
+        self.close = close
+        self.joiner = joiner
+        self.layouts: list[Layout] = list(KINETO_LAYOUTS) if kineto else []
         self.failed_lessons = 0
+
+    @classmethod
+    def indented(cls, indent: str) -> _Frame:
+        """Elements opening at `indent`, first on their line."""
+        return cls(f"\n{indent}}},\n{indent}{{", len(indent) + 2, ",\n" + indent, kineto=indent == "  ")
+
+    @classmethod
+    def one_line(cls, sep: str) -> _Frame:
+        """Elements of a one-line array, `sep` ("}, {" as json.dumps writes, "},{" compact) between two."""
+        return cls(sep, 1, sep[1:-1])
 
     def learn(self, event: str) -> bool:
         """Learn the layout of `event` (one memory event's text); False if it teaches nothing new."""
@@ -137,15 +148,20 @@ class MemoryRunReader:
     ) -> None:
         self._columns_for = columns_for
         self._saw_pids = saw_pids  # (device type, device id, the processes of some of its events)
-        self._indents: dict[str, _Indent] = {}
+        self._indents: dict[str, _Frame] = {}
+        self._one_lines: dict[str, _Frame] = {}  # per one-line separator
         self.events = 0
         self.all_integral = True
 
-    def __call__(self, buf: str, pos: int, limit: int) -> int:
-        """Read the memory events from `buf[pos]` (an element's "{", first on its line) that fit a layout
-        and are followed by a separator before `limit`; return where the next element starts ("{"), or
-        `pos` if none fit."""
-        frame = self._indent(buf[buf.rfind("\n", 0, pos) + 1 : pos])
+    def __call__(self, buf: str, pos: int, limit: int, one_line: str = "") -> int:
+        """Read the memory events from `buf[pos]` (an element's "{", first on its line, or of a one-line
+        array whose separator is `one_line`) that fit a layout and are followed by a separator before
+        `limit`; return where the next element starts ("{"), or `pos` if none fit.
+
+        On one line the separator ("}, {") may also be inside an event or a string; that costs nothing
+        here, as a run is taken only where its text is exactly whole events of a layout joined by the
+        separator's ", ", and the separator that follows it is then structure."""
+        frame = self._frame(buf, pos, one_line)
         if frame is None:
             return pos
         sep_of, close, step = frame.sep, frame.close, len(frame.sep) - 1
@@ -173,17 +189,24 @@ class MemoryRunReader:
                 start = sep + step
             span = _FIRST_SPAN
 
-    def _indent(self, indent: str) -> _Indent | None:
-        """The frame of elements opening at `indent`: spaces only or tabs only (JSON whitespace, and a raw
-        new line cannot be inside a string, so its separator is structure); None for any other."""
+    def _frame(self, buf: str, pos: int, one_line: str) -> _Frame | None:
+        """The frame of the element at `pos`: of the one-line separator `one_line` ("}, {" or "},{"), or of
+        the element's indentation, spaces only or tabs only (JSON whitespace, and a raw new line cannot be
+        inside a string, so its separator is structure); None for any other."""
+        if one_line:
+            frame = self._one_lines.get(one_line)
+            if frame is None and one_line in ("}, {", "},{"):
+                frame = self._one_lines[one_line] = _Frame.one_line(one_line)
+            return frame
+        indent = buf[buf.rfind("\n", 0, pos) + 1 : pos]
         frame = self._indents.get(indent)
         if frame is not None or len(self._indents) >= _MAX_INDENTS:
             return frame
         if indent[:1] in (" ", "\t") and not indent.strip(indent[0]):
-            frame = self._indents[indent] = _Indent(indent)
+            frame = self._indents[indent] = _Frame.indented(indent)
         return frame
 
-    def _read(self, frame: _Indent, text: str, count: int) -> bool:
+    def _read(self, frame: _Frame, text: str, count: int) -> bool:
         for layout in frame.layouts:
             if text.startswith(layout.head) and self._read_layout(text, count, layout):
                 return True

@@ -602,6 +602,87 @@ def test_a_learned_layout_reads_only_what_json_reads(tmp_path: Path, monkeypatch
     }
 
 
+@pytest.mark.parametrize("form", list(_ONE_LINE))
+@pytest.mark.parametrize("original", [SAMPLE_TRACE, WORKER0], ids=["sample", "worker0-2021-layout"])
+def test_one_line_real_trace_memory_events_are_read_without_decoding(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    original: Path,
+    form: str,
+) -> None:
+    # GIVEN a real trace loaded and dumped back on one line by a script (json.dumps(obj), or compact): its
+    # memory events keep Kineto's keys, with "}, {" (or "},{") between events and no layout
+    if not original.exists():
+        pytest.skip(f"{original} is not here")
+    trace = json.loads(gzip.decompress(original.read_bytes()))
+    memory = sum(1 for event in trace["traceEvents"] if event.get("name") == "[memory]")
+    assert memory > 3000
+    copy = tmp_path / "one-line.pt.trace.json"
+    copy.write_text(json.dumps(trace, **_ONE_LINE[form]))
+    monkeypatch.setattr(chrome_trace, "MemoryRunReader", _CountedRuns)
+    # WHEN it is read (the fallback path: not Kineto's layout)
+    source = read_chrome_trace(copy)
+    assert source.meta["reader"] == "json_stream"
+    # THEN nearly all its memory events are taken by the run scan, not decoded one by one (all were: those
+    # cut by a 1 MiB window's edge, or followed by "]", still are), and every column is the byte scan's
+    runs = _CountedRuns.last
+    assert runs is not None
+    assert memory - 20 <= runs.events <= memory
+    scanned = read_chrome_trace(original)  # Kineto's own text, read by the byte scan
+    assert [d.device for d in source.devices] == [d.device for d in scanned.devices]
+    for device, want in zip(source.devices, scanned.devices, strict=True):
+        for column in ("ts_us", "addr", "delta_bytes", "total_allocated", "total_reserved"):
+            left, right = getattr(device, column), getattr(want, column)
+            assert (left is None) == (right is None), column
+            if left is not None:
+                assert left.dtype == right.dtype, column
+                np.testing.assert_array_equal(left, right)
+    for device, want in _reference_columns(trace).items():  # and json.load's, in the trace's time order
+        (read,) = [d for d in source.devices if d.device == device]
+        order = np.argsort(np.asarray(want["ts"]), kind="stable")
+        np.testing.assert_array_equal(read.delta_bytes, np.asarray(want["delta"], dtype=np.int64)[order])
+        np.testing.assert_array_equal(read.addr, np.asarray(want["addr"], dtype=np.int64)[order])
+    # AND the report says exactly what it says of the trace as torch wrote it
+    assert _report(copy, capsys) == _report(original, capsys)
+
+
+@pytest.mark.parametrize("form", [form for form in _FORMS if form.startswith(("one-line", "compact"))])
+def test_a_one_line_learned_layout_reads_only_what_json_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    # GIVEN one-line memory events (json.dumps's separators, compact, and both mixed), some in forms the
+    # learned layout must not take: a key escaped, a number in exponent form, a leading zero (not JSON), a
+    # string for a number, an extra key, a size no device holds, keys in another order; and a step whose
+    # string names "[memory]"
+    events: list[dict[str, Any]] = [json.loads(_event(i, "new", f"{i}.5")) for i in range(600)]
+    events[3]["args"]["Bytes"] = 2**60
+    events[5]["args"]["Bytes"] = "64"
+    events[7]["args"]["extra"] = 1
+    events[9] = {"name": "[memory]", **{k: v for k, v in events[9].items() if k != "name"}}
+    events.insert(11, json.loads(STEP % (1, "11.25")))
+    text = _dump({"traceEvents": events}, form)
+    colon = _FORMS[form].get("separators", (", ", ": "))[1]
+    text = text.replace(f'"Ev Idx"{colon}20}}', f'"Ev \\u0049dx"{colon}20}}')
+    text = text.replace(f'"Addr"{colon}32552,', f'"Addr"{colon}3.2552e4,')
+    assert text.count("\\u0049") == 1 and text.count("3.2552e4") == 1
+    path = tmp_path / "t.json"
+    path.write_text(text.replace(f'"ts"{colon}40.5,', f'"ts"{colon}040.5,', 1))
+    with pytest.raises(Exception, match=r"t\.json"):
+        read_chrome_trace(path)  # the leading zero: corrupt JSON, as json.load says
+    path.write_text(text)
+    monkeypatch.setattr(chrome_trace, "MemoryRunReader", _CountedRuns)
+    # WHEN read THEN the columns are json.load's (the impossible size skipped with a note, as decoded)
+    _assert_same(path)
+    # AND the scan took every memory event but those five (3, 5, 7, 20, 40: event 9's key order is learned)
+    # and the last, which "]" follows
+    assert _CountedRuns.last is not None and _CountedRuns.last.events == 600 - 5 - 1
+    assert read_chrome_trace(path).meta["skipped_events"] == {
+        "[memory] with an impossible Bytes (over 2**56)": 1,
+        "[memory] with a non-integer Bytes": 1,
+    }
+
+
 def _kineto_events(text: str) -> tuple[str, list[str], str]:
     """(head through '"traceEvents": [', each event's text as Kineto wrote it, the rest) of a Kineto trace."""
     begin = text.index('"traceEvents": [') + len('"traceEvents": [')
