@@ -37,6 +37,16 @@ def _example() -> Any:
     return module
 
 
+def _rank_kv_bytes() -> int:
+    """One rank's final KV, from the example's inputs: its half of the KV heads, in float32, for every token
+    fed (the prompt and the new tokens but the last, which generate() never feeds back)."""
+    example = _example()
+    size = example.SIZE
+    head_dim = size.hidden_size // size.num_heads
+    tokens = example.PROMPT_TOKENS + example.NEW_TOKENS - 1
+    return size.num_layers * 2 * (size.num_kv_heads // WORLD) * head_dim * tokens * example.BATCH * 4
+
+
 def test_readme_tensor_parallel_example(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # GIVEN the README's torchrun line, run as this interpreter's torch.distributed.run into a new folder
     line = re.search(r"^torchrun (--nproc-per-node 2 \S+) runs/tp ", (ROOT / "README.md").read_text(), re.M)
@@ -63,9 +73,8 @@ def test_readme_tensor_parallel_example(tmp_path: Path, capsys: pytest.CaptureFi
     example = _example()
     size = example.SIZE
     assert (size.num_kv_heads, size.tie_embeddings) == (2, False)
-    head_dim = size.hidden_size // size.num_heads
     tokens = example.PROMPT_TOKENS + example.NEW_TOKENS - 1
-    rank_kv_bytes = size.num_layers * 2 * (size.num_kv_heads // WORLD) * head_dim * tokens * example.BATCH * 4
+    rank_kv_bytes = _rank_kv_bytes()
     assert rank_kv_bytes == 11_264  # the figure the README quotes
 
     assert main(["report", str(out), "--json"]) == 0
@@ -147,11 +156,7 @@ def test_kvtrace_run_under_torchrun_writes_one_run_per_rank(
 
     # THEN each rank wrote its own run (the launcher's RANK and WORLD_SIZE), and the group reads as the
     # example's: each rank's half of the KV heads, 11,264 B
-    example = _example()
-    size = example.SIZE
-    head_dim = size.hidden_size // size.num_heads
-    tokens = example.PROMPT_TOKENS + example.NEW_TOKENS - 1
-    rank_kv_bytes = size.num_layers * 2 * (size.num_kv_heads // WORLD) * head_dim * tokens * example.BATCH * 4
+    rank_kv_bytes = _rank_kv_bytes()
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["rank-0", "rank-1"]
     assert main(["report", str(out), "--json", "--no-export"]) == 0
     group = json.loads(capsys.readouterr().out)
@@ -197,11 +202,7 @@ def test_compare_says_the_groups_kv_is_every_ranks_and_its_peak_one_ranks(
 ) -> None:
     # GIVEN the job's group beside its rank 0 alone: each rank holds half the KV heads of every token fed
     out, _ = torchrun_group
-    example = _example()
-    size = example.SIZE
-    head_dim = size.hidden_size // size.num_heads
-    tokens = example.PROMPT_TOKENS + example.NEW_TOKENS - 1
-    rank_kv_bytes = size.num_layers * 2 * (size.num_kv_heads // WORLD) * head_dim * tokens * example.BATCH * 4
+    rank_kv_bytes = _rank_kv_bytes()
     assert main(["report", str(out), "--json"]) == 0
     group = json.loads(capsys.readouterr().out)
     peak_rank = group["peak_rank"]

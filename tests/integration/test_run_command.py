@@ -433,22 +433,25 @@ KVTRACE_RUN_NO_MODEL = (
     "forwards with kvtrace.record(model=model) in the script"
 )
 
+# A script that runs one forward of its model over a DynamicCache, never generate()
+_FORWARD_WITHOUT_GENERATE = textwrap.dedent(
+    f"""
+    import torch
+    from transformers import DynamicCache
+    from kvtrace.llama import build_model
+    from tests.tiny import cache_arg, tiny_size
+
+    model = build_model(tiny_size({LAYERS}, kv_heads={KV_HEADS}))
+    ids = torch.randint(3, 1000, ({BATCH}, {PROMPT}), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids, **cache_arg(DynamicCache(config=model.config)), use_cache=True)
+    """
+)
+
 
 def test_plan_from_a_kvtrace_run_that_found_no_model_says_why(tmp_path: Path, capsys: Any) -> None:
     # GIVEN a script that never calls generate() (it runs one forward of its model), under kvtrace run
-    script = textwrap.dedent(
-        f"""
-        import torch
-        from transformers import DynamicCache
-        from kvtrace.llama import build_model
-        from tests.tiny import cache_arg, tiny_size
-
-        model = build_model(tiny_size({LAYERS}, kv_heads={KV_HEADS}))
-        ids = torch.randint(3, 1000, ({BATCH}, {PROMPT}), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            model(ids, **cache_arg(DynamicCache(config=model.config)), use_cache=True)
-        """
-    )
+    script = _FORWARD_WITHOUT_GENERATE
     done = _kvtrace_run(tmp_path, "-o", "run", "--no-profiler", "user.py", script=script)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -471,19 +474,7 @@ def test_a_script_without_generate_is_advised_what_kvtrace_run_can_do(
 ) -> None:
     # GIVEN a script that runs one forward of its model over a DynamicCache, never generate(), recorded by
     # kvtrace run (with and without the profiler: only the profiled run's manifest has the note about it)
-    script = textwrap.dedent(
-        f"""
-        import torch
-        from transformers import DynamicCache
-        from kvtrace.llama import build_model
-        from tests.tiny import cache_arg, tiny_size
-
-        model = build_model(tiny_size({LAYERS}, kv_heads={KV_HEADS}))
-        ids = torch.randint(3, 1000, ({BATCH}, {PROMPT}), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            model(ids, **cache_arg(DynamicCache(config=model.config)), use_cache=True)
-        """
-    )
+    script = _FORWARD_WITHOUT_GENERATE
     flags = () if profiler else ("--no-profiler",)
     done = _kvtrace_run(tmp_path, "-o", "run", *flags, "user.py", script=script)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -522,6 +522,38 @@ def _report(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().out.replace(str(path), "<trace>")
 
 
+def _assert_read_as_recorded(
+    source: Any,
+    copy: Path,
+    original: Path,
+    trace: dict[str, Any],
+    memory: int,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Nearly all of `copy`'s `memory` events taken by the run scan (those cut by a 1 MiB window's edge, or
+    followed by "]", are decoded), every column the byte scan's of `original` and json.load's of `trace`, and
+    the report the original's."""
+    runs = _CountedRuns.last
+    assert runs is not None
+    assert memory - 20 <= runs.events <= memory
+    scanned = read_chrome_trace(original)  # Kineto's own text, read by the byte scan
+    assert [d.device for d in source.devices] == [d.device for d in scanned.devices]
+    for device, want in zip(source.devices, scanned.devices, strict=True):
+        for column in ("ts_us", "addr", "delta_bytes", "total_allocated", "total_reserved"):
+            left, right = getattr(device, column), getattr(want, column)
+            assert (left is None) == (right is None), column
+            if left is not None:
+                assert left.dtype == right.dtype, column
+                np.testing.assert_array_equal(left, right)
+    for device, want in _reference_columns(trace).items():  # and json.load's, in the trace's time order
+        (read,) = [d for d in source.devices if d.device == device]
+        order = np.argsort(np.asarray(want["ts"]), kind="stable")
+        np.testing.assert_array_equal(read.delta_bytes, np.asarray(want["delta"], dtype=np.int64)[order])
+        np.testing.assert_array_equal(read.addr, np.asarray(want["addr"], dtype=np.int64)[order])
+    # AND the report says exactly what it says of the trace as torch wrote it
+    assert _report(copy, capsys) == _report(original, capsys)
+
+
 @pytest.mark.parametrize(
     ("original", "indent"),
     [(SAMPLE_TRACE, 4), (SAMPLE_TRACE, 2), (SAMPLE_TRACE, "\t"), (WORKER0, 4)],
@@ -549,25 +581,7 @@ def test_reindented_real_trace_memory_events_are_read_without_decoding(
     assert source.meta["reader"] == "json_stream"
     # THEN nearly all its memory events are taken by the layout scan, not decoded one by one (all were:
     # those cut by a 1 MiB window's edge still are), and every column is json.load's
-    runs = _CountedRuns.last
-    assert runs is not None
-    assert memory - 20 <= runs.events <= memory
-    scanned = read_chrome_trace(original)  # Kineto's own text, read by the byte scan
-    assert [d.device for d in source.devices] == [d.device for d in scanned.devices]
-    for device, want in zip(source.devices, scanned.devices, strict=True):
-        for column in ("ts_us", "addr", "delta_bytes", "total_allocated", "total_reserved"):
-            left, right = getattr(device, column), getattr(want, column)
-            assert (left is None) == (right is None), column
-            if left is not None:
-                assert left.dtype == right.dtype, column
-                np.testing.assert_array_equal(left, right)
-    for device, want in _reference_columns(trace).items():  # and json.load's, in the trace's time order
-        (read,) = [d for d in source.devices if d.device == device]
-        order = np.argsort(np.asarray(want["ts"]), kind="stable")
-        np.testing.assert_array_equal(read.delta_bytes, np.asarray(want["delta"], dtype=np.int64)[order])
-        np.testing.assert_array_equal(read.addr, np.asarray(want["addr"], dtype=np.int64)[order])
-    # AND the report says exactly what it says of the trace as torch wrote it
-    assert _report(copy, capsys) == _report(original, capsys)
+    _assert_read_as_recorded(source, copy, original, trace, memory, capsys)
 
 
 def test_a_learned_layout_reads_only_what_json_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -626,25 +640,7 @@ def test_one_line_real_trace_memory_events_are_read_without_decoding(
     assert source.meta["reader"] == "json_stream"
     # THEN nearly all its memory events are taken by the run scan, not decoded one by one (all were: those
     # cut by a 1 MiB window's edge, or followed by "]", still are), and every column is the byte scan's
-    runs = _CountedRuns.last
-    assert runs is not None
-    assert memory - 20 <= runs.events <= memory
-    scanned = read_chrome_trace(original)  # Kineto's own text, read by the byte scan
-    assert [d.device for d in source.devices] == [d.device for d in scanned.devices]
-    for device, want in zip(source.devices, scanned.devices, strict=True):
-        for column in ("ts_us", "addr", "delta_bytes", "total_allocated", "total_reserved"):
-            left, right = getattr(device, column), getattr(want, column)
-            assert (left is None) == (right is None), column
-            if left is not None:
-                assert left.dtype == right.dtype, column
-                np.testing.assert_array_equal(left, right)
-    for device, want in _reference_columns(trace).items():  # and json.load's, in the trace's time order
-        (read,) = [d for d in source.devices if d.device == device]
-        order = np.argsort(np.asarray(want["ts"]), kind="stable")
-        np.testing.assert_array_equal(read.delta_bytes, np.asarray(want["delta"], dtype=np.int64)[order])
-        np.testing.assert_array_equal(read.addr, np.asarray(want["addr"], dtype=np.int64)[order])
-    # AND the report says exactly what it says of the trace as torch wrote it
-    assert _report(copy, capsys) == _report(original, capsys)
+    _assert_read_as_recorded(source, copy, original, trace, memory, capsys)
 
 
 @pytest.mark.parametrize("form", [form for form in _FORMS if form.startswith(("one-line", "compact"))])
