@@ -555,32 +555,45 @@ def _assert_read_as_recorded(
 
 
 @pytest.mark.parametrize(
-    ("original", "indent"),
-    [(SAMPLE_TRACE, 4), (SAMPLE_TRACE, 2), (SAMPLE_TRACE, "\t"), (WORKER0, 4)],
-    ids=["sample-indent4", "sample-indent2", "sample-tab", "worker0-2021-layout-indent4"],
+    ("original", "dump"),
+    [
+        (SAMPLE_TRACE, {"indent": 4}),
+        (SAMPLE_TRACE, {"indent": 2}),
+        (SAMPLE_TRACE, {"indent": "\t"}),
+        (WORKER0, {"indent": 4}),
+        *((trace, _ONE_LINE[form]) for trace in (SAMPLE_TRACE, WORKER0) for form in _ONE_LINE),
+    ],
+    ids=[
+        "sample-indent4",
+        "sample-indent2",
+        "sample-tab",
+        "worker0-2021-layout-indent4",
+        *(f"{name}-{form}" for name in ("sample", "worker0-2021-layout") for form in _ONE_LINE),
+    ],
 )
-def test_reindented_real_trace_memory_events_are_read_without_decoding(
+def test_rewritten_real_trace_memory_events_are_read_without_decoding(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     original: Path,
-    indent: int | str,
+    dump: dict[str, Any],
 ) -> None:
     # GIVEN a real trace (a sample run's, 2024+ layout with Addr and totals; torch's 2021 layout without)
-    # re-indented by another tool: its memory events keep Kineto's keys, in other whitespace
+    # re-indented by another tool, or loaded and dumped back on one line by a script (json.dumps(obj), or
+    # compact): its memory events keep Kineto's keys, in other whitespace or none
     if not original.exists():
         pytest.skip(f"{original} is not here")
     trace = json.loads(gzip.decompress(original.read_bytes()))
     memory = sum(1 for event in trace["traceEvents"] if event.get("name") == "[memory]")
     assert memory > 3000
-    copy = tmp_path / "reindented.pt.trace.json"
-    copy.write_text(json.dumps(trace, indent=indent))
+    copy = tmp_path / "rewritten.pt.trace.json"
+    copy.write_text(json.dumps(trace, **dump))
     monkeypatch.setattr(chrome_trace, "MemoryRunReader", _CountedRuns)
     # WHEN it is read (the fallback path: not Kineto's layout)
     source = read_chrome_trace(copy)
     assert source.meta["reader"] == "json_stream"
-    # THEN nearly all its memory events are taken by the layout scan, not decoded one by one (all were:
-    # those cut by a 1 MiB window's edge still are), and every column is json.load's
+    # THEN nearly all its memory events are taken by the run scan, not decoded one by one (all were: those
+    # cut by a 1 MiB window's edge, or followed by "]", still are), and every column is the byte scan's
     _assert_read_as_recorded(source, copy, original, trace, memory, capsys)
 
 
@@ -614,33 +627,6 @@ def test_a_learned_layout_reads_only_what_json_reads(tmp_path: Path, monkeypatch
         "[memory] with an impossible Bytes (over 2**56)": 1,
         "[memory] with a non-integer Bytes": 1,
     }
-
-
-@pytest.mark.parametrize("form", list(_ONE_LINE))
-@pytest.mark.parametrize("original", [SAMPLE_TRACE, WORKER0], ids=["sample", "worker0-2021-layout"])
-def test_one_line_real_trace_memory_events_are_read_without_decoding(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    original: Path,
-    form: str,
-) -> None:
-    # GIVEN a real trace loaded and dumped back on one line by a script (json.dumps(obj), or compact): its
-    # memory events keep Kineto's keys, with "}, {" (or "},{") between events and no layout
-    if not original.exists():
-        pytest.skip(f"{original} is not here")
-    trace = json.loads(gzip.decompress(original.read_bytes()))
-    memory = sum(1 for event in trace["traceEvents"] if event.get("name") == "[memory]")
-    assert memory > 3000
-    copy = tmp_path / "one-line.pt.trace.json"
-    copy.write_text(json.dumps(trace, **_ONE_LINE[form]))
-    monkeypatch.setattr(chrome_trace, "MemoryRunReader", _CountedRuns)
-    # WHEN it is read (the fallback path: not Kineto's layout)
-    source = read_chrome_trace(copy)
-    assert source.meta["reader"] == "json_stream"
-    # THEN nearly all its memory events are taken by the run scan, not decoded one by one (all were: those
-    # cut by a 1 MiB window's edge, or followed by "]", still are), and every column is the byte scan's
-    _assert_read_as_recorded(source, copy, original, trace, memory, capsys)
 
 
 @pytest.mark.parametrize("form", [form for form in _FORMS if form.startswith(("one-line", "compact"))])
