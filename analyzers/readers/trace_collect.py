@@ -275,6 +275,8 @@ def _memory_problem(raw_ts: Any, args: Any) -> str:
         return "[memory] whose args is not an object"
     if raw_ts is None:
         return "[memory] without ts"
+    if type(raw_ts) is float:  # 1e400, NaN or Infinity in the file: a number, but at no place in time
+        return "[memory] with an infinite or NaN ts"
     return "[memory] with a non-numeric ts"
 
 

@@ -236,7 +236,7 @@ def test_a_trace_whose_memory_events_are_all_damaged_is_not_called_profiled_with
     assert len(memory) == 12_838
     damaged = (
         "the trace's [memory] events are damaged: 12,838 of 12,838 skipped (4,280 with a non-integer Bytes, "
-        "4,279 with a non-numeric ts, 4,279 without args)"
+        "4,279 with an infinite or NaN ts, 4,279 without args)"
     )
     # THEN the report says so, what was skipped and why, once; not that the profiler left them out
     assert main(["report", str(path), "--json", "--no-export"]) == 0

@@ -5,6 +5,7 @@
 * A CPU Chrome trace's 'Total Allocated' may start above its own first 'Bytes' (the profiler's counter
   carried over from an earlier session in the same process: sample_traces/static_b2's starts at what
   sliding_b2's session left). kvtrace counts the 'Bytes' from 0, TensorBoard plots the total: a note says so.
+  Not of its run folder: there the 'Bytes' count from the weights held before it, above TensorBoard's.
 """
 
 from __future__ import annotations
@@ -132,3 +133,25 @@ def test_counter_started_at_zero_says_nothing(capsys: Any) -> None:
     assert first["args"]["Total Allocated"] == first["args"]["Bytes"]
     # WHEN reported, THEN no note on the counter
     assert "'Total Allocated' starts at" not in _report([str(trace)], capsys)
+
+
+def test_run_folder_of_a_carried_over_counter_counts_from_its_weights_not_the_counter(capsys: Any) -> None:
+    # GIVEN the static_b2 run folder, whose bare trace gets the counter note (its counter starts at what
+    # sliding_b2's session left, freed before this session began), and the weights it lists
+    run = ROOT / "sample_traces" / "static_b2"
+    first = _first_memory_event(STATIC_TRACE)
+    start = first["args"]["Total Allocated"] - first["args"]["Bytes"]
+    weights = sum(
+        json.loads(line)["storage_bytes"] for line in (run / "weights.jsonl").read_text().splitlines() if line
+    )
+    assert 0 < start < weights
+    # WHEN the run and its bare trace are reported
+    (bare,) = json.loads(_report([str(STATIC_TRACE), "--json"], capsys))["devices"]
+    report = json.loads(_report([str(run), "--json"], capsys))
+    (cpu,) = report["devices"]
+    # THEN the run's figures are the trace's Bytes from the weights held before it: above TensorBoard's
+    # curve ('Total Allocated', from `start`) by weights - start, so "TensorBoard shows up to N more" is
+    # not said of the run
+    assert cpu["peak_allocated_bytes"] == bare["peak_allocated_bytes"] + weights
+    assert cpu["final_allocated_bytes"] == bare["final_allocated_bytes"] + weights
+    assert not any("'Total Allocated' starts at" in note for note in report["notes"])
