@@ -34,7 +34,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -54,6 +54,7 @@ from analyzers.readers.memory_events_fast import as_int as _as_int
 from analyzers.readers.memory_timeline import read_memory_timeline  # re-exported: one import for both
 from analyzers.readers.sources import ProgressFn, open_input
 from analyzers.readers.trace_collect import ChunkSink, _TraceCollector
+from analyzers.readers.trace_in_memory import MAX_TEXT_BYTES, read_whole, walk_whole
 from analyzers.readers.unescaped_names import merge_unescaped_names
 
 __all__ = ["ChunkSink", "read_chrome_trace", "read_memory_timeline", "timestamps"]
@@ -246,11 +247,13 @@ def read_chrome_trace(
     progress: ProgressFn | None = None,
     byte_scan: bool = True,
     sink_for: Callable[[str], ChunkSink] | None = None,
+    in_memory: bool = True,
 ) -> MemorySource:
     """A `MemorySource` (kind "chrome_trace") from a Kineto/torch.profiler trace, plain or gzipped.
 
-    Kineto's own layout is read by byte scans (`kineto_scan`); any other layout, or `byte_scan=False`, by
-    the streaming JSON reader. Both give the same columns (`meta["reader"]` says which ran).
+    Kineto's own layout is read by byte scans (`kineto_scan`); any other layout, or `byte_scan=False`, whole
+    where its text is small enough (`trace_in_memory`; `in_memory=False` never), else by the streaming JSON
+    reader. All give the same columns (`meta["reader"]` says which ran).
     A trace without memory events is valid: it yields no devices, or devices without events.
     With `sink_for(device)`, each device's events go in file-order chunks to that callable and its
     `DeviceEvents` stays empty (analyzers.stream_summary folds them in bounded memory).
@@ -270,10 +273,22 @@ def read_chrome_trace(
             return source
     name = str(path)
     collector = _TraceCollector(sink_for, name)
-    memory_runs = MemoryRunReader(collector.columns_for, collector.saw_pids)
     with open_input(path, progress) as binary:
         python_stacks = PYTHON_FUNCTION in binary.peek(_STACKS_PEEK)[:_STACKS_PEEK]
-        stream = JsonStream(binary, name)
+        text: IO[bytes] = binary
+        if in_memory and _text_may_fit(path):
+            data, text = read_whole(binary, MAX_TEXT_BYTES)
+            walked = walk_whole(data, name, collector) if data is not None else None
+            del data
+            if walked is not None:
+                top, skipped = walked
+                source = _source_of(
+                    name, collector, top, collector.all_integral, collector.events + skipped, "in_memory"
+                )
+                source.meta["python_stacks"] = python_stacks or bool(top.get("with_stack"))
+                return source
+        memory_runs = MemoryRunReader(collector.columns_for, collector.saw_pids)
+        stream = JsonStream(text, name)
         top, skipped = _walk_trace(stream, collector, memory_runs)
     integral = collector.all_integral and memory_runs.all_integral
     events = collector.events + memory_runs.events + skipped
@@ -281,6 +296,15 @@ def read_chrome_trace(
     source.meta["python_stacks"] = python_stacks or bool(top.get("with_stack"))
     merge_unescaped_names(source.meta, stream.unescaped_names)
     return source
+
+
+def _text_may_fit(path: str | os.PathLike[str]) -> bool:
+    """Whether the file's text may be small enough to read whole: its size on disk (gzipped or not) is
+    at most what `read_whole` holds, so a bigger file is streamed without reading that much first."""
+    try:
+        return os.stat(path).st_size <= MAX_TEXT_BYTES
+    except OSError:
+        return False
 
 
 def _source_of(

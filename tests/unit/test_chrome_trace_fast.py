@@ -74,7 +74,16 @@ def _reference_columns(trace: dict[str, Any]) -> dict[str, dict[str, list[Any]]]
 
 
 def _assert_same(path: Path) -> None:
-    source = read_chrome_trace(path)
+    """The columns are json.load's (a trace in Kineto's layout read by the byte scan, any other streamed),
+    and those of the whole-text reader the same."""
+    source = read_chrome_trace(path, in_memory=False)
+    whole = read_chrome_trace(path, byte_scan=False)
+    for device, other in zip(source.devices, whole.devices, strict=True):
+        for column in ("ts_us", "addr", "delta_bytes", "total_allocated", "total_reserved"):
+            left, right = getattr(device, column), getattr(other, column)
+            assert (left is None) == (right is None), column
+            if left is not None:
+                np.testing.assert_array_equal(left, right)
     expected = _reference(path)
     assert sorted(d.device for d in source.devices) == sorted(expected)
     for device in source.devices:
@@ -589,8 +598,8 @@ def test_rewritten_real_trace_memory_events_are_read_without_decoding(
     copy = tmp_path / "rewritten.pt.trace.json"
     copy.write_text(json.dumps(trace, **dump))
     monkeypatch.setattr(chrome_trace, "MemoryRunReader", _CountedRuns)
-    # WHEN it is read (the fallback path: not Kineto's layout)
-    source = read_chrome_trace(copy)
+    # WHEN it is streamed (the fallback path for a text too big to hold whole: not Kineto's layout)
+    source = read_chrome_trace(copy, in_memory=False)
     assert source.meta["reader"] == "json_stream"
     # THEN nearly all its memory events are taken by the run scan, not decoded one by one (all were: those
     # cut by a 1 MiB window's edge, or followed by "]", still are), and every column is the byte scan's
@@ -629,7 +638,7 @@ def test_a_learned_layout_reads_only_what_json_reads(
     # AND the scan took every memory event but those five (3, 5, 7, 20, 40: event 9's key order is learned)
     # and the last, which "]" follows
     assert _CountedRuns.last is not None and _CountedRuns.last.events == 600 - 5 - 1
-    assert read_chrome_trace(path).meta["skipped_events"] == {
+    assert read_chrome_trace(path, in_memory=False).meta["skipped_events"] == {
         "[memory] with an impossible Bytes (over 2**56)": 1,
         "[memory] with a non-integer Bytes": 1,
     }

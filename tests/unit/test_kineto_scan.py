@@ -39,10 +39,11 @@ def test_byte_scan_in_small_blocks_equals_the_json_reader(
 ) -> None:
     monkeypatch.setattr(kineto_scan, "_BLOCK_BYTES", 64 << 10)  # many blocks, cut anywhere
     scanned = read_chrome_trace(path)
-    decoded = read_chrome_trace(path, byte_scan=False)
-    assert scanned.meta["reader"] == "byte_scan"
-    assert decoded.meta["reader"] == "json_stream"
+    whole = read_chrome_trace(path, byte_scan=False)
+    decoded = read_chrome_trace(path, byte_scan=False, in_memory=False)
+    assert [s.meta["reader"] for s in (scanned, whole, decoded)] == ["byte_scan", "in_memory", "json_stream"]
     _same(scanned, decoded)
+    _same(scanned, whole)
 
 
 @pytest.mark.parametrize("name", ["worker0.1623143089861.pt.trace.json.gz", "rank0.json.gz"])
@@ -53,10 +54,13 @@ def test_a_re_indented_trace_falls_back_and_reads_the_same(tmp_path: Path, name:
     copy = tmp_path / "reindented.json"
     copy.write_text(json.dumps(json.loads(gzip.decompress(original.read_bytes())), indent=1))
     scanned = read_chrome_trace(original)
-    reindented = read_chrome_trace(copy)
+    reindented = read_chrome_trace(copy, in_memory=False)
     assert scanned.meta["reader"] == "byte_scan"
     assert reindented.meta["reader"] == "json_stream"
     _same(scanned, reindented)
+    whole = read_chrome_trace(copy)
+    assert whole.meta["reader"] == "in_memory"
+    _same(scanned, whole)
 
 
 def test_a_lost_comma_between_blocks_is_corruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,17 +173,18 @@ def test_two_processes_on_one_device_are_summed_on_every_path(
     path, _ = _kineto_file(tmp_path / "two.json", events, monkeypatch)
     reindented = tmp_path / "reindented.json"
     reindented.write_text(json.dumps(json.loads(path.read_text()), indent=1))
-    # WHEN read by the byte scan, the streaming JSON reader (its Kineto fast runs) and plain JSON decoding
-    sources = [read_chrome_trace(path), read_chrome_trace(path, byte_scan=False)]
-    sources.append(read_chrome_trace(reindented))
-    assert [s.meta["reader"] for s in sources] == ["byte_scan", "json_stream", "json_stream"]
+    # WHEN read by the byte scan, the streaming JSON reader (its Kineto fast runs), plain JSON decoding and
+    # the whole-text reader
+    sources = [read_chrome_trace(path), read_chrome_trace(path, byte_scan=False, in_memory=False)]
+    sources += [read_chrome_trace(reindented, in_memory=False), read_chrome_trace(reindented)]
+    assert [s.meta["reader"] for s in sources] == ["byte_scan", "json_stream", "json_stream", "in_memory"]
     # THEN no path follows one process's totals: the device's curve is the sum of both
     for source in sources:
         (device,) = source.devices
         assert device.total_allocated is None and device.total_reserved is None
         assert any("2 processes" in note for note in source.meta["input_notes"])
-    _same(sources[0], sources[1])
-    _same(sources[0], sources[2])
+    for source in sources[1:]:
+        _same(sources[0], source)
     from kvtrace.cli import main
 
     assert main(["report", str(path), "--json", "--no-export", "-q"]) == 0

@@ -1,0 +1,177 @@
+"""A Chrome trace in another tool's layout, read whole: msgspec cuts the event array into events in C and
+reads each one's name and phase, so only the events `read_chrome_trace` may keep are decoded.
+
+Why apart from `analyzers.readers.json_stream`: Kineto's own layout is read by byte scans; a trace that
+another tool re-indented or dumped on one line (`json.dump`, a script that filters a trace) has no layout they
+know, and walking it in Python cost 0.6-1x `json.load` (issue 11's fallback path). msgspec validates the text
+and finds each event's bounds at C speed without building the events; the events kept are decoded by `json`,
+as the streaming reader decodes them, so the figures are the same.
+
+The price is the text held whole, so only inputs of at most `MAX_TEXT_BYTES` are read this way. msgspec is
+optional: without it, for a bigger input, or for any text msgspec reads otherwise than `json` (NaN, a lone
+surrogate, a byte-order mark, deep nesting, a repeated "traceEvents", damage), `read_chrome_trace` walks the
+text with `JsonStream` as before, which also says what is wrong with a damaged file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Callable
+from typing import IO, Any, cast
+
+from kvtrace.errors import KvtraceError, too_long_integer
+
+# Text held whole: with ~0.1 kB of msgspec's per event beside it, a dense trace this size peaks near 150 MiB.
+MAX_TEXT_BYTES = 64 << 20
+_READ_BYTES = 1 << 20
+_BATCH = 4096  # kept events decoded by one json.loads: ~1/3 faster than one call each
+# Names of the step ranges `_TraceCollector` keeps, as the JSON text begins them (a name written with escapes
+# there is not a step's: the streaming reader's needles miss it too).
+_STEP_STARTS = (b'"ProfilerStep#', b'"kvtrace/')
+
+
+class _Declined(Exception):
+    """The text is not read here; `JsonStream` reads it (and says what is wrong with it, if anything)."""
+
+
+def read_whole(binary: IO[bytes], limit: int = MAX_TEXT_BYTES) -> tuple[bytearray | None, IO[bytes]]:
+    """(The whole text, if it is at most `limit` bytes, and a stream reading it from its start for the
+    streaming reader; or None and a stream reading the whole text, the part read here first.)"""
+    data = bytearray()
+    while len(data) <= limit:
+        got = binary.read(min(_READ_BYTES, limit + 1 - len(data)))
+        if not got:
+            return data, cast(IO[bytes], _HeadThenRest(data, None))
+        data += got
+    return None, cast(IO[bytes], _HeadThenRest(data, binary))
+
+
+class _HeadThenRest:
+    """A byte stream giving `head` and then what `rest` reads: the text read by `read_whole`, whole or not."""
+
+    def __init__(self, head: bytearray, rest: IO[bytes] | None) -> None:
+        self._head: bytearray | None = head
+        self._at = 0
+        self._rest = rest
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head is not None:
+            end = len(self._head) if size < 0 else self._at + size
+            chunk = bytes(self._head[self._at : end])
+            self._at += len(chunk)
+            if self._at >= len(self._head):
+                self._head = None  # freed once given out: the streaming reader holds a window, not the file
+            if chunk:
+                return chunk
+        return self._rest.read(size) if self._rest is not None else b""
+
+
+def walk_whole(
+    data: bytearray, name: str, on_event: Callable[[Any], None]
+) -> tuple[dict[str, Any], int] | None:
+    """(The top-level fields but `traceEvents`, how many events were not decoded), each event the
+    collector may keep given to `on_event` in file order; None where `JsonStream` must read the text (then
+    `on_event` was not called). An error a kept event gives `json` is the streaming reader's for it."""
+    try:
+        import msgspec
+    except ImportError:  # an optional speed-up: the streaming reader reads every file
+        return None
+    try:
+        top, events = _cut(data, msgspec)
+        kept, total = _kept(events, msgspec)
+    except _Declined:
+        return None
+    where = "traceEvents" if top is not None else "the event array"
+    for start in range(0, len(kept), _BATCH):
+        for event in _decoded(kept[start : start + _BATCH], name, where):
+            on_event(event)
+    return top or {}, total - len(kept)
+
+
+def _cut(data: bytearray, msgspec: Any) -> tuple[dict[str, Any] | None, Any]:
+    """The top-level fields (None for a bare array) and the event array, undecoded (a `msgspec.Raw`)."""
+    if data.startswith(codecs.BOM_UTF8) or not _utf8(data):
+        raise _Declined
+    try:
+        top = msgspec.json.decode(data, type=dict[str, msgspec.Raw] | list[msgspec.Raw])
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        raise _Declined from None
+    if isinstance(top, list):  # the Chrome "JSON array" form: a bare list of events
+        return None, data
+    # A repeated key is read twice by the streaming reader and once here: that (and an escaped key) it reads
+    if data.count(b'"traceEvents"') != 1 or "traceEvents" not in top:
+        raise _Declined
+    events = top.pop("traceEvents")
+    fields = {}
+    for key, raw in top.items():
+        try:
+            fields[key] = json.loads(bytes(raw))
+        except (ValueError, RecursionError):  # a field `json` refuses: reported by the streaming reader
+            raise _Declined from None
+    return fields, events
+
+
+def _utf8(data: bytearray) -> bool:
+    """Whether `data` is UTF-8, which msgspec does not check inside the values it skips."""
+    if data.isascii():
+        return True
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
+    try:
+        for start in range(0, len(view), _READ_BYTES):
+            decoder.decode(view[start : start + _READ_BYTES])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _kept(events: Any, msgspec: Any) -> tuple[list[Any], int]:
+    """The events `_TraceCollector` may keep (a `[memory]` name, a B or E phase, an X named as a step, or
+    no object at all), undecoded, and how many events there are."""
+    heads = _head_type(msgspec)
+    try:
+        each = msgspec.json.decode(events, type=list[heads | list | str | int | float | bool | None])  # type: ignore[valid-type]
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        raise _Declined from None
+    memory = msgspec.Raw(b'"[memory]"')
+    wanted = []
+    for index, head in enumerate(each):
+        if type(head) is not heads:
+            wanted.append(index)
+            continue
+        phase = head.ph
+        if (
+            phase == "B"
+            or phase == "E"
+            or head.name == memory
+            or (phase == "X" and bytes(head.name).startswith(_STEP_STARTS))
+        ):
+            wanted.append(index)
+    total = len(each)
+    del each  # the heads go before the events' own bounds are made: the peak holds one of the two
+    raws = msgspec.json.decode(events, type=list[msgspec.Raw])
+    return [raws[index] for index in wanted], total
+
+
+_HEAD_TYPE: list[Any] = []
+
+
+def _head_type(msgspec: Any) -> Any:
+    """An event's name (its text) and phase, all msgspec builds of it: a kernel's long name stays unread."""
+    if not _HEAD_TYPE:
+        fields = [("name", msgspec.Raw, msgspec.Raw(b"null")), ("ph", Any, None)]
+        _HEAD_TYPE.append(msgspec.defstruct("Head", fields, gc=False))
+    return _HEAD_TYPE[0]
+
+
+def _decoded(raws: list[Any], name: str, where: str) -> list[Any]:
+    try:
+        return json.loads(b"[" + b",".join(raws) + b"]")  # type: ignore[no-any-return]
+    except json.JSONDecodeError as exc:
+        raise KvtraceError(f"{name}: corrupt JSON ({exc.msg}) inside {where}") from None
+    except ValueError:  # CPython's limit on the digits of an int
+        raise KvtraceError(f"{name}: corrupt JSON: {too_long_integer()} inside {where}") from None
+    except RecursionError:
+        raise KvtraceError(f"{name}: JSON nested too deeply to read inside {where}") from None
