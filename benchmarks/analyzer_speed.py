@@ -49,8 +49,10 @@ folder the real rows are left out and the synthetic and torch.profiler ones stil
 (`json.dumps(indent=4)`, as other tools rewrite a trace), compact (`separators=(",", ":")`) and one-line
 (plain `json.dumps(trace)`: ", " and ": " but no new line), the copies
 in a scratch folder with the original's compression; `json.load` and `kvtrace report --json` on each, rounds
-alternated over files, forms and tools, medians of `--reps`. The original keeps Kineto's layout, which the
-byte scan reads; the other two forms are read through the streamed JSON path.
+alternated over files, forms and tools, medians of `--reps`; beside them the trace reader alone in a fresh
+process, reading the text whole (msgspec finds the events, as `report` does where the text fits) and
+streamed (`JsonStream`, as for a text too big to hold). The original keeps Kineto's layout, which the byte
+scan reads whatever the reader asked for; the other forms go through the fallback path.
 
 No timing is asserted: this prints a table, it is not a test.
 """
@@ -88,6 +90,14 @@ with open(path, "rb") as fh:
 with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
     trace = json.load(fh)
 print(len(trace.get("traceEvents", ())) if isinstance(trace, dict) else len(trace))
+"""
+
+# The trace reader alone, whole-text (msgspec) or streamed, as `report` runs it on a trace in another layout.
+_READ_TRACE = """
+import sys
+from analyzers.readers.chrome_trace import read_chrome_trace
+source = read_chrome_trace(sys.argv[1], in_memory=sys.argv[2] == "whole")
+print(source.meta["reader"], sum(len(d.delta_bytes) for d in source.devices))
 """
 
 _PICKLE_LOAD = """
@@ -787,6 +797,8 @@ def run_reindented(args: argparse.Namespace) -> int:
         tools = {
             "json.load": lambda p: ["-c", _JSON_LOAD, str(p)],
             "report": lambda p: ["-m", "kvtrace.cli", "report", str(p), "--json", "-q"],
+            "read whole": lambda p: ["-c", _READ_TRACE, str(p), "whole"],
+            "read streamed": lambda p: ["-c", _READ_TRACE, str(p), "streamed"],
         }
         runs: dict[tuple[str, str, str], list[Measurement]] = {}
         for rep in range(args.reps):
@@ -801,7 +813,8 @@ def run_reindented(args: argparse.Namespace) -> int:
         same = {label: _same_report(forms) for label, forms in files}
         header = (
             f"{'file':<44} {'form':<11} {'on disk':>9} {'JSON':>9} {'json.load s':>11} {'report s':>9} "
-            f"{'ratio':>6} {'load MiB':>9} {'report MiB':>10}"
+            f"{'ratio':>6} {'load MiB':>9} {'report MiB':>10} {'whole s':>8} {'ratio':>6} {'MiB':>6} "
+            f"{'streamed s':>10} {'ratio':>6} {'MiB':>6}"
         )
         print("\n" + header)
         print("-" * len(header))
@@ -814,6 +827,14 @@ def run_reindented(args: argparse.Namespace) -> int:
                     f"{_fmt_s(load.wall_s):>11} "
                     f"{_fmt_s(report.wall_s) if report.ok else 'n/a':>9} {_ratio(report, load, 'wall_s'):>6} "
                     f"{_fmt_mb(load.peak_rss_bytes):>9} {_fmt_mb(report.peak_rss_bytes):>10}"
+                    + "".join(
+                        f" {_fmt_s(read.wall_s) if read.ok else 'n/a':>{width}}"
+                        f" {_ratio(read, load, 'wall_s'):>6} {_fmt_mb(read.peak_rss_bytes):>6}"
+                        for read, width in (
+                            (_median_of(runs[(label, form, "read whole")]), 8),
+                            (_median_of(runs[(label, form, "read streamed")]), 10),
+                        )
+                    )
                     + ("" if report.ok else f"  {report.failure}")
                 )
         for label, verdict in same.items():

@@ -77,7 +77,7 @@ _CLI = "from kvtrace.cli import main; sys.exit(main(sys.argv[2:]))"
 
 
 def test_the_analyzers_run_without_any_optional_part(tmp_path: Path) -> None:
-    # GIVEN a recorded run copied to a laptop with only numpy, plotly and tqdm
+    # GIVEN a recorded run copied to a laptop with only numpy, plotly, tqdm and msgspec
     run = tmp_path / "run"
     shutil.copytree(SAMPLES / "dynamic_b2", run)
     expected = _without("", _CLI, "report", str(run), "--json", "--no-export")
