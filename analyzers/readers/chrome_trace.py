@@ -1,8 +1,10 @@
 """Read torch.profiler / Kineto Chrome traces and `export_memory_timeline` raw files, streaming.
 
-Chrome traces reach gigabytes, and `json.load` would hold every event as a dict. `JsonStream` walks the
-top-level object and the `traceEvents` array one element at a time (`json.JSONDecoder.raw_decode` over a
-sliding text window), so memory grows with the memory events we keep, never with the file.
+Chrome traces reach gigabytes, and `json.load` would hold every event as a dict. Kineto's own layout is
+read by byte scans (`kineto_scan`); a text in another layout that fits `trace_in_memory.MAX_TEXT_BYTES` is
+read whole, msgspec finding its events; any other, `JsonStream` walks the top-level object and the
+`traceEvents` array one element at a time (`json.JSONDecoder.raw_decode` over a sliding text window), so
+memory grows with the memory events we keep, never with the file.
 
 What we keep from a trace (kind "chrome_trace"):
 
