@@ -19,6 +19,7 @@ from analyzers.readers import chrome_trace, json_stream
 from analyzers.readers.chrome_trace import read_chrome_trace
 from kvtrace.cli import main
 from kvtrace.errors import KvtraceError
+from tests.same_source import assert_same_devices
 
 NEW = (
     '{\n    "ph": "i",\n    \n    "cat": "cpu_instant_event",\n    "s": "t",\n    "name": "[memory]",\n'
@@ -77,13 +78,7 @@ def _assert_same(path: Path) -> None:
     """The columns are json.load's (a trace in Kineto's layout read by the byte scan, any other streamed),
     and those of the whole-text reader the same."""
     source = read_chrome_trace(path, in_memory=False)
-    whole = read_chrome_trace(path, byte_scan=False)
-    for device, other in zip(source.devices, whole.devices, strict=True):
-        for column in ("ts_us", "addr", "delta_bytes", "total_allocated", "total_reserved"):
-            left, right = getattr(device, column), getattr(other, column)
-            assert (left is None) == (right is None), column
-            if left is not None:
-                np.testing.assert_array_equal(left, right)
+    assert_same_devices(source, read_chrome_trace(path, byte_scan=False))
     expected = _reference(path)
     assert sorted(d.device for d in source.devices) == sorted(expected)
     for device in source.devices:
@@ -545,15 +540,7 @@ def _assert_read_as_recorded(
     runs = _CountedRuns.last
     assert runs is not None
     assert memory - 20 <= runs.events <= memory
-    scanned = read_chrome_trace(original)  # Kineto's own text, read by the byte scan
-    assert [d.device for d in source.devices] == [d.device for d in scanned.devices]
-    for device, want in zip(source.devices, scanned.devices, strict=True):
-        for column in ("ts_us", "addr", "delta_bytes", "total_allocated", "total_reserved"):
-            left, right = getattr(device, column), getattr(want, column)
-            assert (left is None) == (right is None), column
-            if left is not None:
-                assert left.dtype == right.dtype, column
-                np.testing.assert_array_equal(left, right)
+    assert_same_devices(source, read_chrome_trace(original))  # Kineto's own text, read by the byte scan
     for device, want in _reference_columns(trace).items():  # and json.load's, in the trace's time order
         (read,) = [d for d in source.devices if d.device == device]
         order = np.argsort(np.asarray(want["ts"]), kind="stable")

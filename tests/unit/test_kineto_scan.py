@@ -7,12 +7,12 @@ import gzip
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from analyzers.model import MemorySource
 from analyzers.readers import kineto_scan
 from analyzers.readers.chrome_trace import read_chrome_trace
+from tests.same_source import assert_same_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL = ROOT.parent / "shared" / "real_traces" / "chrome"
@@ -20,15 +20,7 @@ TRACES = sorted(REAL.glob("*.json.gz")) + sorted(ROOT.glob("sample_traces/*/prof
 
 
 def _same(a: MemorySource, b: MemorySource) -> None:
-    assert [d.device for d in a.devices] == [d.device for d in b.devices]
-    for x, y in zip(a.devices, b.devices, strict=True):
-        for column in ("ts_us", "addr", "delta_bytes", "total_allocated", "total_reserved"):
-            left, right = getattr(x, column), getattr(y, column)
-            assert (left is None) == (right is None), column
-            if left is not None:
-                assert left.dtype == right.dtype, column
-                np.testing.assert_array_equal(left, right)
-        assert (x.baseline_bytes, x.capacity_bytes) == (y.baseline_bytes, y.capacity_bytes)
+    assert_same_devices(a, b)
     assert a.markers == b.markers
     assert a.meta["trace_events"] == b.meta["trace_events"]
 

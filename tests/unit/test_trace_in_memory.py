@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from analyzers.readers import chrome_trace
 from analyzers.readers.chrome_trace import read_chrome_trace
 from analyzers.readers.trace_in_memory import read_whole
 from kvtrace.errors import KvtraceError
+from tests.same_source import assert_same_devices
 
 pytest.importorskip("msgspec")
 
@@ -68,15 +68,7 @@ def _events() -> list[Any]:
 
 
 def _assert_same_source(left: Any, right: Any) -> None:
-    assert [d.device for d in left.devices] == [d.device for d in right.devices]
-    for one, other in zip(left.devices, right.devices, strict=True):
-        for column in ("ts_us", "addr", "delta_bytes", "total_allocated", "total_reserved"):
-            a, b = getattr(one, column), getattr(other, column)
-            assert (a is None) == (b is None), column
-            if a is not None:
-                assert a.dtype == b.dtype, column
-                np.testing.assert_array_equal(a, b)
-        assert (one.baseline_bytes, one.capacity_bytes) == (other.baseline_bytes, other.capacity_bytes)
+    assert_same_devices(left, right)
     marks = [[(m.kind, m.ts_us, m.label, m.end_us, m.detail) for m in s.markers] for s in (left, right)]
     assert marks[0] == marks[1]
     metas = [{k: v for k, v in s.meta.items() if k != "reader"} for s in (left, right)]
