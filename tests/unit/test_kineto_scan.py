@@ -16,7 +16,8 @@ from tests.same_source import assert_same_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL = ROOT.parent / "shared" / "real_traces" / "chrome"
-TRACES = sorted(REAL.glob("*.json.gz")) + sorted(ROOT.glob("sample_traces/*/profiler/*.pt.trace.json.gz"))
+TRACES = sorted(REAL.glob("*.json.gz")) + sorted(ROOT.glob("sample_traces/**/profiler/*.pt.trace.json.gz"))
+H200_TRACE = next(ROOT.glob("sample_traces/h200/dynamic_b24/profiler/*.pt.trace.json.gz"))
 
 
 def _same(a: MemorySource, b: MemorySource) -> None:
@@ -36,6 +37,27 @@ def test_byte_scan_in_small_blocks_equals_the_json_reader(
     assert [s.meta["reader"] for s in (scanned, whole, decoded)] == ["byte_scan", "in_memory", "json_stream"]
     _same(scanned, decoded)
     _same(scanned, whole)
+
+
+def test_a_cuda_torch_2_11_trace_memory_events_are_read_by_the_pattern(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN the trace torch 2.11+cu130 wrote on an H200 (its memory events' head on two lines, not the CPU
+    # build's five), 23,761 memory events among kernels
+    text = gzip.decompress(H200_TRACE.read_bytes())
+    memory = text.count(b'"name": "[memory]"')
+    assert memory == 23_761
+    decoded: list[int] = []
+    decode = kineto_scan._decode
+    monkeypatch.setattr(kineto_scan, "_decode", lambda *args: decoded.append(1) or decode(*args))
+    # WHEN the byte scan reads it
+    scanned = read_chrome_trace(H200_TRACE)
+    # THEN no memory event was decoded (only its 8 step ranges were), and the
+    # columns are the JSON reader's
+    assert scanned.meta["reader"] == "byte_scan"
+    assert sum(len(device.delta_bytes) for device in scanned.devices) == memory
+    assert len(decoded) == len(scanned.markers) == 8
+    _same(scanned, read_chrome_trace(H200_TRACE, byte_scan=False, in_memory=False))
 
 
 @pytest.mark.parametrize("name", ["worker0.1623143089861.pt.trace.json.gz", "rank0.json.gz"])
