@@ -79,7 +79,7 @@ def walk_whole(
         return None
     try:
         top, events = _cut(data, msgspec)
-        kept, total = _kept(events, msgspec)
+        kept, total = _kept(events, msgspec, escaped=b"\\u" in data or b"\\/" in data)
     except _Declined:
         return None
     where = "traceEvents" if top is not None else "the event array"
@@ -127,9 +127,10 @@ def _utf8(data: bytearray) -> bool:
     return True
 
 
-def _kept(events: Any, msgspec: Any) -> tuple[list[Any], int]:
+def _kept(events: Any, msgspec: Any, escaped: bool) -> tuple[list[Any], int]:
     """The events `_TraceCollector` may keep (a `[memory]` name, a B or E phase, an X named as a step, or
-    no object at all), undecoded, and how many events there are."""
+    no object at all), undecoded, and how many events there are. Names are compared as written unless the
+    text has escapes that could spell one (`escaped`: a "\\u" or "\\/"), then as json reads them."""
     heads = _head_type(msgspec)
     try:
         each = msgspec.json.decode(events, type=list[heads | list | str | int | float | bool | None])  # type: ignore[valid-type]
@@ -142,13 +143,14 @@ def _kept(events: Any, msgspec: Any) -> tuple[list[Any], int]:
             wanted.append(index)
             continue
         phase = head.ph
-        if (
-            phase == "B"
-            or phase == "E"
-            or head.name == memory
-            or (phase == "X" and bytes(head.name).startswith(_STEP_STARTS))
-        ):
+        if phase == "B" or phase == "E" or head.name == memory:
             wanted.append(index)
+        elif escaped or phase == "X":
+            name = bytes(head.name)
+            if escaped and b"\\" in name:
+                name = _unescaped(name)
+            if name == b'"[memory]"' or (phase == "X" and name.startswith(_STEP_STARTS)):
+                wanted.append(index)
     total = len(each)
     del each  # the heads go before the events' own bounds are made: the peak holds one of the two
     raws = msgspec.json.decode(events, type=list[msgspec.Raw])
@@ -164,6 +166,15 @@ def _head_type(msgspec: Any) -> Any:
         fields = [("name", msgspec.Raw, msgspec.Raw(b"null")), ("ph", Any, None)]
         _HEAD_TYPE.append(msgspec.defstruct("Head", fields, gc=False))
     return _HEAD_TYPE[0]
+
+
+def _unescaped(raw: bytes) -> bytes:
+    """A JSON string's text with its escapes read (`"\\u005bmemory]"` is `"[memory]"`); else `raw`."""
+    try:
+        value = json.loads(raw)
+    except ValueError:  # a lone surrogate's string, which msgspec refused before this
+        return raw
+    return b'"' + value.encode("utf-8", "surrogatepass") + b'"' if isinstance(value, str) else raw
 
 
 def _decoded(raws: list[Any], name: str, where: str) -> list[Any]:

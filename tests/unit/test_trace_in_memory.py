@@ -132,6 +132,24 @@ def test_crafted_events_are_kept_and_noted_as_streamed(tmp_path: Path, form: str
     assert source.meta["top_level_keys"] == ["deviceProperties", "schemaVersion"]
 
 
+@pytest.mark.parametrize("form", ["one-line", "compact"])
+def test_names_written_with_escapes_are_read_as_json_reads_them(tmp_path: Path, form: str) -> None:
+    # GIVEN a one-line trace (where the streaming reader decodes every event with an escape) whose memory
+    # events are named "\u005bmemory]" and a step "kvtrace\/prefill", as some encoders write them
+    events = _events()
+    text = json.dumps({"traceEvents": events}, **_FORMS[form])
+    text = text.replace('"[memory]"', '"\\u005bmemory]"', 5).replace(
+        '"kvtrace/prefill"', '"kvtrace\\/prefill"'
+    )
+    assert text.count("\\u005b") == 5 and text.count("\\/") == 2
+    path = tmp_path / "t.json"
+    path.write_text(text)
+    # WHEN read THEN every memory event and both steps are kept, as json.load reads them
+    source = _both(path)
+    assert sum(len(d.delta_bytes) for d in source.devices) == 300
+    assert [m.label for m in source.markers] == ["kvtrace/prefill", "ProfilerStep#3"]
+
+
 _DECLINED = {
     "byte-order mark": lambda text: "\ufeff" + text,
     "NaN in a kernel": lambda text: text.replace('"dur": 3', '"dur": NaN', 1),
