@@ -25,7 +25,6 @@ _MAX_VALUE_CHARS = 256 << 20  # one JSON value; a hostile one costs ~5x this in 
 _KINETO_OPEN = "{\n    "
 _KINETO_SEP = "\n  },\n  {"
 _KINETO_CLOSE = "\n  }"
-_KINETO_NEXT = "\n  {"
 # From a point outside any string: the longest stretch whose strings hold no bracket, brace, quote or escape
 # (possessive, so linear; Python 3.10 lacks `*+` and gets the same match by backtracking, slower). It ends
 # outside a string, before the first string that holds one (or at the end of the range).
@@ -35,14 +34,14 @@ except re.error:  # pragma: no cover - Python 3.10
     _PLAIN_STRINGS = re.compile(r'[^"]*(?:"[^"\\{}\[\]]*"[^"]*)*')
 
 
-def _layout(indent: str) -> tuple[str, str, str, str]:
-    """(open, separator, close, next) of an array whose elements open at `indent`: Kineto's own for its
+def _layout(indent: str) -> tuple[str, str, str]:
+    """(open, separator, close) of an array whose elements open at `indent`: Kineto's own for its
     two spaces, or those of a tool that re-indented the trace (json.dumps(indent=4) puts them at eight
     spaces, indent="\\t" at two tabs)."""
     if indent == "  " or not indent or indent.strip(indent[0]) or indent[0] not in " \t":
-        return _KINETO_OPEN, _KINETO_SEP, _KINETO_CLOSE, _KINETO_NEXT
+        return _KINETO_OPEN, _KINETO_SEP, _KINETO_CLOSE
     inner = indent + ("\t" if indent[0] == "\t" else "  ")
-    return "{\n" + inner, f"\n{indent}}},\n{indent}{{", f"\n{indent}}}", f"\n{indent}{{"
+    return "{\n" + inner, f"\n{indent}}},\n{indent}{{", f"\n{indent}}}"
 
 
 def _event_lines(sep: str, close: str) -> re.Pattern[str]:
@@ -238,7 +237,7 @@ class JsonStream:
         # events are skipped as Kineto's are (every one was decoded: ~2.8x the time), and offered to
         # `read_run`, which learns the layout of their memory events.
         line = self.buf.rfind("\n", 0, self.pos)
-        element_open, sep, close, _ = _layout(self.buf[line + 1 : self.pos] if line >= 0 else "")
+        element_open, sep, close = _layout(self.buf[line + 1 : self.pos] if line >= 0 else "")
         lines = _event_lines(sep, close)
         value_open = ""
         one_line = "\n" not in self.buf[bracket : self.pos] and self.buf.startswith('{"', self.pos)
