@@ -280,13 +280,11 @@ def read_chrome_trace(
         text: IO[bytes] = binary
         if in_memory and _text_may_fit(path):
             data, text = read_whole(binary, MAX_TEXT_BYTES)
-            walked = walk_whole(data, name, collector) if data is not None else None
+            walked = walk_whole(data, name, collector, collector.add_block) if data is not None else None
             del data
             if walked is not None:
-                top, skipped = walked
-                source = _source_of(
-                    name, collector, top, collector.all_integral, collector.events + skipped, "in_memory"
-                )
+                top, events = walked
+                source = _source_of(name, collector, top, collector.all_integral, events, "in_memory")
                 source.meta["python_stacks"] = python_stacks or bool(top.get("with_stack"))
                 return source
         memory_runs = MemoryRunReader(collector.columns_for, collector.saw_pids)

@@ -319,12 +319,8 @@ class _Scanner:
             others = [gap for gap in gaps if gap and gap != b","]
             if any(_NEEDLE in gap for gap in others):
                 return False
-            try:
-                columns = np.array([parts[index::width] for index in range(1, width)], dtype="S24")
-                memory_blocks = _blocks_of(dict(zip(fields, columns, strict=True)), count)
-            except (ValueError, OverflowError):  # a number beyond int64: the JSON reader's case
-                return False
-            if any(map(_impossible, memory_blocks)):  # the JSON reader's too: it skips each with its note
+            memory_blocks = _blocks_in(parts, fields, count)
+            if memory_blocks is None:
                 return False
             if self._layouts[0][0] is not pattern:  # a trace keeps one layout: try its own first
                 self._layouts.sort(key=lambda layout: layout[0] is not pattern)
@@ -337,6 +333,51 @@ class _Scanner:
                 self.commas += gap.endswith(b",")
             return True
         return False
+
+
+def _any_whitespace(pattern: re.Pattern[bytes]) -> re.Pattern[bytes]:
+    """`pattern` (one memory event in a Kineto layout) with any JSON whitespace, or none, where it has its
+    own between tokens: the event as another tool re-indented or dumped it. Keys keep their spaces."""
+    source = pattern.pattern.split(b'"')  # the even pieces lie outside the JSON strings
+    outside = (
+        re.sub(rb"(?:\\n| )+", rb"[ \\t\\n\\r]*", piece) if i % 2 == 0 else piece
+        for i, piece in enumerate(source)
+    )
+    return re.compile(b'"'.join(outside))
+
+
+# `_NEW` (`_CUDA` differs from it only in whitespace) and `_OLD` in any whitespace: for `memory_blocks_in`.
+ANY_LAYOUTS = ((_any_whitespace(_NEW), _NEW_FIELDS), (_any_whitespace(_OLD), _OLD_FIELDS))
+
+
+def memory_blocks_in(text: bytes, count: int) -> list[MemoryBlock] | None:
+    """The memory events of `text` (`count` whole events, only whitespace between them) as blocks, if one
+    pattern of `ANY_LAYOUTS` matches each of them; None to decode them one by one (as a number beyond int64
+    or an impossible size must be)."""
+    for pattern, fields in ANY_LAYOUTS:
+        parts = pattern.split(text)
+        width = len(fields) + 1
+        if len(parts) != count * width + 1:
+            continue
+        if any(gap.strip(b" \t\n\r") for gap in parts[::width]):
+            return None
+        return _blocks_in(parts, fields, count)
+    return None
+
+
+def _blocks_in(parts: list[bytes], fields: tuple[str, ...], count: int) -> list[MemoryBlock] | None:
+    """The blocks of a pattern's split (`count` events, each `fields` after a gap); None where the JSON
+    reader must decide: a number beyond int64 or of over 24 characters (numpy would cut "1.000...0e10" to
+    "1.000...0e1"), a size no device holds or a ts past a float's range (skipped with a note)."""
+    width = len(fields) + 1
+    columns = np.array([parts[index::width] for index in range(1, width)])
+    if columns.dtype.itemsize > 24:
+        return None
+    try:
+        blocks = _blocks_of(dict(zip(fields, columns, strict=True)), count)
+    except (ValueError, OverflowError):
+        return None
+    return None if any(map(_impossible, blocks)) else blocks
 
 
 def _impossible(block: MemoryBlock) -> bool:

@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Callable
 from typing import IO, Any, cast
 
+from analyzers.readers.kineto_scan import MemoryBlock, memory_blocks_in
 from kvtrace.errors import KvtraceError, too_long_integer
 
 # Text held whole: with ~0.1 kB of msgspec's per event beside it, a dense trace this size peaks near 150 MiB.
 MAX_TEXT_BYTES = 64 << 20
 _READ_BYTES = 1 << 20
-_BATCH = 4096  # kept events decoded by one json.loads: ~1/3 faster than one call each
-# Names of the step ranges `_TraceCollector` keeps, as the JSON text begins them (a name written with escapes
-# there is not a step's: the streaming reader's needles miss it too).
+_BATCH = 4096  # kept events decoded by one json.loads (~1/3 faster than a call each), or read as one block
+# Names of the step ranges `_TraceCollector` keeps, as the JSON text begins them.
 _STEP_STARTS = (b'"ProfilerStep#', b'"kvtrace/')
+# Escapes that could spell such a name, or "[memory]", another way: one regex pass (two `in` tests cost ~6x).
+_ESCAPES = re.compile(rb"\\[u/]")
 
 
 class _Declined(Exception):
@@ -68,25 +71,39 @@ class _HeadThenRest:
 
 
 def walk_whole(
-    data: bytearray, name: str, on_event: Callable[[Any], None]
+    data: bytearray,
+    name: str,
+    on_event: Callable[[Any], None],
+    on_memory: Callable[[MemoryBlock], None],
 ) -> tuple[dict[str, Any], int] | None:
-    """(The top-level fields but `traceEvents`, how many events were not decoded), each event the
-    collector may keep given to `on_event` in file order; None where `JsonStream` must read the text (then
-    `on_event` was not called). An error a kept event gives `json` is the streaming reader's for it."""
+    """(The top-level fields but `traceEvents`, how many events there are), each event the collector may
+    keep given to `on_event` in file order, or with the memory events next to it in one of Kineto's layouts
+    (in any whitespace) to `on_memory` as blocks; None where `JsonStream` must read the text (then neither
+    was called). An error a kept event gives `json` is the streaming reader's for it."""
     try:
         import msgspec
     except ImportError:  # an optional speed-up: the streaming reader reads every file
         return None
     try:
         top, events = _cut(data, msgspec)
-        kept, total = _kept(events, msgspec, escaped=b"\\u" in data or b"\\/" in data)
+        kept, memory, total = _kept(events, msgspec, escaped=_ESCAPES.search(data) is not None)
     except _Declined:
         return None
     where = "traceEvents" if top is not None else "the event array"
-    for start in range(0, len(kept), _BATCH):
-        for event in _decoded(kept[start : start + _BATCH], name, where):
-            on_event(event)
-    return top or {}, total - len(kept)
+    start = 0
+    while start < len(kept):
+        end, run_of_memory = start + 1, memory[start]
+        while end < len(kept) and end - start < _BATCH and memory[end] == run_of_memory:
+            end += 1
+        blocks = memory_blocks_in(b"\n".join(kept[start:end]), end - start) if run_of_memory else None
+        if blocks is not None:
+            for block in blocks:
+                on_memory(block)
+        else:
+            for event in _decoded(kept[start:end], name, where):
+                on_event(event)
+        start = end
+    return top or {}, total
 
 
 def _cut(data: bytearray, msgspec: Any) -> tuple[dict[str, Any] | None, Any]:
@@ -127,34 +144,43 @@ def _utf8(data: bytearray) -> bool:
     return True
 
 
-def _kept(events: Any, msgspec: Any, escaped: bool) -> tuple[list[Any], int]:
+def _kept(events: Any, msgspec: Any, escaped: bool) -> tuple[list[Any], list[bool], int]:
     """The events `_TraceCollector` may keep (a `[memory]` name, a B or E phase, an X named as a step, or
-    no object at all), undecoded, and how many events there are. Names are compared as written unless the
-    text has escapes that could spell one (`escaped`: a "\\u" or "\\/"), then as json reads them."""
+    no object at all), undecoded, whether each is named "[memory]" as Kineto writes it, and how many events
+    there are. Names are compared as written unless the text has escapes that could spell one (`escaped`: a
+    "\\u" or "\\/"), then as json reads them."""
     heads = _head_type(msgspec)
     try:
         each = msgspec.json.decode(events, type=list[heads | list | str | int | float | bool | None])  # type: ignore[valid-type]
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         raise _Declined from None
-    memory = msgspec.Raw(b'"[memory]"')
-    wanted = []
+    plain_memory = msgspec.Raw(b'"[memory]"')
+    wanted, memory = [], []
     for index, head in enumerate(each):
         if type(head) is not heads:
             wanted.append(index)
+            memory.append(False)
             continue
         phase = head.ph
-        if phase == "B" or phase == "E" or head.name == memory:
+        if head.name == plain_memory:
             wanted.append(index)
+            memory.append(True)
+        elif phase == "B" or phase == "E":
+            wanted.append(index)
+            memory.append(False)
         elif escaped or phase == "X":
             name = bytes(head.name)
             if escaped and b"\\" in name:
                 name = _unescaped(name)
             if name == b'"[memory]"' or (phase == "X" and name.startswith(_STEP_STARTS)):
                 wanted.append(index)
+                memory.append(False)
     total = len(each)
     del each  # the heads go before the events' own bounds are made: the peak holds one of the two
+    if not wanted:
+        return [], [], total
     raws = msgspec.json.decode(events, type=list[msgspec.Raw])
-    return [raws[index] for index in wanted], total
+    return [raws[index] for index in wanted], memory, total
 
 
 _HEAD_TYPE: list[Any] = []

@@ -60,6 +60,27 @@ def test_a_cuda_torch_2_11_trace_memory_events_are_read_by_the_pattern(
     _same(scanned, read_chrome_trace(H200_TRACE, byte_scan=False, in_memory=False))
 
 
+def test_a_number_of_over_24_characters_is_read_as_json_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN memory events in Kineto's layout, one of whose ts is written in 25 characters ("1009" as
+    # "1.0090000000000000000e+03": cut to 24, as a fixed-width column would, it reads 1.009)
+    monkeypatch.setattr(kineto_scan, "_BLOCK_BYTES", 64 << 10)
+    events = [MEMORY % (1000 + i, 0, 1 << 30, 64 * (i + 1), 64, 0x7F00 + i, i) for i in range(2000)]
+    events[9] = events[9].replace('"ts": 1009.000', '"ts": 1.0090000000000000000e+03')
+    path, _ = _kineto_file(tmp_path / "long.json", events, monkeypatch)
+    one_line = tmp_path / "long-one-line.json"
+    one_line.write_text(path.read_text().replace("\n", ""))
+    # WHEN read by the byte scan, the whole-text reader (on one line) and json THEN all say ts 1009
+    decoded = read_chrome_trace(path, byte_scan=False, in_memory=False)
+    (device,) = decoded.devices
+    assert device.ts_us[9] == 1009.0
+    sources = [read_chrome_trace(path), read_chrome_trace(one_line)]
+    assert [source.meta["reader"] for source in sources] == ["byte_scan", "in_memory"]
+    for source in sources:
+        _same(source, decoded)
+
+
 @pytest.mark.parametrize("name", ["worker0.1623143089861.pt.trace.json.gz", "rank0.json.gz"])
 def test_a_re_indented_trace_falls_back_and_reads_the_same(tmp_path: Path, name: str) -> None:
     original = REAL / name

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from analyzers.readers import chrome_trace
+from analyzers.readers import chrome_trace, trace_in_memory
 from analyzers.readers.chrome_trace import read_chrome_trace
 from analyzers.readers.trace_in_memory import read_whole
 from kvtrace.errors import KvtraceError
@@ -88,7 +88,7 @@ def _both(path: Path) -> Any:
 @pytest.mark.parametrize("form", list(_FORMS))
 @pytest.mark.parametrize("original", [SAMPLE_TRACE, WORKER0], ids=["sample", "worker0-2021-layout"])
 def test_rewritten_real_trace_is_read_whole_as_torch_wrote_it(
-    tmp_path: Path, original: Path, form: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, original: Path, form: str
 ) -> None:
     # GIVEN a real trace re-indented by another tool, or dumped back on one line by a script
     if not original.exists():
@@ -96,6 +96,11 @@ def test_rewritten_real_trace_is_read_whole_as_torch_wrote_it(
     trace = json.loads(gzip.decompress(original.read_bytes()))
     copy = tmp_path / "rewritten.json.gz"
     copy.write_bytes(gzip.compress(json.dumps(trace, **_FORMS[form]).encode(), compresslevel=1))
+    decoded: list[int] = []
+    decode = trace_in_memory._decoded
+    monkeypatch.setattr(
+        trace_in_memory, "_decoded", lambda raws, *args: decoded.append(len(raws)) or decode(raws, *args)
+    )
     # WHEN read THEN it is read whole, as streamed, and every column, step and count is the byte scan's of
     # the trace as torch wrote it
     whole = _both(copy)
@@ -104,6 +109,8 @@ def test_rewritten_real_trace_is_read_whole_as_torch_wrote_it(
     memory = sum(1 for event in trace["traceEvents"] if event.get("name") == "[memory]")
     assert sum(len(d.delta_bytes) for d in whole.devices) == memory > 3000
     _assert_same_source(whole, scanned)
+    # AND its memory events were read by Kineto's pattern in this whitespace: json decoded only the steps
+    assert 0 < sum(decoded) == len(whole.markers) < 100
 
 
 @pytest.mark.parametrize("form", list(_FORMS))
