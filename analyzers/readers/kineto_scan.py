@@ -336,9 +336,10 @@ class _Scanner:
 
 
 def _any_whitespace(pattern: re.Pattern[bytes]) -> re.Pattern[bytes]:
-    """`pattern` (one memory event in a Kineto layout) with any JSON whitespace, or none, where it has its
-    own between tokens: the event as another tool re-indented or dumped it. Keys keep their spaces."""
-    source = pattern.pattern.split(b'"')  # the even pieces lie outside the JSON strings
+    """`pattern` (one memory event in a Kineto layout, from its "{") with any JSON whitespace, or none, where
+    it has its own between tokens: the event as another tool re-indented or dumped it. Keys keep their
+    spaces. It begins with "{", a literal, so that `re` looks for candidates at C speed."""
+    source = pattern.pattern[pattern.pattern.index(rb"\{") :].split(b'"')  # even pieces: outside strings
     outside = (
         re.sub(rb"(?:\\n| )+", rb"[ \\t\\n\\r]*", piece) if i % 2 == 0 else piece
         for i, piece in enumerate(source)
@@ -350,18 +351,18 @@ def _any_whitespace(pattern: re.Pattern[bytes]) -> re.Pattern[bytes]:
 ANY_LAYOUTS = ((_any_whitespace(_NEW), _NEW_FIELDS), (_any_whitespace(_OLD), _OLD_FIELDS))
 
 
-def memory_blocks_in(text: bytes, count: int) -> list[MemoryBlock] | None:
-    """The memory events of `text` (`count` whole events, only whitespace between them) as blocks, if one
-    pattern of `ANY_LAYOUTS` matches each of them; None to decode them one by one (as a number beyond int64
-    or an impossible size must be)."""
+def memory_blocks_in(events: list[bytes]) -> list[MemoryBlock] | None:
+    """`events` (each one memory event's whole text) as blocks, if the pattern of `ANY_LAYOUTS` that matches
+    the first matches each of them; None to decode them one by one (as a number beyond int64 or an
+    impossible size must be)."""
     for pattern, fields in ANY_LAYOUTS:
-        parts = pattern.split(text)
-        width = len(fields) + 1
-        if len(parts) != count * width + 1:
+        if pattern.fullmatch(events[0]) is None:
             continue
-        if any(gap.strip(b" \t\n\r") for gap in parts[::width]):
+        parts = pattern.split(b"".join(events))
+        width = len(fields) + 1
+        if len(parts) != len(events) * width + 1 or any(parts[::width]):  # an event the pattern misses
             return None
-        return _blocks_in(parts, fields, count)
+        return _blocks_in(parts, fields, len(events))
     return None
 
 

@@ -95,7 +95,7 @@ def walk_whole(
         end, run_of_memory = start + 1, memory[start]
         while end < len(kept) and end - start < _BATCH and memory[end] == run_of_memory:
             end += 1
-        blocks = memory_blocks_in(b"\n".join(kept[start:end]), end - start) if run_of_memory else None
+        blocks = memory_blocks_in(kept[start:end]) if run_of_memory else None
         if blocks is not None:
             for block in blocks:
                 on_memory(block)
