@@ -52,7 +52,8 @@ in a scratch folder with the original's compression; `json.load` and `kvtrace re
 alternated over files, forms and tools, medians of `--reps`; beside them the trace reader alone in a fresh
 process, reading the text whole (msgspec finds the events, as `report` does where the text fits) and
 streamed (`JsonStream`, as for a text too big to hold). The original keeps Kineto's layout, which the byte
-scan reads whatever the reader asked for; the other forms go through the fallback path.
+scan reads whatever the reader asked for; the other forms go through the fallback path. A second table gives the
+readers' own CPU time in one process (no start-up), `json.load`, whole and streamed alternated.
 
 No timing is asserted: this prints a table, it is not a test.
 """
@@ -840,9 +841,56 @@ def run_reindented(args: argparse.Namespace) -> int:
         for label, verdict in same.items():
             print(f"report --json of the {len(_FORMS)} forms of {label}: {verdict}")
         print("goal (issue 11): report/json.load <= 0.5x; wall includes each fresh interpreter's start-up")
+        _in_process_table(files, args.reps)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
+
+
+def _in_process_table(files: list[tuple[str, dict[str, Path]]], reps: int) -> None:
+    """The readers' own CPU time, without any start-up: in this process, warmed once, medians of `reps`
+    rounds that alternate `json.load`, the whole-text reader and the streamed one on each rewritten form."""
+    import json
+
+    from analyzers.readers.chrome_trace import read_chrome_trace
+
+    def load(path: Path) -> None:
+        with open(path, "rb") as fh:
+            compressed = fh.read(2) == b"\x1f\x8b"
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as fh:
+            json.load(fh)
+
+    tools: dict[str, Callable[[Path], object]] = {
+        "json.load": load,
+        "whole": lambda path: read_chrome_trace(path, in_memory=True),
+        "streamed": lambda path: read_chrome_trace(path, in_memory=False),
+    }
+    times: dict[tuple[str, str, str], list[float]] = {}
+    rows = [
+        (label, form, path) for label, forms in files for form, path in forms.items() if form != "original"
+    ]
+    for _, _, path in rows:  # imports and first-touch costs out of the figures
+        for tool in tools.values():
+            tool(path)
+    for rep in range(reps):
+        for label, form, path in rows:
+            for name in tools if rep % 2 == 0 else reversed(tools):
+                started = time.process_time()
+                tools[name](path)
+                times.setdefault((label, form, name), []).append(time.process_time() - started)
+    header = (
+        f"{'file':<44} {'form':<11} {'json.load s':>11} {'whole s':>8} {'ratio':>6} {'streamed s':>10} "
+        f"{'ratio':>6}"
+    )
+    print("\nCPU seconds in one process (no start-up), medians of", reps)
+    print(header)
+    print("-" * len(header))
+    for label, form, _ in rows:
+        base, whole, streamed = (statistics.median(times[(label, form, name)]) for name in tools)
+        print(
+            f"{label[-44:]:<44} {form:<11} {base:>11.3f} {whole:>8.3f} {whole / base:>6.2f} "
+            f"{streamed:>10.3f} {streamed / base:>6.2f}"
+        )
 
 
 def _median_of(runs: list[Measurement]) -> Measurement:
