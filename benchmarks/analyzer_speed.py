@@ -52,8 +52,8 @@ in a scratch folder with the original's compression; `json.load` and `kvtrace re
 alternated over files, forms and tools, medians of `--reps`; beside them the trace reader alone in a fresh
 process, reading the text whole (msgspec finds the events, as `report` does where the text fits) and
 streamed (`JsonStream`, as for a text too big to hold). The original keeps Kineto's layout, which the byte
-scan reads whatever the reader asked for; the other forms go through the fallback path. A second table gives the
-readers' own CPU time in one process (no start-up), `json.load`, whole and streamed alternated.
+scan reads whatever the reader asked for; the other forms go through the fallback path. A second table
+gives the readers' own CPU time in one process (no start-up), `json.load`, whole and streamed alternated.
 
 No timing is asserted: this prints a table, it is not a test.
 """
