@@ -278,23 +278,24 @@ def read_chrome_trace(
     with open_input(path, progress) as binary:
         python_stacks = PYTHON_FUNCTION in binary.peek(_STACKS_PEEK)[:_STACKS_PEEK]
         text: IO[bytes] = binary
+        walked = None
+        unescaped: Counter[str] = Counter()  # names the streaming reader repaired
         if in_memory and _text_may_fit(path):
             data, text = read_whole(binary, MAX_TEXT_BYTES)
             walked = walk_whole(data, name, collector, collector.add_block) if data is not None else None
             del data
-            if walked is not None:
-                top, events = walked
-                source = _source_of(name, collector, top, collector.all_integral, events, "in_memory")
-                source.meta["python_stacks"] = python_stacks or bool(top.get("with_stack"))
-                return source
-        memory_runs = MemoryRunReader(collector.columns_for, collector.saw_pids)
-        stream = JsonStream(text, name)
-        top, skipped = _walk_trace(stream, collector, memory_runs)
-    integral = collector.all_integral and memory_runs.all_integral
-    events = collector.events + memory_runs.events + skipped
-    source = _source_of(name, collector, top, integral, events, "json_stream")
+        if walked is not None:
+            (top, events), reader, integral = walked, "in_memory", collector.all_integral
+        else:
+            memory_runs = MemoryRunReader(collector.columns_for, collector.saw_pids)
+            stream = JsonStream(text, name)
+            top, skipped = _walk_trace(stream, collector, memory_runs)
+            events = collector.events + memory_runs.events + skipped
+            reader, integral = "json_stream", collector.all_integral and memory_runs.all_integral
+            unescaped = stream.unescaped_names
+    source = _source_of(name, collector, top, integral, events, reader)
     source.meta["python_stacks"] = python_stacks or bool(top.get("with_stack"))
-    merge_unescaped_names(source.meta, stream.unescaped_names)
+    merge_unescaped_names(source.meta, unescaped)
     return source
 
 

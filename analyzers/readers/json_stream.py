@@ -107,6 +107,16 @@ def _one_line_separators(text: str, start: int) -> tuple[str, str]:
     return "}" + item + "{", key + "{"
 
 
+def decode_failure(exc: Exception, where: str) -> str:
+    """Why `json` refused a value inside `where`: corrupt JSON, a plain ValueError (CPython's limit on the
+    digits of an int) or a RecursionError (the C decoder's depth limit, ~1,000 levels: of the file)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"corrupt JSON ({exc.msg}) inside {where}"
+    if isinstance(exc, RecursionError):
+        return f"JSON nested too deeply to read inside {where}"
+    return f"corrupt JSON: {too_long_integer()} inside {where}"
+
+
 class JsonStream:
     """One JSON value at a time from a byte stream, holding only a window of the text.
 
@@ -171,16 +181,14 @@ class JsonStream:
                 edge = len(self.buf.rstrip()) if self.eof else len(self.buf) - _LOOKAHEAD
                 cut = exc.pos >= edge or exc.msg.startswith("Unterminated string")
                 if self.eof or not cut:
-                    what = "truncated: the JSON ends" if self.eof and cut else f"corrupt JSON ({exc.msg})"
-                    raise self.error(f"{what} inside {where}") from None
+                    truncated = f"truncated: the JSON ends inside {where}"
+                    raise self.error(truncated if self.eof and cut else decode_failure(exc, where)) from None
                 if len(self.buf) - self.pos > _MAX_VALUE_CHARS:
                     raise self.error(f"corrupt JSON: one value in {where} exceeds 256 MiB") from None
                 self._fill()
                 continue
-            except ValueError:  # not a JSONDecodeError: CPython's limit on the digits of an int
-                raise self.error(f"corrupt JSON: {too_long_integer()} inside {where}") from None
-            except RecursionError:  # the C decoder's depth limit (~1,000 levels): of this file, not the run
-                raise self.error(f"JSON nested too deeply to read inside {where}") from None
+            except (ValueError, RecursionError) as exc:  # too many digits, or too deep (`decode_failure`)
+                raise self.error(decode_failure(exc, where)) from None
             if end > len(self.buf) - _LOOKAHEAD and not self.eof:
                 self._fill()
                 continue

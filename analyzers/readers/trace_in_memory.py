@@ -16,13 +16,15 @@ text with `JsonStream` as before, which also says what is wrong with a damaged f
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import re
 from collections.abc import Callable
 from typing import IO, Any, cast
 
+from analyzers.readers.json_stream import decode_failure
 from analyzers.readers.kineto_scan import MemoryBlock, memory_blocks_in
-from kvtrace.errors import KvtraceError, too_long_integer
+from kvtrace.errors import KvtraceError
 
 # Text held whole: with ~0.1 kB of msgspec's per event beside it, a dense trace this size peaks near 150 MiB.
 MAX_TEXT_BYTES = 64 << 20
@@ -183,15 +185,11 @@ def _kept(events: Any, msgspec: Any, escaped: bool) -> tuple[list[Any], list[boo
     return [raws[index] for index in wanted], memory, total
 
 
-_HEAD_TYPE: list[Any] = []
-
-
+@functools.cache
 def _head_type(msgspec: Any) -> Any:
     """An event's name (its text) and phase, all msgspec builds of it: a kernel's long name stays unread."""
-    if not _HEAD_TYPE:
-        fields = [("name", msgspec.Raw, msgspec.Raw(b"null")), ("ph", Any, None)]
-        _HEAD_TYPE.append(msgspec.defstruct("Head", fields, gc=False))
-    return _HEAD_TYPE[0]
+    fields = [("name", msgspec.Raw, msgspec.Raw(b"null")), ("ph", Any, None)]
+    return msgspec.defstruct("Head", fields, gc=False)
 
 
 def _unescaped(raw: bytes) -> bytes:
@@ -206,9 +204,5 @@ def _unescaped(raw: bytes) -> bytes:
 def _decoded(raws: list[Any], name: str, where: str) -> list[Any]:
     try:
         return json.loads(b"[" + b",".join(raws) + b"]")  # type: ignore[no-any-return]
-    except json.JSONDecodeError as exc:
-        raise KvtraceError(f"{name}: corrupt JSON ({exc.msg}) inside {where}") from None
-    except ValueError:  # CPython's limit on the digits of an int
-        raise KvtraceError(f"{name}: corrupt JSON: {too_long_integer()} inside {where}") from None
-    except RecursionError:
-        raise KvtraceError(f"{name}: JSON nested too deeply to read inside {where}") from None
+    except (ValueError, RecursionError) as exc:
+        raise KvtraceError(f"{name}: {decode_failure(exc, where)}") from None
