@@ -175,6 +175,17 @@ class _CountedStream(json_stream.JsonStream):
         self.buf = _CountedText(self.buf)
 
 
+def _chars_scanned(path: Path, body: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """`body` written to `path` and streamed in windows of 256 KiB (`_assert_same`): the characters its
+    finds and counts went over."""
+    path.write_text(body)
+    monkeypatch.setattr(json_stream, "_CHUNK_BYTES", 256 << 10)
+    monkeypatch.setattr(chrome_trace, "JsonStream", _CountedStream)
+    monkeypatch.setattr(_CountedText, "scanned", 0)
+    _assert_same(path)
+    return _CountedText.scanned
+
+
 @pytest.mark.parametrize("kineto_tail", [False, True])
 def test_reindented_trace_is_read_in_linear_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kineto_tail: bool
@@ -194,14 +205,8 @@ def test_reindented_trace_is_read_in_linear_work(
     if kineto_tail:
         tail = ",\n  ".join(_event(i, "new", f"{i}.5") for i in range(3000, 3010))
         body = body[: body.rindex("]")].rstrip() + ",\n  " + tail + "\n  ]\n}\n"
-    path = tmp_path / "t.json"
-    path.write_text(body)
-    monkeypatch.setattr(json_stream, "_CHUNK_BYTES", 256 << 10)  # windows of a few hundred events
-    monkeypatch.setattr(chrome_trace, "JsonStream", _CountedStream)
-    monkeypatch.setattr(_CountedText, "scanned", 0)
     # WHEN it is read THEN the columns are json.load's, for a few passes over the text (it was 100s of passes)
-    _assert_same(path)
-    assert _CountedText.scanned < 20 * len(body)
+    assert _chars_scanned(tmp_path / "t.json", body, monkeypatch) < 20 * len(body)
 
 
 @pytest.mark.parametrize("indent", [4, 3, 2])
@@ -496,14 +501,8 @@ def test_one_line_trace_that_defeats_the_skip_is_read_in_linear_work(
         if i % 1000 == 999:
             events.append(json.loads(_event(i, "new", f"{i}.5")))
     body = json.dumps({"traceEvents": events}, **_ONE_LINE[form])
-    path = tmp_path / "t.json"
-    path.write_text(body)
-    monkeypatch.setattr(json_stream, "_CHUNK_BYTES", 256 << 10)  # windows of a few thousand events
-    monkeypatch.setattr(chrome_trace, "JsonStream", _CountedStream)
-    monkeypatch.setattr(_CountedText, "scanned", 0)
     # WHEN it is read THEN the columns are json.load's, for a few passes over the text
-    _assert_same(path)
-    assert _CountedText.scanned < 30 * len(body)
+    assert _chars_scanned(tmp_path / "t.json", body, monkeypatch) < 30 * len(body)
 
 
 ROOT = Path(__file__).resolve().parents[2]
