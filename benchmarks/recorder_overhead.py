@@ -27,6 +27,7 @@ mode always follows the same neighbour), medians:
     python benchmarks/recorder_overhead.py --floor --reps 5     # against the least any Python recorder pays
     python benchmarks/recorder_overhead.py --breakdown --reps 5 # the in-hooks time split by part
     python benchmarks/recorder_overhead.py --interference --reps 9  # the model's forward, slowed?
+    python benchmarks/recorder_overhead.py --drain --reps 5     # the writer's CPU per update, its log lines
     python benchmarks/recorder_overhead.py --cuda-sample        # a CUDA step's allocator read, on a CPU
 
 One intra-op thread: OpenMP spin-waits make a shared 2-core machine noisy, and what kvtrace adds (Python
@@ -606,6 +607,58 @@ def interference_table(works: list[Workload], reps: int, scratch: Path) -> list[
     return lines
 
 
+def drain_table(works: list[Workload], reps: int, scratch: Path) -> list[str]:
+    """The writer thread's part of light mode: µs of CPU per KV layer update to turn captured updates into
+    log lines (`KvDrain._drain_locked`), timed on one batch of a whole run, drained on the model's thread as
+    the block ends (the writer's 0.1 s flush put off): the steady figure of what the writer does, which on a
+    shared machine no difference of two runs resolves. Within a run the writer drains every 0.1 s, while
+    the model runs beside it on the other core: costlier (colder caches) and not timed here."""
+    from kvtrace import kv_drain, run_writer
+
+    lines = [f"{'workload':<12} {'updates':>8} {'lines':>8} {'drain us/update':>16} {'us/line':>8}"]
+    print(lines[0], flush=True)
+    original_drain = kv_drain.KvDrain._drain_locked
+    original_init = run_writer.RunWriter.__init__
+    for work in works:
+        if work.attach_model is None:
+            continue
+        figures: list[tuple[int, int, int]] = []  # (updates drained, lines made, ns)
+
+        def timed(
+            self: Any, released: bool = False, _least: int = work.updates // 2, _into: list[Any] = figures
+        ) -> None:
+            count, made = len(self._queue), len(self.lines)
+            started = time.thread_time_ns()
+            try:
+                original_drain(self, released)
+            finally:
+                if count >= _least:  # the run's one batch, not a drain of a few updates
+                    _into.append((count, len(self.lines) - made, time.thread_time_ns() - started))
+
+        def put_off(self: Any, flush: Any, sample: Any = None) -> None:
+            original_init(self, flush, sample)
+            self._flush_s = self._tick_s = 1e6  # no flush during the run: the block's end drains it all
+
+        kv_drain.KvDrain._drain_locked = timed  # type: ignore[method-assign]
+        run_writer.RunWriter.__init__ = put_off  # type: ignore[method-assign]
+        try:
+            for _ in range(reps + 1):  # the first a warm-up
+                run_once("b", work, scratch)
+        finally:
+            kv_drain.KvDrain._drain_locked = original_drain  # type: ignore[method-assign]
+            run_writer.RunWriter.__init__ = original_init  # type: ignore[method-assign]
+        if len(figures) < 2:
+            lines.append(f"{work.name:<12} {'-':>8} {'-':>8} {'(no batch drained)':>16}")
+        else:
+            kept = figures[1:]
+            count, made = kept[-1][0], kept[-1][1]
+            per_update = statistics.median(ns / n for n, _, ns in kept) / 1e3
+            per_line = statistics.median(ns / m for _, m, ns in kept) / 1e3
+            lines.append(f"{work.name:<12} {count:>8,} {made:>8,} {per_update:>16.2f} {per_line:>8.2f}")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def warm_capture_us(calls: int = 20000, rounds: int = 5) -> float:
     """µs per `_capture` of a tensor the slot has not seen (a growing cache's case), called in a tight
     loop: what the capture costs when the interpreter's caches are warm, against the in-hooks figure."""
@@ -748,6 +801,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only: µs per memory sample of a CUDA step's allocator figures, torch's three calls against "
         "kvtrace's one read (the C++ stats stood in)",
     )
+    parser.add_argument(
+        "--drain",
+        action="store_true",
+        help="only: the writer's CPU µs per update to make the log's lines, a run's batch drained at once",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument(
         "--compiled",
@@ -802,6 +860,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.interference:
             print("\n0. light mode: the model's own forward, main thread's CPU µs per step (medians)")
             interference_table(light, args.reps, scratch)
+            return 0
+        if args.drain:
+            print("\n0. light mode, the writer's drain: CPU µs per update to make the log lines (medians)")
+            drain_table(light, args.reps, scratch)
             return 0
         if args.breakdown:
             print("\n0. light mode, in hooks µs per update, by part (timed inclusive; medians)")

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
-from kvtrace.kv_lines import KEY_JSON, SHAPE_JSON, quoted, shape_facts, slot_lines
+from kvtrace.kv_lines import CLOCK, KEY_JSON, SHAPE_JSON, quoted, shape_facts, slot_lines
 from kvtrace.kv_slots import K_DATA, V_DATA, LayerState, free_weak_ref, released_slots
 
 _NO_FREES: list[tuple[str, int, int]] = []  # drain's deferred frees of an update without `both_first`: none
@@ -106,7 +106,13 @@ class KvDrain:
                         at.append(f)
         # Those made in this batch: a new storage at their address before they were made is not after them
         made_here = self._unlogged_in(batch, unlogged, releases) if unlogged else set()
+        # An update's time, step and phase, formatted once for its lines (a planned step's layers share them)
+        last: tuple[int, int, str] | None = None
+        clock = ""
         for cid, layer, t_ns, step, phase_json, tokens, evicted, reason, k_facts, v_facts, pair in batch:
+            if last is None or t_ns != last[0] or step != last[1] or phase_json != last[2]:
+                last = (t_ns, step, phase_json)
+                clock = CLOCK % last
             # with `pair` (both_first): the frees wait for both new storages; no list made otherwise
             later = [] if pair else _NO_FREES
             for key, f in ((K_DATA, k_facts), (V_DATA, v_facts)):
@@ -137,7 +143,7 @@ class KvDrain:
                     gone = at.pop()
                     free_weak_ref(gone[10])
                     seq += 1
-                    append(self._released_line(batch, gone) % (seq, t_ns, step, phase_json, addr, gone[9]))
+                    append(self._released_line(batch, gone) % (seq, clock, addr, gone[9]))
                 if unlogged and old_wref and addr in unlogged:
                     held = unlogged[addr]
                     if held[3] == wref:  # its own event: a new storage here after it follows its release
@@ -150,7 +156,7 @@ class KvDrain:
                         seq += 1
                         append(
                             self._slot_lines(held[0], held[1], held[2], held[5], held[6])[1]
-                            % (seq, t_ns, step, phase_json, addr, held[4])
+                            % (seq, clock, addr, held[4])
                         )
                 shape_json, count = SHAPE_JSON.get(shape) or shape_facts(shape)
                 first = key is K_DATA
@@ -159,9 +165,7 @@ class KvDrain:
                     lines[0]
                     % (
                         seq,
-                        t_ns,
-                        step,
-                        phase_json,
+                        clock,
                         kind,
                         addr,
                         nbytes,
@@ -187,10 +191,10 @@ class KvDrain:
                             later.append((lines[1], prev_addr, prev_size))
                         else:  # not deferred past a V storage made at its address
                             seq += 1
-                            append(lines[1] % (seq, t_ns, step, phase_json, prev_addr, prev_size))
+                            append(lines[1] % (seq, clock, prev_addr, prev_size))
             for template, prev_addr, prev_size in later:
                 seq += 1
-                append(template % (seq, t_ns, step, phase_json, prev_addr, prev_size))
+                append(template % (seq, clock, prev_addr, prev_size))
         self._seq = seq
 
     @staticmethod

@@ -36,11 +36,17 @@ MASKED_LINE = (
 )
 
 
+# The three fields a line takes from its update (`"t_ns":%d,"step":%d,"phase":%s`) as one: `CLOCK % (t_ns,
+# step, phase_json)`, made once per update and shared by its lines (`slot_lines`' templates take it as `%s`).
+CLOCK = '%d,"step":%d,"phase":%s'
+
+
 def slot_lines(
     layer: int, kv_json: str, part_json: str, dtype_json: str, device_json: str, cache: int, source_json: str
 ) -> tuple[str, str]:
-    """`EVENT_LINE` and `FREED_LINE` with one slot's constant fields filled in, for the recorder's drain
-    loop: the same bytes, with 7 and 4 fewer conversions per line (each ~0.1 us, issue 11)."""
+    """`EVENT_LINE` and `FREED_LINE` with one slot's constant fields filled in, and the update's time, step
+    and phase taken as one `CLOCK` string, for the recorder's drain loop: the same bytes, with 9 and 6 fewer
+    conversions per line (each ~0.1 us, issue 11). Formatted with (seq, clock, ...)."""
 
     def literal(value: object) -> str:
         return str(value).replace("%", "%%")
@@ -48,9 +54,9 @@ def slot_lines(
     slot = (literal(layer), literal(kv_json), literal(part_json))
     event = EVENT_LINE.replace("%d", "%s") % (
         "%d",
-        "%d",
-        "%d",
         "%s",
+        "",
+        "",
         "%s",
         *slot,
         "%d",
@@ -67,8 +73,13 @@ def slot_lines(
         literal(source_json),
         "%s",
     )
-    freed = FREED_LINE.replace("%d", "%s") % ("%d", "%d", "%d", "%s", *slot, "%d", "%d", literal(cache))
-    return event, freed
+    freed = FREED_LINE.replace("%d", "%s") % ("%d", "%s", "", "", *slot, "%d", "%d", literal(cache))
+    return _clocked(event), _clocked(freed)
+
+
+def _clocked(template: str) -> str:
+    """A template whose step and phase were left empty, its time field taking the whole `CLOCK`."""
+    return template.replace('"t_ns":%s,"step":,"phase":,', '"t_ns":%s,', 1)
 
 
 _QUOTED: dict[str, str] = {}
