@@ -28,12 +28,18 @@ from kvtrace.errors import KvtraceError
 
 # Text held whole: with ~0.1 kB of msgspec's per event beside it, a dense trace this size peaks near 150 MiB.
 MAX_TEXT_BYTES = 64 << 20
+# Events cut apart at most (counted by their opening braces, an upper bound): msgspec makes ~0.1 kB an event,
+# and a text of tiny events (`{},` 21 million times in 64 MiB) would take gigabytes. Real traces hold one
+# brace per 140-260 bytes as torch writes them (~110 compact); a denser text is streamed, its memory flat.
+# At the bound, 63 MiB of 623,000 events: 172 MiB peak RSS for `report --json`.
+MAX_OBJECTS = MAX_TEXT_BYTES // 100
 _READ_BYTES = 1 << 20
 _BATCH = 4096  # kept events decoded by one json.loads (~1/3 faster than a call each), or read as one block
 # Names of the step ranges `_TraceCollector` keeps, as the JSON text begins them.
 _STEP_STARTS = (b'"ProfilerStep#', b'"kvtrace/')
 # Escapes that could spell such a name, or "[memory]", another way: one regex pass (two `in` tests cost ~6x).
 _ESCAPES = re.compile(rb"\\[u/]")
+_LEADING_SPACE = re.compile(rb"[ \t\n\r]*")
 
 
 class _Declined(Exception):
@@ -86,6 +92,8 @@ def walk_whole(
         import msgspec
     except ImportError:  # an optional speed-up: the streaming reader reads every file
         return None
+    if data.count(b"{") > MAX_OBJECTS:
+        return None
     try:
         top, events = _cut(data, msgspec)
         kept, memory, total = _kept(events, msgspec, escaped=_ESCAPES.search(data) is not None)
@@ -112,12 +120,13 @@ def _cut(data: bytearray, msgspec: Any) -> tuple[dict[str, Any] | None, Any]:
     """The top-level fields (None for a bare array) and the event array, undecoded (a `msgspec.Raw`)."""
     if data.startswith(codecs.BOM_UTF8) or not _utf8(data):
         raise _Declined
+    first = _LEADING_SPACE.match(data)
+    if first is not None and data[first.end() : first.end() + 1] == b"[":
+        return None, data  # the Chrome "JSON array" form, a bare list of events: `_kept` reads and checks it
     try:
-        top = msgspec.json.decode(data, type=dict[str, msgspec.Raw] | list[msgspec.Raw])
+        top = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         raise _Declined from None
-    if isinstance(top, list):  # the Chrome "JSON array" form: a bare list of events
-        return None, data
     # A repeated key is read twice by the streaming reader and once here: that (and an escaped key) it reads
     if data.count(b'"traceEvents"') != 1 or "traceEvents" not in top:
         raise _Declined
@@ -147,22 +156,19 @@ def _utf8(data: bytearray) -> bool:
 
 
 def _kept(events: Any, msgspec: Any, escaped: bool) -> tuple[list[Any], list[bool], int]:
-    """The events `_TraceCollector` may keep (a `[memory]` name, a B or E phase, an X named as a step, or
-    no object at all), undecoded, whether each is named "[memory]" as Kineto writes it, and how many events
-    there are. Names are compared as written unless the text has escapes that could spell one (`escaped`: a
-    "\\u" or "\\/"), then as json reads them."""
+    """The events `_TraceCollector` may keep (a `[memory]` name, a B or E phase, an X named as a step),
+    undecoded, whether each is named "[memory]" as Kineto writes it, and how many events there are. Names
+    are compared as written unless the text has escapes that could spell one (`escaped`: a "\\u" or "\\/"),
+    then as json reads them. An element that is no object, or a phase that is no string, is declined at once
+    (the streaming reader notes it): every element an object, there are no more than the text's braces."""
     heads = _head_type(msgspec)
     try:
-        each = msgspec.json.decode(events, type=list[heads | list | str | int | float | bool | None])  # type: ignore[valid-type]
+        each = msgspec.json.decode(events, type=list[heads])  # type: ignore[valid-type]
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         raise _Declined from None
     plain_memory = msgspec.Raw(b'"[memory]"')
     wanted, memory = [], []
     for index, head in enumerate(each):
-        if type(head) is not heads:
-            wanted.append(index)
-            memory.append(False)
-            continue
         phase = head.ph
         if head.name == plain_memory:
             wanted.append(index)
@@ -187,8 +193,9 @@ def _kept(events: Any, msgspec: Any, escaped: bool) -> tuple[list[Any], list[boo
 
 @functools.cache
 def _head_type(msgspec: Any) -> Any:
-    """An event's name (its text) and phase, all msgspec builds of it: a kernel's long name stays unread."""
-    fields = [("name", msgspec.Raw, msgspec.Raw(b"null")), ("ph", Any, None)]
+    """An event's name (its text) and phase, all msgspec builds of it: a kernel's long name stays unread, and
+    a phase of one character is Python's own string of it."""
+    fields = [("name", msgspec.Raw, msgspec.Raw(b"null")), ("ph", str | None, None)]
     return msgspec.defstruct("Head", fields, gc=False)
 
 

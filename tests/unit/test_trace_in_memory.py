@@ -54,8 +54,7 @@ def _kernel(index: int) -> dict[str, Any]:
 
 
 def _events() -> list[Any]:
-    """Memory events on two devices among kernels, a B/E step, an X step, and two elements that are no
-    object (the reader notes them)."""
+    """Memory events on two devices among kernels, a B/E step and an X step."""
     events: list[Any] = []
     for i in range(300):
         events += [_memory(i, device_type=i % 2), _kernel(i)]
@@ -63,7 +62,6 @@ def _events() -> list[Any]:
     events.insert(90, {"ph": "E", "name": "kvtrace/prefill", "pid": 7, "tid": 7, "ts": 1070})
     events.insert(120, {"ph": "X", "name": "ProfilerStep#3", "cat": "user_annotation", "pid": 7, "tid": 7,
                         "ts": 1080, "dur": 20})  # fmt: skip
-    events += [1, "x"]
     return events
 
 
@@ -115,18 +113,18 @@ def test_rewritten_real_trace_is_read_whole_as_torch_wrote_it(
 
 @pytest.mark.parametrize("form", list(_FORMS))
 def test_crafted_events_are_kept_and_noted_as_streamed(tmp_path: Path, form: str) -> None:
-    # GIVEN memory events on two devices, kernels whose names hold braces, steps of both kinds and two
-    # elements that are no object, as a bare array and as a trace object with fields after its events; a
-    # kernel's duration 1e400 (json reads infinity; msgspec finds its bounds without reading it)
+    # GIVEN memory events on two devices, kernels whose names hold braces and steps of both kinds, as a
+    # bare array (after a line break) and as a trace object with fields after its events; a kernel's
+    # duration 1e400 (json reads infinity; msgspec finds its bounds without reading it)
     events = _events()
     events[1]["dur"] = 123456789
     path = tmp_path / "t.json"
-    path.write_text(json.dumps(events, **_FORMS[form]).replace("123456789", "1e400"))
-    # WHEN read THEN both readers say the same: 300 memory events, 2 steps, 2 elements noted
+    path.write_text("\n " + json.dumps(events, **_FORMS[form]).replace("123456789", "1e400"))
+    # WHEN read THEN both readers say the same: 300 memory events, 2 steps
     source = _both(path)
     assert [len(d.delta_bytes) for d in source.devices] == [150, 150]
     assert [m.label for m in source.markers] == ["kvtrace/prefill", "ProfilerStep#3"]
-    assert source.meta["skipped_events"] == {"not an object": 2}
+    assert "skipped_events" not in source.meta
     assert source.meta["trace_events"] == len(events)
     trace = {
         "schemaVersion": 1,
@@ -186,6 +184,40 @@ def test_text_msgspec_reads_otherwise_is_streamed(tmp_path: Path, change: str) -
     assert source.meta["reader"] == "json_stream"
     _assert_same_source(source, read_chrome_trace(path, in_memory=False))
     assert sum(len(d.delta_bytes) for d in source.devices) == 300
+
+
+_CROWDED = {
+    "elements that are no object": lambda events: [*events, 1, "x"],
+    "a phase that is no string": lambda events: [{**events[1], "ph": 5}, *events],
+    "a phase of a million numbers": lambda events: [{**events[1], "ph": [0] * 1_000_000}, *events],
+}
+
+
+@pytest.mark.parametrize("form", ["bare array", "trace object"])
+@pytest.mark.parametrize("change", [*_CROWDED, "more objects than MAX_OBJECTS"])
+def test_a_text_msgspec_would_fill_memory_with_is_streamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str, form: str
+) -> None:
+    # GIVEN traces whose text msgspec would make more objects of than its events (a text of 60 MiB of
+    # `0,` is 31 million elements: 3.5 GB of them), elements the reader notes, a phase json reads and
+    # msgspec would decode whole, or more events than the bound (the bound lowered to this text's braces)
+    events = _CROWDED.get(change, lambda events: events)(_events())
+    text = json.dumps(events if form == "bare array" else {"traceEvents": events}, separators=(",", ":"))
+    path = tmp_path / "t.json"
+    path.write_text(text)
+    if change == "more objects than MAX_OBJECTS":
+        monkeypatch.setattr(trace_in_memory, "MAX_OBJECTS", text.count("{") - 1)
+    # WHEN read THEN the streaming reader reads it, its memory flat, as with `in_memory=False`
+    source = read_chrome_trace(path)
+    assert source.meta["reader"] == "json_stream"
+    _assert_same_source(source, read_chrome_trace(path, in_memory=False))
+    assert sum(len(d.delta_bytes) for d in source.devices) == 300
+    if change == "elements that are no object":
+        assert source.meta["skipped_events"] == {"not an object": 2}
+    # AND at the bound itself it is read whole
+    if change == "more objects than MAX_OBJECTS":
+        monkeypatch.setattr(trace_in_memory, "MAX_OBJECTS", text.count("{"))
+        assert read_chrome_trace(path).meta["reader"] == "in_memory"
 
 
 def test_damage_is_reported_by_the_streaming_reader(tmp_path: Path) -> None:
