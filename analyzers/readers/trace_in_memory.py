@@ -7,10 +7,12 @@ know, and walking it in Python cost 0.6-1x `json.load` (issue 11's fallback path
 and finds each event's bounds at C speed without building the events; the events kept are decoded by `json`,
 as the streaming reader decodes them, so the figures are the same.
 
-The price is the text held whole, so only inputs of at most `MAX_TEXT_BYTES` are read this way. msgspec is
-optional: without it, for a bigger input, or for any text msgspec reads otherwise than `json` (NaN, a lone
-surrogate, a byte-order mark, deep nesting, a repeated "traceEvents", damage), `read_chrome_trace` walks the
-text with `JsonStream` as before, which also says what is wrong with a damaged file.
+The price is the text held whole and an object per event, so only inputs of at most `MAX_TEXT_BYTES` with at
+most `MAX_OBJECTS` events (by their braces), every element an object with a string phase, are read this way.
+msgspec is optional: without it, for a bigger or denser input, or for any text msgspec reads otherwise than
+`json` (NaN, a lone surrogate, a byte-order mark, deep nesting, a repeated "traceEvents", damage),
+`read_chrome_trace` walks the text with `JsonStream` as before, which also says what is wrong with a damaged
+file and notes the elements that are no object.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def _kept(events: Any, msgspec: Any, escaped: bool) -> tuple[list[Any], list[boo
     undecoded, whether each is named "[memory]" as Kineto writes it, and how many events there are. Names
     are compared as written unless the text has escapes that could spell one (`escaped`: a "\\u" or "\\/"),
     then as json reads them. An element that is no object, or a phase that is no string, is declined at once
-    (the streaming reader notes it): every element an object, there are no more than the text's braces."""
+    (for the streaming reader): every element an object, there are no more than the text's braces."""
     heads = _head_type(msgspec)
     try:
         each = msgspec.json.decode(events, type=list[heads])  # type: ignore[valid-type]
