@@ -31,6 +31,7 @@ Memory timelines (`export_memory_timeline`) are read by `analyzers.readers.memor
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -56,6 +57,7 @@ from analyzers.readers.memory_events_fast import as_int as _as_int
 from analyzers.readers.memory_timeline import read_memory_timeline  # re-exported: one import for both
 from analyzers.readers.sources import ProgressFn, open_input
 from analyzers.readers.trace_collect import ChunkSink, _TraceCollector
+from analyzers.readers.trace_fields import TOP_FIELDS
 from analyzers.readers.trace_in_memory import MAX_TEXT_BYTES, read_whole, walk_whole
 from analyzers.readers.unescaped_names import merge_unescaped_names
 
@@ -84,8 +86,10 @@ def _walk_trace(
     stream: JsonStream, on_event: Callable[[Any], None], memory_runs: MemoryRunReader
 ) -> tuple[dict[str, Any], int]:
     """Feed the trace events we may keep to `on_event` (runs of Kineto-layout memory events to
-    `memory_runs`); return the other top-level fields and how many events were skipped undecoded."""
+    `memory_runs`); return the top-level fields kvtrace reads (`TOP_FIELDS`; the others are checked and
+    dropped) and how many events were skipped undecoded."""
     top: dict[str, Any] = {}
+    names: list[str] = []  # the 5 first of the keys in sorted order, for an error (the rest are not kept)
     skipped = 0
     first = stream.peek()
     if first == "[":  # the Chrome "JSON array" form: a bare list of events
@@ -100,6 +104,9 @@ def _walk_trace(
                 if not isinstance(key, str):
                     raise stream.error("corrupt JSON: a top-level key that is not a string")
                 stream.expect(":", "the top-level object")
+                if key not in names and (len(names) < 5 or key < names[-1]):
+                    bisect.insort(names, key)
+                    del names[5:]
                 if key == "traceEvents":
                     if stream.peek() != "[":
                         kind = type(stream.value("traceEvents")).__name__
@@ -109,7 +116,10 @@ def _walk_trace(
                     )
                     top["traceEvents"] = None
                 else:
-                    top[key] = stream.value(f"top-level field {key!r}")
+                    kept = key in TOP_FIELDS
+                    value = stream.value(f"top-level field {key[:40]!r}", dropped=not kept)
+                    if kept:
+                        top[key] = value
                 if stream.expect(",}", "the top-level object") == "}":
                     break
     elif not first:
@@ -118,7 +128,7 @@ def _walk_trace(
         raise stream.error(f"not a Chrome trace: starts with {first!r}, expected a JSON object")
     stream.end()
     if first == "{" and "traceEvents" not in top:
-        keys = ", ".join(sorted(top)[:5]) or "none"
+        keys = ", ".join(names) or "none"
         raise stream.error(f"not a Chrome trace: a JSON object without 'traceEvents' (its keys: {keys})")
     top.pop("traceEvents", None)
     return top, skipped
@@ -372,7 +382,6 @@ def _source_of(
         )
     source.meta.update({key: top[key] for key in _META_KEYS if key in top})
     source.meta["format"] = "chrome_trace"
-    source.meta["top_level_keys"] = sorted(top)
     source.meta["trace_events"] = events
     source.meta["reader"] = reader
     source.meta["ts_integral"] = integral

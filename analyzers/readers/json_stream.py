@@ -117,6 +117,10 @@ def decode_failure(exc: Exception, where: str) -> str:
     return f"corrupt JSON: {too_long_integer()} inside {where}"
 
 
+def _dropped_int(text: str) -> int:
+    return 0
+
+
 class JsonStream:
     """One JSON value at a time from a byte stream, holding only a window of the text.
 
@@ -131,6 +135,9 @@ class JsonStream:
         self._path = path
         self._utf8 = codecs.getincrementaldecoder("utf-8-sig")()
         self._decoder = json.JSONDecoder()
+        # For a value read only to be dropped: its syntax checked, an integer of any length taken (`int`
+        # refuses more than 4,300 digits, which msgspec, reading a trace whole, does not check where it skips)
+        self._dropping = json.JSONDecoder(parse_int=_dropped_int)
         self.buf = ""
         self.pos = 0
         self.eof = False
@@ -170,11 +177,13 @@ class JsonStream:
         self.pos += 1
         return char
 
-    def value(self, where: str) -> Any:
+    def value(self, where: str, dropped: bool = False) -> Any:
+        """The JSON value here; `dropped`: one the caller does not keep, whose integers are not made."""
         self.peek()
+        decoder = self._dropping if dropped else self._decoder
         while True:
             try:
-                obj, end = self._decoder.raw_decode(self.buf, self.pos)
+                obj, end = decoder.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as exc:
                 # Near the window's end the value may just continue in the next chunk; at the end of
                 # the input, only an error at the very end (or an open string) means truncation.

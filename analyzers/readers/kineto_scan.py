@@ -34,6 +34,7 @@ import numpy as np
 
 from analyzers.readers.memory_events_fast import MAX_EVENT_BYTES
 from analyzers.readers.sources import ProgressFn, open_input
+from analyzers.readers.trace_fields import kept_fields
 from analyzers.readers.unescaped_names import repair_event
 from kvtrace.errors import KvtraceError, too_long_integer
 
@@ -62,6 +63,9 @@ _OTHER_NEEDLES: tuple[bytes | re.Pattern[bytes], ...] = (
 # is dear on a VM). Measured on worker0 (35 MB of JSON): 0.26 s against 0.37-0.62 s in a fresh process.
 _BLOCK_BYTES = 1 << 20
 _HEAD_BYTES = 4 << 20
+# Text held with no event separator in it: an event, or the fields after the events, this big is no output of
+# Kineto's (its events are < 1 kB; "traceName" follows them), and the general reader bounds its memory.
+_MAX_CARRY = 4 << 20
 _INT = rb"(-?(?:0|[1-9][0-9]*))"
 _TS = rb"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)"
 _ANY_INT = rb"-?(?:0|[1-9][0-9]*)"
@@ -457,6 +461,8 @@ def scan_kineto(
                 break
             cut = buffer.rfind(_SEP)
             if cut < 0:
+                if len(buffer) > _MAX_CARRY:
+                    raise NotKineto
                 carry = buffer
                 continue
             scanner.block(buffer[: cut + 4])
@@ -466,6 +472,7 @@ def scan_kineto(
         if end < 0:
             raise NotKineto
         top.update(_trailer(buffer[end + 4 :]))
+        top = kept_fields(top)
         scanner.block(buffer[: end + 4])
     scanner.check()
     scanner.result.top = top

@@ -26,6 +26,7 @@ from typing import IO, Any, cast
 
 from analyzers.readers.json_stream import decode_failure
 from analyzers.readers.kineto_scan import MemoryBlock, memory_blocks_in
+from analyzers.readers.trace_fields import TOP_FIELDS
 from kvtrace.errors import KvtraceError
 
 # Text held whole: with ~0.1 kB of msgspec's per event beside it, a dense trace this size peaks near 150 MiB.
@@ -125,21 +126,23 @@ def _cut(data: bytearray, msgspec: Any) -> tuple[dict[str, Any] | None, Any]:
     first = _LEADING_SPACE.match(data)
     if first is not None and data[first.end() : first.end() + 1] == b"[":
         return None, data  # the Chrome "JSON array" form, a bare list of events: `_kept` reads and checks it
-    try:
-        top = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        raise _Declined from None
     # A repeated key is read twice by the streaming reader and once here: that (and an escaped key) it reads
-    if data.count(b'"traceEvents"') != 1 or "traceEvents" not in top:
+    if data.count(b'"traceEvents"') != 1:
         raise _Declined
-    events = top.pop("traceEvents")
+    try:
+        top = msgspec.json.decode(data, type=_top_type(msgspec))
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # no "traceEvents" among them
+        raise _Declined from None
     fields = {}
-    for key, raw in top.items():
+    for key in TOP_FIELDS:
+        raw = getattr(top, key)
+        if raw is msgspec.UNSET:
+            continue
         try:
             fields[key] = json.loads(bytes(raw))
         except (ValueError, RecursionError):  # a field `json` refuses: reported by the streaming reader
             raise _Declined from None
-    return fields, events
+    return fields, top.traceEvents
 
 
 def _utf8(data: bytearray) -> bool:
@@ -191,6 +194,14 @@ def _kept(events: Any, msgspec: Any, escaped: bool) -> tuple[list[Any], list[boo
         return [], [], total
     raws = msgspec.json.decode(events, type=list[msgspec.Raw])
     return [raws[index] for index in wanted], memory, total
+
+
+@functools.cache
+def _top_type(msgspec: Any) -> Any:
+    """The trace object as msgspec reads it: its events and the fields kvtrace reads (`TOP_FIELDS`), each
+    undecoded; msgspec checks the syntax of the others and makes nothing of them."""
+    fields = [(key, msgspec.Raw | msgspec.UnsetType, msgspec.UNSET) for key in sorted(TOP_FIELDS)]
+    return msgspec.defstruct("Top", [("traceEvents", msgspec.Raw), *fields], gc=False)
 
 
 @functools.cache

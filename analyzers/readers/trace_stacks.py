@@ -50,7 +50,10 @@ def _collect(path: str | os.PathLike[str]) -> tuple[list[tuple[float, float, str
             if key == "traceEvents":
                 stream.each_element("traceEvents", on_event, ('"python_function"',))
             else:
-                top[key] = stream.value("a top-level field")
+                kept = key == "baseTimeNanoseconds"  # the one field this pass needs: the others are dropped
+                value = stream.value("a top-level field", dropped=not kept)
+                if kept:
+                    top[key] = value
             if stream.expect(",}", "the top-level object") == "}":
                 break
     return ranges, top.get("baseTimeNanoseconds"), stream.unescaped_names
