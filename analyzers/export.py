@@ -19,6 +19,7 @@ from analyzers.budget import step_starts
 from analyzers.kv_line import kv_line
 from analyzers.kv_log_figures import KvLogAnalysis
 from analyzers.model import MemorySource
+from analyzers.tb_events import file_version_event, record, scalars_event
 from kvtrace.errors import KvtraceError
 from kvtrace.safe_write import not_our_file, replace_atomically
 
@@ -119,10 +120,6 @@ def write_counters(
 def write_scalars(run_dir: Path, kv: KvLogAnalysis, starts: dict[int, int] | None = None) -> Path:
     """TensorBoard scalars `kv/total_bytes` and `kv/layer_N_bytes`, one point per generation step, its wall
     time the step's start (`starts`, from `step_start_ns`)."""
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.summary.writer.record_writer import RecordWriter
-
     folder = run_dir / SCALARS_DIR
     _refuse_foreign(folder, folder=True)
     created = not folder.is_dir()
@@ -134,18 +131,13 @@ def write_scalars(run_dir: Path, kv: KvLogAnalysis, starts: dict[int, int] | Non
     old = [p for p in folder.glob("events.out.tfevents.*") if p != target]
     try:
         with replace_atomically(target) as fh:
-            records = RecordWriter(fh)
-            records.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+            fh.write(record(file_version_event(time.time())))
             for step in sorted(kv.step_live):
                 live = kv.step_live[step]
-                values = [Summary.Value(tag="kv/total_bytes", simple_value=float(sum(live.values())))]
-                values += [
-                    Summary.Value(tag=f"kv/layer_{layer}_bytes", simple_value=float(v))
-                    for layer, v in sorted(live.items())
-                ]
+                values = [("kv/total_bytes", float(sum(live.values())))]
+                values += [(f"kv/layer_{layer}_bytes", float(v)) for layer, v in sorted(live.items())]
                 wall = _step_ns(kv, starts, step) / 1e9
-                event = Event(wall_time=wall, step=step, summary=Summary(value=values))
-                records.write(event.SerializeToString())
+                fh.write(record(scalars_event(wall, step, values)))
     except BaseException:
         if created:  # a failed first export leaves the run as it was
             with contextlib.suppress(OSError):

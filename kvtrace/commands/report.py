@@ -16,7 +16,7 @@ from kvtrace.commands.output import (
     write_html,
 )
 from kvtrace.commands.progress import reading
-from kvtrace.errors import KvtraceError, cannot_write, missing_dependency, printable
+from kvtrace.errors import KvtraceError, cannot_write, printable
 from kvtrace.run_layout import is_run_group
 
 if TYPE_CHECKING:
@@ -159,11 +159,6 @@ class ReportCommand(Command):
             _not_exported(cannot_write(path / COUNTERS_FILE, exc))
         try:
             write_scalars(path, meta["kv"], step_start_ns(source))  # type: ignore[arg-type]
-        except ImportError as exc:
-            needs = missing_dependency(exc)
-            if needs is None:
-                raise
-            print(f"kvtrace report: note: KV scalars not written: {needs}", file=sys.stderr)
         except KvtraceError as exc:
             _not_exported(exc)
         except OSError as exc:
