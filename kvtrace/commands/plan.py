@@ -244,6 +244,7 @@ class PlanCommand(Command):
         "kvtrace plan --preset llama-3.1-8b --batch 1,8,32 --context 8192,131072 --json",
         "kvtrace plan --from-run runs/demo-dynamic --batch 64 && python serve.py",
     )
+    defers_numpy = True  # a plan from a preset or a config is arithmetic: it never needs an array
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         model = parser.add_mutually_exclusive_group()

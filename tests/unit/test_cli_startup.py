@@ -70,8 +70,9 @@ def test_trace_without_memory_events_never_loads_numpy() -> None:
         ["report", "--json", "--no-export", str(SAMPLES / "vllm_preempt")],
         ["diagnose", str(SAMPLES / "vllm_preempt")],
         ["compare", str(SAMPLES / "dynamic_b2"), str(SAMPLES / "static_b2")],
+        ["plan", "--from-run", str(SAMPLES / "dynamic_b2"), "--batch", "4", "--context", "300", "--json"],
     ],
-    ids=["worker0", "worker0-text", "diagnose-snapshot", "vllm-run", "diagnose-vllm", "compare"],
+    ids=["worker0", "worker0-text", "diagnose-snapshot", "vllm-run", "diagnose-vllm", "compare", "plan-run"],
 )
 def test_inputs_that_need_numpy_load_it_and_report_the_same(argv: list[str]) -> None:
     # GIVEN real inputs whose reading needs arrays: a trace with 12,838 memory events, a snapshot's diagnosis,
@@ -85,6 +86,18 @@ def test_inputs_that_need_numpy_load_it_and_report_the_same(argv: list[str]) -> 
     assert lazy_out == eager_out and lazy_out.strip()
     # and nothing that imports numpy's submodules from C came in while the stand-in was bound
     assert lazy["heavy"] == []
+
+
+def test_a_plan_of_a_preset_never_loads_numpy() -> None:
+    # GIVEN a plan from a preset, arithmetic alone
+    argv = ["plan", "--preset", "llama-3-8b", "--batch", "1,8", "--context", "8192", "--gpu-memory", "80GiB"]
+    # WHEN it runs in a fresh interpreter, with numpy imported at first use and up front
+    lazy_out, lazy = _cli([*argv, "--json"], preload_numpy=False)
+    eager_out, eager = _cli([*argv, "--json"], preload_numpy=True)
+    # THEN numpy was never imported (its 50-60 ms were most of the command's time) and the plan is the same
+    assert lazy["rc"] == eager["rc"] == 0
+    assert lazy["numpy"] is None
+    assert lazy_out == eager_out and json.loads(lazy_out)
 
 
 def test_stand_in_becomes_numpy_at_first_use() -> None:
