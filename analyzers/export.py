@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,26 @@ def step_start_ns(source: MemorySource) -> dict[int, int]:
     """step -> when it began (the run's clock, ns) for the per-step exports, as `diagnose` counts steps
     (`analyzers.budget.step_starts`): a module cache's first KV line of a step comes at its forward's end."""
     return {step: round(start_us * 1000) for start_us, step, _ in step_starts(source)}
+
+
+def _records_after_the_first(path: Path, size: int) -> bytes | None:
+    """The bytes of an event file after its first record (the file version, stamped with the time it was
+    written), where the file is a regular one of at most `size` bytes more than that record; else None."""
+    try:
+        if not_our_file(path) is not None:
+            return None
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return None
+            first = 8 + 4 + int.from_bytes(head, "little") + 4
+            if first > 1024:  # a file-version record is some 40 bytes
+                return None
+            fh.seek(first)
+            rest = fh.read(size + 1)
+    except OSError:
+        return None
+    return rest if len(rest) <= size else None
 
 
 def _step_ns(kv: KvLogAnalysis, starts: dict[int, int] | None, step: int) -> int:
@@ -107,14 +128,29 @@ def write_counters(
         payload["baseTimeNanoseconds"] = base_ns
     target = run_dir / COUNTERS_FILE
     _refuse_foreign(target)
+    text = json.dumps(payload)
+    if _gzipped_text(target, len(text)) == text:
+        return target  # as a report of the same run wrote them: the run is left as it is
     # Whole or not at all: a full disk leaves the previous counters, not a cut gzip stream.
     with (
         replace_atomically(target) as raw,
         gzip.GzipFile(filename=target.name, mode="wb", fileobj=raw) as packed,
         io.TextIOWrapper(packed, encoding="utf-8") as fh,
     ):
-        json.dump(payload, fh)
+        fh.write(text)
     return target
+
+
+def _gzipped_text(path: Path, chars: int) -> str | None:
+    """The text of the gzipped file at `path` if it holds at most `chars` characters and reads whole, else
+    None: what a report compares its exports with, so that a second report of an unchanged run writes
+    nothing (a run in git or under rsync stays as it is; TensorBoard reloads nothing)."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            text = fh.read(chars + 1)
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error):  # none there, or not ours whole
+        return None
+    return text if len(text) <= chars else None
 
 
 def write_scalars(run_dir: Path, kv: KvLogAnalysis, starts: dict[int, int] | None = None) -> Path:
@@ -126,18 +162,23 @@ def write_scalars(run_dir: Path, kv: KvLogAnalysis, starts: dict[int, int] | Non
     folder.mkdir(exist_ok=True)
     # TensorBoard's own file naming. Written here, not by its EventFileWriter: that one writes from a thread
     # whose failure (a full disk) close() does not raise, which would leave a cut file as if it were whole.
+    steps = []
+    for step in sorted(kv.step_live):
+        live = kv.step_live[step]
+        values = [("kv/total_bytes", float(sum(live.values())))]
+        values += [(f"kv/layer_{layer}_bytes", float(v)) for layer, v in sorted(live.items())]
+        steps.append(record(scalars_event(_step_ns(kv, starts, step) / 1e9, step, values)))
+    body = b"".join(steps)
     target = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
     # The folder is ours: a new report replaces the scalars rather than adding a second copy of each step.
-    old = [p for p in folder.glob("events.out.tfevents.*") if p != target]
+    found = list(folder.glob("events.out.tfevents.*"))
+    if len(found) == 1 and _records_after_the_first(found[0], len(body)) == body:
+        return folder  # as a report of the same run wrote them (only the first record's time differs)
+    old = [p for p in found if p != target]
     try:
         with replace_atomically(target) as fh:
             fh.write(record(file_version_event(time.time())))
-            for step in sorted(kv.step_live):
-                live = kv.step_live[step]
-                values = [("kv/total_bytes", float(sum(live.values())))]
-                values += [(f"kv/layer_{layer}_bytes", float(v)) for layer, v in sorted(live.items())]
-                wall = _step_ns(kv, starts, step) / 1e9
-                fh.write(record(scalars_event(wall, step, values)))
+            fh.write(body)
     except BaseException:
         if created:  # a failed first export leaves the run as it was
             with contextlib.suppress(OSError):

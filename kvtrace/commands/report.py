@@ -31,8 +31,9 @@ class ReportCommand(Command):
     group (one run per rank of a torch.distributed job) shows its ranks side by side, KV summed over ranks.
     On a run directory (each rank's, for a group) it also writes two files into the run itself, for Perfetto
     and TensorBoard: kv_counters.trace.json.gz (KV bytes as Chrome-trace counters) and tb_scalars/ (KV bytes
-    per step as TensorBoard scalars). --no-export leaves the run as it is. A run may come from anyone: where
-    one of those two is a symbolic link (or not a file, not a folder) it is left alone, with a warning.
+    per step as TensorBoard scalars), where those there differ (a second report of a run writes nothing).
+    --no-export leaves the run as it is. A run may come from anyone: where one of those two is a symbolic
+    link (or not a file, not a folder) it is left alone, with a warning.
     -o naming the input (by any path, a link to it) is refused: a trace is read by its content, whatever its
     name. -o writes the page whole to a temporary file, then renames it over the path: a symbolic link at the
     path is replaced by the page, the file it pointed to is left alone; a named pipe or a device there (or

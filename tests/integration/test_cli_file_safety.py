@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import gzip
 import json
 import os
 import resource
@@ -77,6 +78,11 @@ def test_a_full_disk_leaves_the_runs_previous_exports_whole(tmp_path: Path) -> N
     shutil.copytree(SAMPLES / "dynamic_b2", run)
     first = _kvtrace_on_a_full_disk(["report", str(run), "-q"], None)
     assert first.returncode == 0, first.stderr
+    # that differ from what a report of it writes now (a report of an unchanged run writes nothing)
+    with gzip.open(run / "kv_counters.trace.json.gz", "at") as fh:
+        fh.write(" ")
+    (events,) = (run / "tb_scalars").iterdir()
+    events.write_bytes(events.read_bytes()[:-1] + b"\0")
     counters = (run / "kv_counters.trace.json.gz").read_bytes()
     scalars = {p.name: p.read_bytes() for p in (run / "tb_scalars").iterdir()}
     assert len(counters) > 1024 and scalars
