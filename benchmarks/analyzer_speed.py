@@ -55,6 +55,12 @@ streamed (`JsonStream`, as for a text too big to hold). The original keeps Kinet
 scan reads whatever the reader asked for; the other forms go through the fallback path. A second table
 gives the readers' own CPU time in one process (no start-up), `json.load`, whole and streamed alternated.
 
+`--commands` runs only the everyday commands' table instead: on copies of three sample runs (no exports in
+them), each in a fresh interpreter, rounds alternated, medians of `--reps`: `report RUN` (its KV counters and
+TensorBoard scalars written into the run), the same again (the run unchanged: nothing written), `report RUN
+--no-export`, `diagnose RUN`, `plan --from-run RUN`, and a plan from a preset. What a user waits for at each
+command, start-up included.
+
 No timing is asserted: this prints a table, it is not a test.
 """
 
@@ -632,14 +638,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the fallback path: each real and sample trace as recorded, re-indented, compact, one-line",
     )
+    parser.add_argument(
+        "--commands",
+        action="store_true",
+        help="only the everyday commands (report, a second report, diagnose, plan) on three sample runs",
+    )
     args = parser.parse_args(argv)
     counts = sorted(int(part) for part in str(args.events).split(",") if part.strip())
     if not counts or counts[0] < 10 or args.reps < 1:
         parser.error("--events must be at least 10 and --reps at least 1")
-    if args.reindented:
+    if args.reindented or args.commands:
         for package in ("kvtrace", "analyzers"):
             compileall.compile_dir(REPO / package, quiet=1)
-        return run_reindented(args)
+        return run_commands(args) if args.commands else run_reindented(args)
 
     started = time.perf_counter()
     for package in ("kvtrace", "analyzers"):
@@ -842,6 +853,51 @@ def run_reindented(args: argparse.Namespace) -> int:
             print(f"report --json of the {len(_FORMS)} forms of {label}: {verdict}")
         print("goal (issue 11): report/json.load <= 0.5x; wall includes each fresh interpreter's start-up")
         _in_process_table(files, args.reps)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+_COMMAND_RUNS = ("dynamic_b2", "h200/dynamic_b24", "vllm_preempt")
+_PRESET_PLAN = [
+    "plan", "--preset", "llama-3-8b", "--batch", "1,8", "--context", "8192", "--gpu-memory", "80GiB",
+]  # fmt: skip
+
+
+def run_commands(args: argparse.Namespace) -> int:
+    """Everyday commands on sample runs, each in a fresh interpreter: what a user waits for."""
+    limit = int(args.mem_limit_gb * 1e9)
+    scratch = Path(tempfile.mkdtemp(prefix="kvtrace_commands_"))
+    exports = shutil.ignore_patterns("kv_counters*", "tb_scalars", "timeline.html")
+    try:
+        runs: dict[tuple[str, str], list[Measurement]] = {}
+        for rep in range(args.reps):
+            names = _COMMAND_RUNS if rep % 2 == 0 else tuple(reversed(_COMMAND_RUNS))
+            for name in names:
+                run = scratch / f"{rep}_{name.replace('/', '_')}"
+                shutil.copytree(REPO / "sample_traces" / name, run, ignore=exports)
+                for label, argv in (
+                    ("report RUN (exports written)", ["report", str(run), "-q"]),
+                    ("report RUN again (unchanged)", ["report", str(run), "-q"]),
+                    ("report RUN --no-export", ["report", str(run), "-q", "--no-export"]),
+                    ("diagnose RUN", ["diagnose", str(run), "-q"]),
+                    ("plan --from-run RUN", ["plan", "--from-run", str(run)]),
+                ):
+                    result = measure(["-m", "kvtrace.cli", *argv], REPO, args.timeout, limit)
+                    runs.setdefault((name, label), []).append(result)
+            preset = measure(["-m", "kvtrace.cli", *_PRESET_PLAN], REPO, args.timeout, limit)
+            runs.setdefault(("-", " ".join(_PRESET_PLAN[:3])), []).append(preset)
+            print(f"round {rep + 1} of {args.reps} done", flush=True)
+        header = f"{'run':<18} {'command':<30} {'wall s':>7} {'peak MiB':>9}"
+        print("\n" + header)
+        print("-" * len(header))
+        for (name, label), results in runs.items():
+            median = _median_of(results)
+            print(
+                f"{name:<18} {label:<30} {_fmt_s(median.wall_s) if median.ok else 'n/a':>7} "
+                f"{_fmt_mb(median.peak_rss_bytes):>9}" + ("" if median.ok else f"  {median.failure}")
+            )
+        print("each in a fresh interpreter, start-up included")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
