@@ -20,7 +20,7 @@ from analyzers.budget import step_starts
 from analyzers.kv_line import kv_line
 from analyzers.kv_log_figures import KvLogAnalysis
 from analyzers.model import MemorySource
-from analyzers.tb_events import file_version_event, record, scalars_event
+from analyzers.tb_events import file_version_event, record, record_size, scalars_event
 from kvtrace.errors import KvtraceError
 from kvtrace.safe_write import not_our_file, replace_atomically
 
@@ -67,7 +67,7 @@ def _records_after_the_first(path: Path, size: int) -> bytes | None:
             head = fh.read(8)
             if len(head) < 8:
                 return None
-            first = 8 + 4 + int.from_bytes(head, "little") + 4
+            first = record_size(head)
             if first > 1024:  # a file-version record is some 40 bytes
                 return None
             fh.seek(first)
@@ -160,8 +160,6 @@ def write_scalars(run_dir: Path, kv: KvLogAnalysis, starts: dict[int, int] | Non
     _refuse_foreign(folder, folder=True)
     created = not folder.is_dir()
     folder.mkdir(exist_ok=True)
-    # TensorBoard's own file naming. Written here, not by its EventFileWriter: that one writes from a thread
-    # whose failure (a full disk) close() does not raise, which would leave a cut file as if it were whole.
     steps = []
     for step in sorted(kv.step_live):
         live = kv.step_live[step]
@@ -169,6 +167,8 @@ def write_scalars(run_dir: Path, kv: KvLogAnalysis, starts: dict[int, int] | Non
         values += [(f"kv/layer_{layer}_bytes", float(v)) for layer, v in sorted(live.items())]
         steps.append(record(scalars_event(_step_ns(kv, starts, step) / 1e9, step, values)))
     body = b"".join(steps)
+    # TensorBoard's own file naming. Written here, not by its EventFileWriter: that one writes from a thread
+    # whose failure (a full disk) close() does not raise, which would leave a cut file as if it were whole.
     target = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
     # The folder is ours: a new report replaces the scalars rather than adding a second copy of each step.
     found = list(folder.glob("events.out.tfevents.*"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-__all__ = ["crc32c", "file_version_event", "record", "scalars_event"]
+__all__ = ["crc32c", "file_version_event", "record", "record_size", "scalars_event"]
 
 FILE_VERSION = "brain.Event:2"
 _CASTAGNOLI = 0x82F63B78  # the CRC-32C polynomial, bits reversed
@@ -59,6 +59,11 @@ def record(data: bytes) -> bytes:
     """`data` framed as one TFRecord record."""
     header = _LENGTH.pack(len(data))
     return header + _CRC.pack(_masked(crc32c(header))) + data + _CRC.pack(_masked(crc32c(data)))
+
+
+def record_size(header: bytes) -> int:
+    """The whole size of the record whose first 8 bytes (its data's length) are `header`."""
+    return _LENGTH.size + _CRC.size + _LENGTH.unpack(header)[0] + _CRC.size
 
 
 def _varint(value: int) -> bytes:
