@@ -12,6 +12,12 @@ and the cache's torch.cat growing with the context); pass `--runs` to time runs 
     OMP_NUM_THREADS=1 python benchmarks/kv_log_scale.py --tokens 1000,4000 --keep runs/scale
     python benchmarks/kv_log_scale.py --runs runs/scale/light-1000,runs/scale/light-4000
     PYTHONPATH=../other-tree python benchmarks/kv_log_scale.py --runs ...   # that tree's commands
+    python benchmarks/kv_log_scale.py --runs runs/scale/light-1000 --read 5  # the log's read, two ways
+
+`--read N`: the KV log's read alone (`read_run`'s `_read_jsonl`, the cycle collector paused as there), in
+one process, line by line (`json.loads` and the checks in Python) and in blocks (msgspec,
+`kvtrace.kv_line_blocks`) taking turns N times: seconds, µs a line, the ratio, and the peak traced memory
+of each (`tracemalloc`, a run apart, since it slows the code it watches).
 
 No figure is asserted: this prints a table, it is not a test.
 """
@@ -75,6 +81,50 @@ def _commands(run: Path, scratch: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
+def read_table(runs: list[Path], rounds: int) -> list[str]:
+    """The KV log of each run read line by line and in blocks, taking turns `rounds` times, medians."""
+    import statistics
+    import tracemalloc
+
+    sys.path.insert(0, str(ROOT))
+    from kvtrace.collector import collector_paused
+    from kvtrace.run_checks import _KvEventLines
+    from kvtrace.run_reader import _read_jsonl
+
+    def read(log: Path, blocks: bool) -> int:
+        lines = _KvEventLines()
+        with collector_paused():
+            events, _ = _read_jsonl(log, lines, None, lines.block if blocks else None)
+        return len(events)
+
+    rows = [
+        "run | KV lines | by line s | in blocks s | by line µs/line | in blocks µs/line | ratio | "
+        "by line peak MiB | in blocks peak MiB",
+        "--- | " * 8 + "---",
+    ]
+    for run in runs:
+        log = run / "kv_events.jsonl"
+        times: dict[bool, list[float]] = {False: [], True: []}
+        count = 0
+        for i in range(rounds):
+            for blocks in (False, True) if i % 2 == 0 else (True, False):
+                started = time.perf_counter()
+                count = read(log, blocks)
+                times[blocks].append(time.perf_counter() - started)
+        peaks = {}
+        for blocks in (False, True):
+            tracemalloc.start()
+            read(log, blocks)
+            peaks[blocks] = tracemalloc.get_traced_memory()[1] / 2**20
+            tracemalloc.stop()
+        slow, fast = statistics.median(times[False]), statistics.median(times[True])
+        rows.append(
+            f"{run.name} | {count:,} | {slow:.2f} | {fast:.2f} | {slow / count * 1e6:.1f} | "
+            f"{fast / count * 1e6:.1f} | {fast / slow:.2f}x | {peaks[False]:.0f} | {peaks[True]:.0f}"
+        )
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -91,7 +141,17 @@ def main() -> int:
     parser.add_argument(
         "--only", default="", help="time only the commands whose name starts with one of these"
     )
+    parser.add_argument(
+        "--read",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time the KV log's read alone, line by line and in blocks, N rounds (with --runs)",
+    )
     args = parser.parse_args()
+    if args.read:
+        print("\n".join(read_table([Path(run) for run in args.runs.split(",") if run], args.read)))
+        return 0
     kvtrace = [sys.executable, "-m", "kvtrace.cli"]
     wanted = [name for name in args.only.split(",") if name]
     rows = []

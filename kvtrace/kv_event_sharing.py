@@ -38,6 +38,7 @@ class SharedValues:
         take_text: Callable[[str, str], str] = texts.setdefault if len(texts) < _DISTINCT else texts.get
         event.phase = take_text(event.phase, event.phase)
         event.event = kind = take_text(event.event, event.event)
+        event.kv = take_text(event.kv, event.kv)  # json's one-character strings are shared, msgspec's not
         event.part = take_text(event.part, event.part)
         event.dtype = take_text(event.dtype, event.dtype)
         event.device = take_text(event.device, event.device)

@@ -1,10 +1,13 @@
 """What each line of a run's logs and each field of its manifest may hold, checked as `read_run` reads
 them: a value the analyzers could not compute with (a size no device holds, a string for a count, a layer
-past their int16 columns) is refused in one line naming the file and the line. Stdlib only.
+past their int16 columns) is refused in one line naming the file and the line. Stdlib only, but for the KV
+log's blocks, which msgspec decodes and checks where it is installed (`kvtrace.kv_line_blocks`).
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from dataclasses import MISSING
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 from kvtrace.errors import KvtraceError, shown_float
 from kvtrace.format import EVENT_KINDS, MAX_LAYER, MAX_LAYERS, WEIGHT_EVENTS, KvEvent, WeightRecord
 from kvtrace.kv_event_sharing import SharedValues
+from kvtrace.kv_line_blocks import Decode, line_decoder
 
 # What a record's numbers may be. Sizes above 2**56 bytes (64 PiB) and addresses past 2**63 are damage, not
 # memory: they would overflow the analyzers' int64 columns, or print as figures no device holds. Steps and
@@ -163,6 +167,37 @@ def least_storage_bytes(event: KvEvent) -> int:
     return event.view_offset + elements * itemsize if elements else 0
 
 
+_EVENT_FIELDS = tuple(KvEvent.__dataclass_fields__)
+# A dataclass's fields without defaults come first: a line must send these
+_REQUIRED = sum(
+    spec.default is MISSING and spec.default_factory is MISSING
+    for spec in KvEvent.__dataclass_fields__.values()
+)
+_EVENT_AT = _EVENT_FIELDS.index("event")
+_KV_AT = _EVENT_FIELDS.index("kv")
+
+
+_SHAPE_AT = _EVENT_FIELDS.index("shape")
+# Each field's default, after a block-read line's values: `_filler` picks a line's value or its default
+_DEFAULTS = tuple(
+    None if spec.default is MISSING else spec.default for spec in KvEvent.__dataclass_fields__.values()
+)
+
+
+def _filler(left: tuple[bool, ...]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    """For a layout whose defaulted fields `left` says left out: a line's values (then `_DEFAULTS`) to
+    the event's, in C (`itemgetter`)."""
+    count = len(_EVENT_FIELDS)
+    places = [count + i if i >= _REQUIRED and left[i - _REQUIRED] else i for i in range(count)]
+    return operator.itemgetter(*places)
+
+
+@functools.cache
+def _line_decoder() -> tuple[Decode, Any] | None:
+    """The block reader's decoder, made at a log's first block (msgspec is imported then)."""
+    return line_decoder(_EVENT_INTS, _EVENT_STRS, _I64)
+
+
 class _KvEventLines:
     """kv_events.jsonl's lines through `_event_from`, setting aside what the replay cannot take as written,
     counted for the readers' notes (`Run.unknown_kv_events`, `Run.short_kv_storages`): a line whose
@@ -183,6 +218,9 @@ class _KvEventLines:
         # a few distinct line layouts: the fields each leaves out, and whether it holds only KvEvent's
         self._layouts: dict[tuple[str, ...], tuple[frozenset[str], bool]] = {}
         self._shared = SharedValues()
+        # per block-read layout (which defaulted fields a line left out): those fields, the event's values
+        # from the line's, whether a shape is made
+        self._block_layouts: dict[tuple[bool, ...], tuple[frozenset[str], Callable[..., Any], bool]] = {}
 
     def __call__(self, record: dict[str, Any], path: Path, lineno: int) -> KvEvent | None:
         self.lines += 1
@@ -198,11 +236,58 @@ class _KvEventLines:
             if len(self._layouts) < 1024:  # a crafted log of endless layouts does not grow it
                 self._layouts[keys] = layout
         event = _event_from(record, path, lineno, known_keys=layout[1])
+        self._keep(event, layout[0])
+        return event
+
+    def block(self, lines: list[bytes]) -> list[KvEvent] | None:
+        """The events of a block of whole lines (each without its newline), as `__call__` makes them one by
+        one, decoded in C (`kvtrace.kv_line_blocks`); None, nothing counted, where a line must be read by
+        `__call__` (one it would refuse, or that msgspec does not decode as a KV line)."""
+        decoder = _line_decoder()
+        if decoder is None:
+            return None
+        decode, unset = decoder
+        rows = decode(lines)
+        if rows is None:
+            return None
+        for values in rows:  # first the checks that refuse a line, so that a refused block counts nothing
+            kind = values[_EVENT_AT]
+            if kind is unset:
+                return None
+            if kind in EVENT_KINDS and (unset in values[:_REQUIRED] or values[_KV_AT] not in KV_KINDS):
+                return None
+        events: list[KvEvent] = []
+        layouts = self._block_layouts
+        is_unset = functools.partial(operator.is_, unset)
+        for values in rows:
+            self.lines += 1
+            kind = values[_EVENT_AT]
+            if kind not in EVENT_KINDS:
+                self.unknown[kind[:40]] = self.unknown.get(kind[:40], 0) + 1
+                continue
+            left = tuple(map(is_unset, values[_REQUIRED:]))
+            layout = layouts.get(left)
+            if layout is None:
+                named = zip(_EVENT_FIELDS[_REQUIRED:], left, strict=True)
+                out = frozenset(name for name, gone in named if gone)
+                layout = (out, _filler(left), "shape" in out)
+                if len(layouts) < 1024:
+                    layouts[left] = layout
+            event = KvEvent(*layout[1](values + _DEFAULTS))
+            if layout[2]:
+                event.shape = []  # the event's own, as its default
+            self._keep(event, layout[0])
+            events.append(event)
+        return events
+
+    def _keep(self, event: KvEvent, left_out: frozenset[str]) -> None:
+        """What every event read takes, its fields checked: the counts of the readers' notes, its storage's
+        least size, its values shared."""
         if event.dtype and event.dtype not in KNOWN_DTYPES:
             self.unknown_dtypes[event.dtype[:40]] = self.unknown_dtypes.get(event.dtype[:40], 0) + 1
         if not self._seqs.add(event.seq):
             self.repeated_seqs += 1
-        self.left_out.append(layout[0])
+        self.left_out.append(left_out)
         least = least_storage_bytes(event)
         # Only where its `logical_bytes` says the same tensor size as its shape: two fields against one. Where
         # they disagree, the shape may be the damaged field, and the line is read as it is.
@@ -210,7 +295,6 @@ class _KvEventLines:
             event.storage_bytes = least
             self.short_storages += 1
         self._shared.share(event)
-        return event
 
 
 class _SeenSeqs:

@@ -1,10 +1,12 @@
 """Reading a run directory back (`read_run`): its manifest and every complete line of its logs, each
-checked (`kvtrace.run_checks`); a last line cut by a killed writer is dropped and said. Stdlib only: the
-analyzers read runs on a laptop without torch.
+checked (`kvtrace.run_checks`); a last line cut by a killed writer is dropped and said. Stdlib only (and
+msgspec for the KV log, where installed): the analyzers read runs on a laptop without torch.
 """
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import os
 from collections.abc import Callable
@@ -46,46 +48,77 @@ def _read_jsonl(
     path: Path,
     check: Callable[[dict[str, Any], Path, int], Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    blocks: Callable[[list[bytes]], list[Any] | None] | None = None,
 ) -> tuple[list[Any], bool]:
     """Every complete line (through `check(record, path, lineno)`, which returns what to keep, None to skip
     the line, or raises); a cut last line (killed writer) is dropped and reported, corrupt lines elsewhere
-    are an error naming the file and line. Read a line at a time: a long run's KV log (270 MB for 8,000
-    tokens of 32 layers) was held whole, twice (its text and its lines), beside the events made of it.
-    `progress(done, total)`: the characters read so far and the file's bytes, every 4 MiB and at the end."""
+    are an error naming the file and line. Read a block of whole lines at a time: a long run's KV log (270 MB
+    for 8,000 tokens of 32 layers) was held whole, twice (its text and its lines), beside the events made of
+    it. `blocks(lines)`: what to keep of a block's lines (bytes, without their newlines) read at once, or
+    None to read them one by one (as text, through `check`). `progress(done, total)`: the bytes read so
+    far and the file's, every 4 MiB and at the end."""
     if not path.exists():
         return [], False
     records: list[Any] = []
-    truncated = False
     refuse_special_file(path)
+    lineno = 0
+
+    def read_lines(text: str) -> bool:
+        """The block's lines as text (utf-8-sig with errors replaced, universal newlines: what reading the
+        file in text mode gives); False where a cut last line ends the file."""
+        nonlocal lineno
+        for line in io.StringIO(text, newline=None):
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                if not line.endswith("\n"):  # the last line, cut where a killed writer stopped
+                    return False
+                raise KvtraceError(f"{path}: line {lineno} is not valid JSON") from None
+            except ValueError:  # not a JSONDecodeError: CPython's limit on the digits of an int
+                raise KvtraceError(f"{path}: line {lineno} holds {too_long_integer()}") from None
+            except RecursionError:
+                raise KvtraceError(f"{path}: line {lineno} is nested too deeply") from None
+            if not isinstance(value, dict):
+                raise KvtraceError(f"{path}: line {lineno} is not a JSON object")
+            kept = value if check is None else check(value, path, lineno)
+            if kept is not None:
+                records.append(kept)
+        return True
+
     try:
-        # utf-8-sig: a BOM an editor added, as manifests
-        with open(path, encoding="utf-8-sig", errors="replace") as fh:
+        with open(path, "rb") as fh:
             total = os.fstat(fh.fileno()).st_size if progress is not None else 0
             done = reported = 0
-            for lineno, line in enumerate(fh, start=1):
+            carry = fh.read(len(codecs.BOM_UTF8))
+            if carry == codecs.BOM_UTF8:  # a BOM an editor added, as manifests
+                carry = b""
+            while True:
+                data = fh.read(_BLOCK_BYTES)
                 if progress is not None:
-                    done += len(line)
+                    done += len(data)
                     if done - reported >= _PROGRESS_STEP:
                         reported = done
                         progress(min(done, total), total)
-                if not line.strip():
+                if not data:
+                    break
+                text = carry + data if carry else data
+                cut = text.rfind(b"\n") + 1
+                block, carry = text[:cut], text[cut:]
+                if not block:
                     continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError:
-                    if not line.endswith("\n"):  # the last line, cut where a killed writer stopped
-                        truncated = True
-                        break
-                    raise KvtraceError(f"{path}: line {lineno} is not valid JSON") from None
-                except ValueError:  # not a JSONDecodeError: CPython's limit on the digits of an int
-                    raise KvtraceError(f"{path}: line {lineno} holds {too_long_integer()}") from None
-                except RecursionError:
-                    raise KvtraceError(f"{path}: line {lineno} is nested too deeply") from None
-                if not isinstance(value, dict):
-                    raise KvtraceError(f"{path}: line {lineno} is not a JSON object")
-                kept = value if check is None else check(value, path, lineno)
-                if kept is not None:
-                    records.append(kept)
+                if blocks is not None and b"\r" not in block:  # "\r" alone ends a line in text mode
+                    lines = block.split(b"\n")
+                    lines.pop()  # the empty text after the last newline
+                    kept = blocks(lines)
+                    if kept is not None:
+                        records.extend(kept)
+                        lineno += len(lines)
+                        continue
+                read_lines(block.decode("utf-8", errors="replace"))
+            truncated = bool(carry) and not read_lines(carry.decode("utf-8", errors="replace"))
     except OSError as exc:  # a folder of that name, no permission
         raise KvtraceError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if progress is not None:
@@ -93,6 +126,7 @@ def _read_jsonl(
     return records, truncated
 
 
+_BLOCK_BYTES = 1 << 18  # whole lines read at a time: ~4,000 of a KV log
 _PROGRESS_STEP = 4 << 20  # a progress call at most every 4 MiB read, as the trace readers report
 
 
@@ -161,7 +195,7 @@ def _read_run(path: str | os.PathLike[str], progress: Callable[[int, int], None]
         raise KvtraceError(f"{root}: incomplete run: the recorder failed to write {write_error}{lost_said}")
     events_path = root / KV_EVENTS
     kv_lines = _KvEventLines()
-    events, cut_events = _read_jsonl(events_path, kv_lines, progress)
+    events, cut_events = _read_jsonl(events_path, kv_lines, progress, kv_lines.block)
     if kv_lines.unknown and not events:
         raise KvtraceError(
             f"{events_path}: none of its {kv_lines.lines:,} lines is a KV event this kvtrace knows "
