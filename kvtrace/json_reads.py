@@ -1,5 +1,6 @@
-"""One JSON file read whole, with every way it can fail said in one line naming the file (the manifest, an
-engine's file, a model's config.json). Standard library only: the analyzers read through it too."""
+"""One JSON file read whole, or one line of a JSON-lines log, with every way it can fail said in one line
+naming the file (the manifest, an engine's file, a model's config.json, a run's logs). Standard library
+only: the analyzers read through it too."""
 
 from __future__ import annotations
 
@@ -25,3 +26,22 @@ def read_json_file(path: Path, damaged: str, encoding: str = "utf-8") -> Any:
         raise KvtraceError(f"{path}: {damaged} (it holds {too_long_integer()})") from None
     except RecursionError:
         raise KvtraceError(f"{path}: {damaged} (nested too deeply)") from None
+
+
+def read_json_line(line: str, path: Path, lineno: int, last: bool) -> dict[str, Any] | None:
+    """Line `lineno` of the JSON-lines file `path`: its object, or None where it is the file's `last` line
+    (no newline after it) and not JSON, cut where a killed writer stopped. Any other line that is not a
+    JSON object is an error naming the file and the line."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        if last:
+            return None
+        raise KvtraceError(f"{path}: line {lineno} is not valid JSON") from None
+    except ValueError:  # not a JSONDecodeError: CPython's limit on the digits of an int
+        raise KvtraceError(f"{path}: line {lineno} holds {too_long_integer()}") from None
+    except RecursionError:
+        raise KvtraceError(f"{path}: line {lineno} is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise KvtraceError(f"{path}: line {lineno} is not a JSON object")
+    return value

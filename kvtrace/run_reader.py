@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import codecs
 import io
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,6 @@ from kvtrace.errors import (
     link_problem,
     refuse_special_file,
     refuse_unnamed_path,
-    too_long_integer,
 )
 from kvtrace.format import (
     KV_EVENTS,
@@ -31,7 +29,7 @@ from kvtrace.format import (
     Run,
     rank_dirs,
 )
-from kvtrace.json_reads import read_json_file
+from kvtrace.json_reads import read_json_file, read_json_line
 from kvtrace.run_checks import (
     _MANIFEST_FIELDS,
     _MANIFEST_VALUES,
@@ -71,18 +69,9 @@ def _read_jsonl(
             lineno += 1
             if not line.strip():
                 continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                if not line.endswith("\n"):  # the last line, cut where a killed writer stopped
-                    return False
-                raise KvtraceError(f"{path}: line {lineno} is not valid JSON") from None
-            except ValueError:  # not a JSONDecodeError: CPython's limit on the digits of an int
-                raise KvtraceError(f"{path}: line {lineno} holds {too_long_integer()}") from None
-            except RecursionError:
-                raise KvtraceError(f"{path}: line {lineno} is nested too deeply") from None
-            if not isinstance(value, dict):
-                raise KvtraceError(f"{path}: line {lineno} is not a JSON object")
+            value = read_json_line(line, path, lineno, last=not line.endswith("\n"))
+            if value is None:  # the last line, cut where a killed writer stopped
+                return False
             kept = value if check is None else check(value, path, lineno)
             if kept is not None:
                 records.append(kept)

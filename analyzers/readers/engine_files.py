@@ -5,7 +5,6 @@ the file, and checking a finished run's step log against the count its manifest 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,9 @@ from analyzers.engine import (
     EngineSteps,
     RequestEvent,
 )
-from kvtrace.errors import KvtraceError, refuse_special_file, shown_integer, too_long_integer
+from kvtrace.errors import KvtraceError, refuse_special_file, shown_integer
 from kvtrace.format import MAX_LAYERS
-from kvtrace.json_reads import read_json_file
+from kvtrace.json_reads import read_json_file, read_json_line
 from kvtrace.run_checks import MAX_BYTES
 
 __all__ = ["block_bytes", "has_engine", "model_in_worker_process", "read_engine"]
@@ -246,18 +245,9 @@ def _jsonl(file: Path) -> tuple[list[dict[str, Any]], bool]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines) and not text.endswith("\n"):
-                return rows, True  # the last line was cut
-            raise KvtraceError(f"{file}: line {number} is not valid JSON") from None
-        except ValueError:  # not a JSONDecodeError: CPython's limit on the digits of an int
-            raise KvtraceError(f"{file}: line {number} holds {too_long_integer()}") from None
-        except RecursionError:
-            raise KvtraceError(f"{file}: line {number} is nested too deeply") from None
-        if not isinstance(row, dict):
-            raise KvtraceError(f"{file}: line {number} is not a JSON object")
+        row = read_json_line(line, file, number, last=number == len(lines) and not text.endswith("\n"))
+        if row is None:
+            return rows, True  # the last line was cut
         rows.append(row)
     return rows, False
 
