@@ -36,7 +36,11 @@ class SharedStorages:
     def see(self, addr: int, entry: Entry, slot: Slot, part: str, view_bytes: int) -> dict[Slot, int]:
         """A view of `slot` at the live storage `addr` (`entry`: its first slot's); returns what each slot's
         share changed by (empty: nothing)."""
-        views = self.views.setdefault(addr, {})
+        views = self.views.get(addr)
+        if views is None:  # a storage's first view: one slot holds it whole, as before (a growing cache's
+            # every storage, seen once: `_split` and `_delta` were a quarter of a long log's replay)
+            self.views[addr] = {(slot, part): view_bytes}
+            return {}
         if views.get((slot, part)) == view_bytes:
             return {}
         views[(slot, part)] = view_bytes
