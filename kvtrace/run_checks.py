@@ -175,9 +175,6 @@ _REQUIRED = sum(
 )
 _EVENT_AT = _EVENT_FIELDS.index("event")
 _KV_AT = _EVENT_FIELDS.index("kv")
-
-
-_SHAPE_AT = _EVENT_FIELDS.index("shape")
 # Each field's default, after a block-read line's values: `_filler` picks a line's value or its default
 _DEFAULTS = tuple(
     None if spec.default is MISSING else spec.default for spec in KvEvent.__dataclass_fields__.values()

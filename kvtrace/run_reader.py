@@ -62,7 +62,7 @@ def _read_jsonl(
     lineno = 0
 
     def read_lines(text: str) -> bool:
-        """The block's lines as text (utf-8-sig with errors replaced, universal newlines: what reading the
+        """The block's lines as text (UTF-8 with errors replaced, universal newlines: what reading the
         file in text mode gives); False where a cut last line ends the file."""
         nonlocal lineno
         for line in io.StringIO(text, newline=None):
@@ -81,9 +81,9 @@ def _read_jsonl(
         with open(path, "rb") as fh:
             total = os.fstat(fh.fileno()).st_size if progress is not None else 0
             done = reported = 0
-            carry = fh.read(len(codecs.BOM_UTF8))
-            if carry == codecs.BOM_UTF8:  # a BOM an editor added, as manifests
-                carry = b""
+            start = fh.read(len(codecs.BOM_UTF8))
+            # the text after the last newline read, in pieces: a line longer than a block is joined once
+            pending = [] if start == codecs.BOM_UTF8 else [start]  # a BOM an editor added, as manifests
             while True:
                 data = fh.read(_BLOCK_BYTES)
                 if progress is not None:
@@ -93,11 +93,12 @@ def _read_jsonl(
                         progress(min(done, total), total)
                 if not data:
                     break
-                text = carry + data if carry else data
-                cut = text.rfind(b"\n") + 1
-                block, carry = text[:cut], text[cut:]
-                if not block:
+                cut = data.rfind(b"\n") + 1
+                if not cut:
+                    pending.append(data)
                     continue
+                block = b"".join([*pending, data[:cut]])
+                pending = [data[cut:]]
                 if blocks is not None and b"\r" not in block:  # "\r" alone ends a line in text mode
                     lines = block.split(b"\n")
                     lines.pop()  # the empty text after the last newline
@@ -107,7 +108,8 @@ def _read_jsonl(
                         lineno += len(lines)
                         continue
                 read_lines(block.decode("utf-8", errors="replace"))
-            truncated = bool(carry) and not read_lines(carry.decode("utf-8", errors="replace"))
+            rest = b"".join(pending)
+            truncated = bool(rest) and not read_lines(rest.decode("utf-8", errors="replace"))
     except OSError as exc:  # a folder of that name, no permission
         raise KvtraceError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if progress is not None:
@@ -115,7 +117,7 @@ def _read_jsonl(
     return records, truncated
 
 
-_BLOCK_BYTES = 1 << 18  # whole lines read at a time: ~4,000 of a KV log
+_BLOCK_BYTES = 1 << 18  # read at a time, cut after its last newline: ~1,000 lines of a KV log
 _PROGRESS_STEP = 4 << 20  # a progress call at most every 4 MiB read, as the trace readers report
 
 
